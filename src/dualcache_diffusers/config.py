@@ -1,0 +1,213 @@
+"""DualCacheConfig: every user choice, validated on construction, plus presets per model family."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .plan import (
+    AGGRESSIVE,
+    CONSERVATIVE,
+    FULL,
+    RATIO_SCHEDULES,
+    CachePlan,
+    cycle_step_kinds,
+    dit_duca_step_kinds,
+    plan_from_kinds,
+)
+
+METHODS = ("duca", "toca", "fora", "full")
+SELECTIONS = ("vnorm", "random", "attention")
+AGGRESSIVE_VARIANTS = ("skip", "reuse")
+SELF_ATTENTION_MODES = ("reuse", "partial")
+SCHEDULES = ("cycle", "dit-duca")
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _number(name: str, value: Any, low: float, high: float | None = None, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or (not integer and math.isnan(value)):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {bounds}")
+
+
+@dataclass
+class DualCacheConfig:
+    """What the engine does. Build one directly, or from a preset with :meth:`from_preset`.
+
+    Attributes:
+        method: "duca" (full / conservative / aggressive), "toca" (full / conservative),
+            "fora" (full / reuse every module), "full" (no caching).
+        interval: cycle length N (a full step every N steps). For ``schedule="dit-duca"`` it is
+            DuCa's base threshold from which the dynamic DiT interval is derived.
+        schedule: "cycle" (fixed cycles counted from step 0) or "dit-duca" (DuCa's DiT rule).
+        fresh_ratio: base fraction of tokens recomputed at conservative steps, in [0, 1].
+        ratio_schedule: how the fresh ratio varies over steps, layers and modules:
+            "constant", "dit", "pixart", "pixart-toca" (the published ToCa/DuCa schedulers).
+        selection: token scorer: "vnorm" (V-caching: smallest value norms recomputed; works with
+            fused attention kernels), "random", or "attention" (ToCa's attention score; needs
+            explicit attention probabilities, computed at full steps, so not flash-compatible).
+        aggressive: "skip" (reuse the block stack's cached output) or "reuse" (run the blocks,
+            reuse every module's cached output).
+        self_attention: at conservative steps "reuse" self-attention whole (DuCa) or recompute it
+            for the selected queries against all keys/values ("partial").
+        staleness_weight: bonus per conservative step a token has not been recomputed (x count / N).
+        spatial_bonus, spatial_grid: the best token of every grid x grid cell gets
+            ``spatial_bonus x`` its score on top, spreading recomputation over the image.
+        first_full_steps: leading steps that are always full.
+        num_inference_steps: only needed when caching a bare transformer without its pipeline's
+            scheduler (the engine then cannot read the step count).
+        seed: seed of the random scorer (selection is deterministic given the seed).
+        plan: a fixed :class:`CachePlan` (or a path to its JSON) overriding the schedule options.
+    """
+
+    method: str = "duca"
+    interval: int = 3
+    schedule: str = "cycle"
+    fresh_ratio: float = 0.3
+    ratio_schedule: str = "constant"
+    selection: str = "vnorm"
+    aggressive: str = "skip"
+    self_attention: str = "reuse"
+    staleness_weight: float = 0.25
+    spatial_bonus: float = 0.0
+    spatial_grid: int = 2
+    first_full_steps: int = 1
+    num_inference_steps: int | None = None
+    seed: int = 0
+    plan: CachePlan | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.plan, (str, Path)):
+            self.plan = load_plan(self.plan)
+        _choice("method", self.method, METHODS + ("plan",))
+        _number("interval", self.interval, 1, integer=True)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _number("fresh_ratio", self.fresh_ratio, 0.0, 1.0)
+        _choice("ratio_schedule", self.ratio_schedule, tuple(RATIO_SCHEDULES))
+        _choice("selection", self.selection, SELECTIONS)
+        _choice("aggressive", self.aggressive, AGGRESSIVE_VARIANTS)
+        _choice("self_attention", self.self_attention, SELF_ATTENTION_MODES)
+        _number("staleness_weight", self.staleness_weight, 0.0)
+        _number("spatial_bonus", self.spatial_bonus, 0.0)
+        _number("spatial_grid", self.spatial_grid, 1, integer=True)
+        _number("first_full_steps", self.first_full_steps, 1, integer=True)
+        if self.num_inference_steps is not None:
+            _number("num_inference_steps", self.num_inference_steps, 1, integer=True)
+        _number("seed", self.seed, 0, integer=True)
+        if self.plan is not None:
+            if not isinstance(self.plan, CachePlan):
+                raise TypeError(f"plan must be a CachePlan or a path to a plan JSON, got {type(self.plan).__name__}")
+            self.method = "plan"
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str = "duca", family: str = "default", **overrides: Any) -> DualCacheConfig:
+        """The published settings of ``name`` for a model ``family`` ("dit", "pixart", "default")."""
+        _choice("config", name, METHODS)
+        values = dict(PRESETS.get(family, PRESETS["default"])[name])
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **overrides: Any) -> DualCacheConfig:
+        check_override_names(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def build_plan(
+        self, num_steps: int, num_blocks: int, modules: Sequence[str], self_attention_modules: Sequence[str]
+    ) -> CachePlan:
+        """The plan for one generation of ``num_steps`` denoiser calls."""
+        if self.plan is not None:
+            if self.plan.num_steps != num_steps:
+                raise ValueError(
+                    f"the cache plan was made for {self.plan.num_steps} denoiser calls but this generation makes "
+                    f"{num_steps}; call the pipeline with num_inference_steps matching the plan, or resample it "
+                    f"with plan.resample({num_steps}) (documented in docs/plans.md)"
+                )
+            if self.plan.num_blocks != num_blocks or tuple(self.plan.modules) != tuple(modules):
+                raise ValueError(
+                    f"the cache plan is for {self.plan.num_blocks} blocks x {tuple(self.plan.modules)} but the "
+                    f"model has {num_blocks} blocks x {tuple(modules)}"
+                )
+            return self.plan
+        if self.method == "full":
+            kinds = [FULL] * num_steps
+        elif self.schedule == "dit-duca" and self.method == "duca":
+            kinds = dit_duca_step_kinds(num_steps, self.interval)
+        else:
+            kinds = cycle_step_kinds(num_steps, self.interval, self.method, self.first_full_steps)
+        kinds = [FULL if i < self.first_full_steps else k for i, k in enumerate(kinds)]
+        aggressive = "reuse" if self.method == "fora" else self.aggressive
+        plan = plan_from_kinds(
+            kinds,
+            num_blocks,
+            modules,
+            ratio_fn=RATIO_SCHEDULES[self.ratio_schedule](self.fresh_ratio),
+            aggressive=aggressive,
+            self_attention=self.self_attention,
+            self_attention_modules=self_attention_modules,
+            interval=self.interval,
+            method=self.method,
+            metadata={"config": self.to_dict()},
+        )
+        return plan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "plan"}
+
+
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DualCacheConfig))
+
+
+def check_override_names(overrides: dict[str, Any]) -> None:
+    unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown cache option(s) {unknown}; allowed: {', '.join(CONFIG_FIELDS)}")
+
+
+def load_plan(path: str | Path) -> CachePlan:
+    return CachePlan.from_json(Path(path))
+
+
+# Published settings per family (docs/methods.md says where each number comes from).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "dit": {
+        # DuCa DiT-XL/2 DDIM: dynamic interval from threshold 3, fresh ratio 0.05, MLP-only partial.
+        "duca": dict(method="duca", schedule="dit-duca", interval=3, fresh_ratio=0.05, ratio_schedule="dit",
+                     selection="vnorm", aggressive="skip", spatial_bonus=0.8, spatial_grid=2),
+        "toca": dict(method="toca", interval=4, fresh_ratio=0.07, ratio_schedule="dit", selection="vnorm",
+                     spatial_bonus=0.6, spatial_grid=2),
+        "fora": dict(method="fora", interval=3),
+        "full": dict(method="full"),
+    },
+    "pixart": {
+        # DuCa PixArt-alpha: F,C,A cycles of 3. The published fresh ratio 0.75 recomputes so many
+        # tokens (its MLP ratio clamps at 1 in early steps) that 20 steps save only 1.96x FLOPs;
+        # 0.5 keeps the schedule and reaches 2.07x (docs/methods.md).
+        "duca": dict(method="duca", interval=3, fresh_ratio=0.5, ratio_schedule="pixart", selection="vnorm",
+                     aggressive="skip", spatial_bonus=0.4, spatial_grid=4),
+        "toca": dict(method="toca", interval=3, fresh_ratio=0.30, ratio_schedule="pixart-toca",
+                     selection="vnorm", spatial_bonus=0.4, spatial_grid=4),
+        "fora": dict(method="fora", interval=3),
+        "full": dict(method="full"),
+    },
+    "default": {
+        "duca": dict(method="duca", interval=3, fresh_ratio=0.3, ratio_schedule="constant", selection="vnorm",
+                     aggressive="skip"),
+        "toca": dict(method="toca", interval=3, fresh_ratio=0.3, ratio_schedule="constant", selection="vnorm"),
+        "fora": dict(method="fora", interval=3),
+        "full": dict(method="full"),
+    },
+}
+
+__all__ = ["DualCacheConfig", "PRESETS", "METHODS", "SELECTIONS", "CONSERVATIVE", "AGGRESSIVE"]

@@ -1,0 +1,392 @@
+"""Cache plans: what to do at every denoising step, for every block and cached module.
+
+A plan is plain data. For each step it holds
+
+* ``kind``: a label for people ("full", "conservative", "aggressive", "reuse", "learned", ...),
+* ``skip_blocks``: replace the whole block stack by the cached final hidden state,
+* ``fractions[block][module]``: the fraction of tokens the module recomputes —
+  ``1.0`` compute every token, ``0.0`` reuse the cached output, anything in between is a
+  *partial* step that recomputes that fraction of tokens (chosen by the token scorer).
+
+Builders for FORA, ToCa and DuCa live here; they follow the published schedules (see
+``docs/methods.md``). A plan round-trips through JSON and prints a readable summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+PLAN_FORMAT_VERSION = 1
+
+
+class Action(str, Enum):
+    COMPUTE = "compute"
+    PARTIAL = "partial"
+    REUSE = "reuse"
+
+    @property
+    def symbol(self) -> str:
+        return {"compute": "C", "partial": "P", "reuse": "R"}[self.value]
+
+
+def action_of(fraction: float) -> Action:
+    if fraction >= 1.0:
+        return Action.COMPUTE
+    if fraction <= 0.0:
+        return Action.REUSE
+    return Action.PARTIAL
+
+
+def num_fresh_tokens(fraction: float, num_tokens: int) -> int:
+    """Tokens a module recomputes for ``fraction`` (top-k = int(ratio * tokens), as published)."""
+    if fraction >= 1.0:
+        return num_tokens
+    return max(0, min(num_tokens, int(fraction * num_tokens)))
+
+
+@dataclass
+class StepPlan:
+    kind: str
+    fractions: list[list[float]]
+    skip_blocks: bool = False
+    interval: int = 1  # length of the cache cycle this step belongs to (used by the staleness bonus)
+
+    @property
+    def is_full(self) -> bool:
+        return not self.skip_blocks and all(f >= 1.0 for row in self.fractions for f in row)
+
+    def action(self, block: int, module: int) -> Action:
+        if self.skip_blocks:
+            return Action.REUSE
+        return action_of(self.fractions[block][module])
+
+
+@dataclass
+class CachePlan:
+    """Actions for ``num_steps`` denoiser calls x ``num_blocks`` blocks x ``modules``."""
+
+    num_steps: int
+    num_blocks: int
+    modules: tuple[str, ...]
+    steps: list[StepPlan]
+    method: str = "custom"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.modules = tuple(self.modules)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.num_steps < 1 or len(self.steps) != self.num_steps:
+            raise ValueError(f"plan has {len(self.steps)} steps but num_steps={self.num_steps}")
+        for i, step in enumerate(self.steps):
+            if len(step.fractions) != self.num_blocks:
+                raise ValueError(
+                    f"plan step {i} has {len(step.fractions)} blocks, expected num_blocks={self.num_blocks}"
+                )
+            for b, row in enumerate(step.fractions):
+                if len(row) != len(self.modules):
+                    raise ValueError(
+                        f"plan step {i} block {b} has {len(row)} fractions, expected one per module "
+                        f"{self.modules}"
+                    )
+                for f in row:
+                    if not (0.0 <= f <= 1.0) or math.isnan(f):
+                        raise ValueError(f"plan step {i} block {b}: fraction {f!r} is outside [0, 1]")
+        if not self.steps[0].is_full:
+            raise ValueError("the first step of a plan must be a full step: the caches start empty")
+
+    # ---- reading -------------------------------------------------------------------------
+    def step(self, index: int) -> StepPlan:
+        return self.steps[index]
+
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.steps]
+
+    def compute_fraction(self, module_weights: Sequence[float] | None = None) -> float:
+        """Fraction of block-module compute the plan does, weighting modules by ``module_weights``."""
+        weights = list(module_weights) if module_weights is not None else [1.0] * len(self.modules)
+        total = done = 0.0
+        for step in self.steps:
+            for row in step.fractions:
+                for w, f in zip(weights, row):
+                    total += w
+                    done += 0.0 if step.skip_blocks else w * f
+        return done / total if total else 1.0
+
+    # ---- text ----------------------------------------------------------------------------
+    def summary(self) -> str:
+        counts = Counter(self.kinds())
+        symbols = {"full": "F", "conservative": "C", "aggressive": "A", "reuse": "R"}
+        pattern = "".join(symbols.get(k, "?") if not s.skip_blocks else "A" for k, s in zip(self.kinds(), self.steps))
+        lines = [
+            f"CachePlan[{self.method}]: {self.num_steps} steps x {self.num_blocks} blocks x modules {self.modules}",
+            f"  step pattern : {pattern}",
+            "  step kinds   : " + ", ".join(f"{k}={n}" for k, n in sorted(counts.items())),
+            f"  compute done : {self.compute_fraction():.1%} of block-module work (unweighted)",
+        ]
+        for i, step in enumerate(self.steps):
+            if step.skip_blocks:
+                desc = "skip block stack (reuse cached output of the last block)"
+            else:
+                per_module = []
+                for m, name in enumerate(self.modules):
+                    col = [row[m] for row in step.fractions]
+                    acts = {action_of(f).symbol for f in col}
+                    mean = sum(col) / len(col)
+                    per_module.append(f"{name}:{''.join(sorted(acts))}({mean:.2f})")
+                desc = " ".join(per_module)
+            lines.append(f"  step {i:3d} {step.kind:<12s} {desc}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    # ---- JSON ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "dualcache-plan",
+            "version": PLAN_FORMAT_VERSION,
+            "method": self.method,
+            "num_steps": self.num_steps,
+            "num_blocks": self.num_blocks,
+            "modules": list(self.modules),
+            "metadata": self.metadata,
+            "steps": [
+                {
+                    "kind": s.kind,
+                    "skip_blocks": s.skip_blocks,
+                    "interval": s.interval,
+                    "fractions": [[round(float(f), 6) for f in row] for row in s.fractions],
+                }
+                for s in self.steps
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CachePlan:
+        if data.get("format") != "dualcache-plan":
+            raise ValueError("not a dualcache plan: the JSON has no 'format': 'dualcache-plan' entry")
+        if int(data.get("version", 0)) > PLAN_FORMAT_VERSION:
+            raise ValueError(f"plan format version {data['version']} is newer than this library supports")
+        steps = [
+            StepPlan(
+                kind=str(s["kind"]),
+                fractions=[[float(f) for f in row] for row in s["fractions"]],
+                skip_blocks=bool(s.get("skip_blocks", False)),
+                interval=int(s.get("interval", 1)),
+            )
+            for s in data["steps"]
+        ]
+        return cls(
+            num_steps=int(data["num_steps"]),
+            num_blocks=int(data["num_blocks"]),
+            modules=tuple(data["modules"]),
+            steps=steps,
+            method=str(data.get("method", "custom")),
+            metadata=dict(data.get("metadata", {})),
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> CachePlan:
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise FileNotFoundError(f"plan file {str(path)!r} does not exist")
+            text = path.read_text()
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token recompute ratio schedules (ToCa's scheduler: fresh x step x layer x module factors)
+# ---------------------------------------------------------------------------------------------
+RatioFn = Callable[[int, int, int, int, str], float]
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    return a + (b - a) * t
+
+
+def constant_ratio(fresh_ratio: float) -> RatioFn:
+    def ratio(step: int, num_steps: int, block: int, num_blocks: int, module: str) -> float:
+        return fresh_ratio
+
+    return ratio
+
+
+def dit_ratio(fresh_ratio: float) -> RatioFn:
+    """DuCa/ToCa DiT (DDIM) scheduler.
+
+    step factor 3 - 4 s/steps with ``s`` counting down (so it is clamped to 0 for the first
+    quarter of the run), layer factor 0.8 -> 1.2 over depth, MLP x2.5 (attention is never
+    partially recomputed on DiT).
+    """
+
+    def ratio(step: int, num_steps: int, block: int, num_blocks: int, module: str) -> float:
+        countdown = num_steps - 1 - step
+        step_factor = 3.0 - 4.0 * countdown / num_steps
+        layer_factor = _lerp(0.8, 1.2, block / max(1, num_blocks - 1))
+        module_factor = {"ff": 2.5}.get(module, 1.0)
+        return min(1.0, max(0.0, fresh_ratio * step_factor * layer_factor * module_factor))
+
+    return ratio
+
+
+def _pixart_layer_module_factor(block: int, num_blocks: int, module: str) -> float:
+    layer_factor = _lerp(1.6, 0.4, block / max(1, num_blocks - 1))
+    return layer_factor * {"attn2": 0.6, "ff": 1.6}.get(module, 1.0)
+
+
+def pixart_ratio(fresh_ratio: float) -> RatioFn:
+    """DuCa PixArt (DPM-Solver) scheduler: step 1.9 - 1.8 s/steps, layers 1.6 -> 0.4, cross-attn 0.6, MLP 1.6."""
+
+    def ratio(step: int, num_steps: int, block: int, num_blocks: int, module: str) -> float:
+        step_factor = 1.9 - 1.8 * step / num_steps
+        value = fresh_ratio * step_factor * _pixart_layer_module_factor(block, num_blocks, module)
+        return min(1.0, max(0.0, value))
+
+    return ratio
+
+
+def pixart_toca_ratio(fresh_ratio: float) -> RatioFn:
+    """ToCa PixArt scheduler: step 0.8 + 0.4 s/steps, same layer and module factors as DuCa's."""
+
+    def ratio(step: int, num_steps: int, block: int, num_blocks: int, module: str) -> float:
+        step_factor = 0.8 + 0.4 * step / num_steps
+        value = fresh_ratio * step_factor * _pixart_layer_module_factor(block, num_blocks, module)
+        return min(1.0, max(0.0, value))
+
+    return ratio
+
+
+RATIO_SCHEDULES: dict[str, Callable[[float], RatioFn]] = {
+    "constant": constant_ratio,
+    "dit": dit_ratio,
+    "pixart": pixart_ratio,
+    "pixart-toca": pixart_toca_ratio,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Step schedules: which kind of step each denoiser call is
+# ---------------------------------------------------------------------------------------------
+FULL, CONSERVATIVE, AGGRESSIVE = "full", "conservative", "aggressive"
+
+
+def cycle_step_kinds(num_steps: int, interval: int, pattern: str, first_full: int = 1) -> list[str]:
+    """Fixed cycles of ``interval`` steps counted up from step 0: position 0 is full.
+
+    ``pattern`` "duca": odd positions conservative, even aggressive (F,C,A,C,A...);
+    "toca": every other position conservative; "fora": every other position aggressive.
+    """
+    kinds = []
+    offset = max(0, first_full - 1)  # the last of the leading full steps starts the first cycle
+    for step in range(num_steps):
+        pos = 0 if step < first_full else (step - offset) % interval
+        if pos == 0:
+            kinds.append(FULL)
+        elif pattern == "toca":
+            kinds.append(CONSERVATIVE)
+        elif pattern == "fora":
+            kinds.append(AGGRESSIVE)
+        else:
+            kinds.append(CONSERVATIVE if pos % 2 == 1 else AGGRESSIVE)
+    return kinds
+
+
+def dit_duca_step_kinds(num_steps: int, threshold: int = 3) -> list[str]:
+    """DuCa's DiT schedule, as in the reference code (steps counted down, s = steps-1 ... 0).
+
+    The first step is full. At each full step the interval is recomputed as
+    N = round(threshold / (1.4 - 0.8 s / steps)), forced to 2 for s in [0.2, 0.4) x steps;
+    then step s is full when s % N == 0, conservative when s % N is odd, aggressive when even.
+    (The reference code re-decides the type in every layer, which can switch a step's type
+    mid-stack; we decide once per step.)
+    """
+    kinds = []
+    interval = 1
+    forced = range(int(0.2 * num_steps), int(0.4 * num_steps))
+    for step in range(num_steps):
+        s = num_steps - 1 - step
+        if step == 0 or s % interval == 0:
+            kinds.append(FULL)
+            interval = 2 if s in forced else max(1, round(threshold / (1.4 - 0.8 * s / num_steps)))
+        else:
+            kinds.append(CONSERVATIVE if (s % interval) % 2 == 1 else AGGRESSIVE)
+    return kinds
+
+
+def _rows(num_blocks: int, num_modules: int, value: float) -> list[list[float]]:
+    return [[value] * num_modules for _ in range(num_blocks)]
+
+
+def plan_from_kinds(
+    kinds: Sequence[str],
+    num_blocks: int,
+    modules: Sequence[str],
+    ratio_fn: RatioFn | None = None,
+    aggressive: str = "skip",
+    self_attention: str = "reuse",
+    self_attention_modules: Sequence[str] = ("attn1",),
+    interval: int = 1,
+    method: str = "custom",
+    metadata: dict[str, Any] | None = None,
+) -> CachePlan:
+    """Turn a list of step kinds into a plan.
+
+    conservative: self-attention reused whole (``self_attention="reuse"``, as DuCa does) or
+    recomputed for the selected queries (``"partial"``); other modules recompute
+    ``ratio_fn(...)`` of their tokens. aggressive: ``"skip"`` the block stack or ``"reuse"``
+    every module's cached output.
+    """
+    num_steps, num_modules = len(kinds), len(modules)
+    steps = []
+    for step, kind in enumerate(kinds):
+        if kind == FULL:
+            steps.append(StepPlan(FULL, _rows(num_blocks, num_modules, 1.0), interval=interval))
+        elif kind == AGGRESSIVE:
+            rows = _rows(num_blocks, num_modules, 0.0)
+            steps.append(StepPlan(AGGRESSIVE, rows, skip_blocks=aggressive == "skip", interval=interval))
+        elif kind == CONSERVATIVE:
+            if ratio_fn is None:
+                raise ValueError("conservative steps need a ratio_fn")
+            rows = [
+                [
+                    0.0
+                    if (m in self_attention_modules and self_attention == "reuse")
+                    else ratio_fn(step, num_steps, b, num_blocks, m)
+                    for m in modules
+                ]
+                for b in range(num_blocks)
+            ]
+            steps.append(StepPlan(CONSERVATIVE, rows, interval=interval))
+        else:
+            raise ValueError(f"unknown step kind {kind!r}; allowed: full, conservative, aggressive")
+    return CachePlan(num_steps, num_blocks, tuple(modules), steps, method=method, metadata=dict(metadata or {}))
+
+
+def full_plan(num_steps: int, num_blocks: int, modules: Sequence[str]) -> CachePlan:
+    return plan_from_kinds([FULL] * num_steps, num_blocks, modules, method="full")
+
+
+def fora_plan(num_steps: int, num_blocks: int, modules: Sequence[str], interval: int = 3) -> CachePlan:
+    """FORA: a full step every ``interval`` steps; every module's output is reused in between."""
+    kinds = cycle_step_kinds(num_steps, interval, "fora")
+    return plan_from_kinds(
+        kinds, num_blocks, modules, aggressive="reuse", interval=interval, method="fora",
+        metadata={"interval": interval},
+    )

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny DiT / PixArt pipelines large enough (64 tokens, 4 blocks) for the engine tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler, PixArtAlphaPipeline
+from diffusers import PixArtTransformer2DModel
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_t5_tokenizer, tiny_vae  # noqa: E402
+from transformers import T5Config, T5EncoderModel  # noqa: E402
+
+PIXART_KWARGS = TINY_PIXART_CALL_KWARGS
+
+
+def engine_dit_pipeline(seed: int = 0, num_layers: int = 4) -> DiTPipeline:
+    """DiT with 16x16 latents, patch 2 -> 64 tokens, width 64."""
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    ).eval()
+    pipe = DiTPipeline(
+        transformer=transformer,
+        vae=tiny_vae(seed),
+        scheduler=DPMSolverMultistepScheduler(),
+        id2label={i: str(i) for i in range(10)},
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def engine_pixart_pipeline(seed: int = 0, num_layers: int = 4) -> PixArtAlphaPipeline:
+    """PixArt-alpha with 16x16 latents, patch 2 -> 64 tokens, width 64, a 1-layer T5."""
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+            relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=16,
+        patch_size=2,
+        cross_attention_dim=64,
+        caption_channels=32,
+    ).eval()
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=tiny_vae(seed),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, steps: int = 20, seed: int = 0, batch: int = 2, **kwargs):
+    """Images as a float numpy array, same call for DiT and PixArt."""
+    generator = torch.manual_seed(seed)
+    if isinstance(pipe, DiTPipeline):
+        labels = [1, 3, 5, 7][:batch]
+        return pipe(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="np", **kwargs).images
+    prompts = ["a red cat", "a dog on a tree", "a small house", "a blue car"][:batch]
+    return pipe(prompts, num_inference_steps=steps, generator=generator, output_type="np", **PIXART_KWARGS, **kwargs).images
+
+
+@pytest.fixture(params=["dit", "pixart"])
+def pipe(request):
+    return engine_dit_pipeline() if request.param == "dit" else engine_pixart_pipeline()
+
+
+@pytest.fixture
+def dit_pipe():
+    return engine_dit_pipeline()
+
+
+@pytest.fixture
+def pixart_pipe():
+    return engine_pixart_pipeline()

@@ -1,0 +1,179 @@
+"""Tiny, deterministic, offline `DiTPipeline` / `PixArtAlphaPipeline` / `PixArtSigmaPipeline` builders.
+
+Every model is built from a config with random weights drawn after `torch.manual_seed(seed)`, so two calls with the
+same arguments return pipelines with bit-identical weights. Nothing is downloaded.
+
+Typical calls (10 steps take well under a second on CPU):
+
+    pipe = tiny_dit_pipeline()
+    images = pipe(class_labels=[1], num_inference_steps=10, generator=torch.manual_seed(0), output_type="np").images
+
+    pipe = tiny_pixart_pipeline()
+    images = pipe("a cat", num_inference_steps=10, generator=torch.manual_seed(0), output_type="np",
+                  **TINY_PIXART_CALL_KWARGS).images
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+# Latent grid of the tiny pipelines: 8x8 latents, patch size 2 -> 16 tokens.
+TINY_SAMPLE_SIZE = 8
+# Keyword arguments the tiny PixArt pipelines need on every call: resolution binning only knows the real sample
+# sizes, caption cleaning needs optional packages, and a short prompt length keeps the text encoder cheap.
+TINY_PIXART_CALL_KWARGS: dict[str, Any] = {
+    "use_resolution_binning": False,
+    "clean_caption": False,
+    "max_sequence_length": 8,
+}
+
+_WORDS = (
+    "a",
+    "photo",
+    "of",
+    "the",
+    "cat",
+    "dog",
+    "bird",
+    "car",
+    "tree",
+    "house",
+    "red",
+    "green",
+    "blue",
+    "small",
+    "big",
+    "on",
+    "in",
+    "with",
+    "and",
+    "an",
+    "astronaut",
+    "riding",
+    "horse",
+    "mars",
+    "painting",
+    "sunset",
+    "mountain",
+    "river",
+    "city",
+    "night",
+)
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """A one-level `AutoencoderKL` (scale factor 1, 4 latent channels)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=TINY_SAMPLE_SIZE,
+    ).eval()
+
+
+def tiny_dit_pipeline(seed: int = 0, num_layers: int = 2) -> DiTPipeline:
+    """A class-conditional `DiTPipeline` with a `num_layers`-block `DiTTransformer2DModel` (hidden size 16).
+
+    `num_embeds_ada_norm` is 1000 because the pipeline uses class id 1000 as the null class for guidance.
+    The transformer predicts a learned sigma (8 output channels), like the released DiT checkpoints.
+    """
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=TINY_SAMPLE_SIZE,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_num_groups=4,
+    ).eval()
+    pipe = DiTPipeline(
+        transformer=transformer,
+        vae=tiny_vae(seed),
+        scheduler=DDIMScheduler(),
+        id2label={i: f"class_{i}" for i in range(10)},
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_t5_tokenizer() -> T5TokenizerFast:
+    """An offline T5 tokenizer: whitespace split over a small word-level vocabulary, `</s>` appended."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in _WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T5TokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    )
+
+
+def tiny_pixart_pipeline(
+    seed: int = 0, num_layers: int = 2, variant: Literal["alpha", "sigma"] = "alpha"
+) -> PixArtAlphaPipeline | PixArtSigmaPipeline:
+    """A text-conditional PixArt pipeline: `num_layers`-block `PixArtTransformer2DModel` (hidden 16) + 1-layer T5.
+
+    Call it with `**TINY_PIXART_CALL_KWARGS`.
+    """
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        sample_size=TINY_SAMPLE_SIZE,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=32,
+        norm_num_groups=4,
+    ).eval()
+    pipeline_cls = PixArtSigmaPipeline if variant == "sigma" else PixArtAlphaPipeline
+    pipe = pipeline_cls(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=tiny_vae(seed),
+        transformer=transformer,
+        scheduler=DDIMScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
