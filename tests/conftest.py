@@ -7,13 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler, PixArtAlphaPipeline
-from diffusers import PixArtTransformer2DModel
+from diffusers import (
+    DiTPipeline,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_t5_tokenizer, tiny_vae  # noqa: E402
-from transformers import T5Config, T5EncoderModel  # noqa: E402
+from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_t5_tokenizer, tiny_vae
+from transformers import T5Config, T5EncoderModel
 
 PIXART_KWARGS = TINY_PIXART_CALL_KWARGS
 
@@ -77,11 +82,11 @@ def engine_pixart_pipeline(seed: int = 0, num_layers: int = 4) -> PixArtAlphaPip
 def generate(pipe, steps: int = 20, seed: int = 0, batch: int = 2, **kwargs):
     """Images as a float numpy array, same call for DiT and PixArt."""
     generator = torch.manual_seed(seed)
+    common = dict(num_inference_steps=steps, generator=generator, output_type="np", **kwargs)
     if isinstance(pipe, DiTPipeline):
-        labels = [1, 3, 5, 7][:batch]
-        return pipe(class_labels=labels, num_inference_steps=steps, generator=generator, output_type="np", **kwargs).images
+        return pipe(class_labels=[1, 3, 5, 7][:batch], **common).images
     prompts = ["a red cat", "a dog on a tree", "a small house", "a blue car"][:batch]
-    return pipe(prompts, num_inference_steps=steps, generator=generator, output_type="np", **PIXART_KWARGS, **kwargs).images
+    return pipe(prompts, **common, **PIXART_KWARGS).images
 
 
 @pytest.fixture(params=["dit", "pixart"])

@@ -224,7 +224,7 @@ def test_bare_transformer_follows_resolution_changes(dit_pipe):
     labels = torch.tensor([1, 2])
     with torch.no_grad():
         for size in (16, 24, 16):
-            for step, t in enumerate((900, 600, 300, 100)):
+            for t in (900, 600, 300, 100):
                 out = model(torch.randn(2, 4, size, size), timestep=torch.tensor([t, t]), class_labels=labels).sample
                 assert out.shape[-1] == size
     assert cache_stats(model).num_steps == 4

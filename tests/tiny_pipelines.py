@@ -27,7 +27,6 @@ from diffusers import (
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
 # Latent grid of the tiny pipelines: 8x8 latents, patch size 2 -> 16 tokens.
@@ -119,15 +118,12 @@ def tiny_dit_pipeline(seed: int = 0, num_layers: int = 2) -> DiTPipeline:
 
 
 def tiny_t5_tokenizer() -> T5TokenizerFast:
-    """An offline T5 tokenizer: whitespace split over a small word-level vocabulary, `</s>` appended."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in _WORDS:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return T5TokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
-    )
+    """An offline T5 tokenizer: one Unigram piece per word of a small vocabulary, `</s>` appended.
+
+    A Unigram backend (like real T5) so that `save_pretrained` / `from_pretrained` round-trips.
+    """
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + word, -1.0) for word in _WORDS]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=64)
 
 
 def tiny_pixart_pipeline(

@@ -10,12 +10,12 @@ from .stats import CacheStats, count_flops
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "Action",
     "CachePlan",
     "CacheStats",
     "DualCacheConfig",
     "DualCachePipeline",
-    "PRESETS",
     "StepPlan",
     "cache_stats",
     "count_flops",

@@ -90,7 +90,7 @@ class DualCacheConfig:
     def __post_init__(self) -> None:
         if isinstance(self.plan, (str, Path)):
             self.plan = load_plan(self.plan)
-        _choice("method", self.method, METHODS + ("plan",))
+        _choice("method", self.method, (*METHODS, "plan"))
         _number("interval", self.interval, 1, integer=True)
         _choice("schedule", self.schedule, SCHEDULES)
         _number("fresh_ratio", self.fresh_ratio, 0.0, 1.0)
@@ -210,4 +210,4 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-__all__ = ["DualCacheConfig", "PRESETS", "METHODS", "SELECTIONS", "CONSERVATIVE", "AGGRESSIVE"]
+__all__ = ["AGGRESSIVE", "CONSERVATIVE", "METHODS", "PRESETS", "SELECTIONS", "DualCacheConfig"]

@@ -132,7 +132,8 @@ class DualCacheEngine:
                     AttentionRecorder(self, b, heads), HOOK_RECORD
                 )
             elif self.config.selection == "vnorm":
-                HookRegistry.check_if_exists_or_initialize(to_v).register_hook(ValueRecorder(self, b, heads), HOOK_RECORD)
+                recorder = ValueRecorder(self, b, heads)
+                HookRegistry.check_if_exists_or_initialize(to_v).register_hook(recorder, HOOK_RECORD)
 
     def detach(self) -> None:
         self._stop_recording_layers()
@@ -243,10 +244,10 @@ class DualCacheEngine:
     # ---- FLOPs of everything outside the cached modules, recorded at the first call ----------
     def _start_recording_layers(self) -> None:
         self._stop_recording_layers()
+        counted = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
         for layer in self.model.modules():
-            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
-                if id(layer) not in self._cached_layers:
-                    self._recorders.append(layer.register_forward_hook(self._record_layer))
+            if isinstance(layer, counted) and id(layer) not in self._cached_layers:
+                self._recorders.append(layer.register_forward_hook(self._record_layer))
 
     def _stop_recording_layers(self) -> None:
         for handle in self._recorders:

@@ -121,10 +121,38 @@ class CachePlan:
                     done += 0.0 if step.skip_blocks else w * f
         return done / total if total else 1.0
 
+    # ---- resampling ----------------------------------------------------------------------
+    def resample(self, num_steps: int) -> CachePlan:
+        """The plan mapped onto ``num_steps`` denoiser calls by nearest normalized time.
+
+        New step ``j`` copies old step ``i = floor((j + 0.5) * n_old / num_steps)`` (the old step whose
+        time interval contains the new step's centre); step 0 is always a full step, whatever it maps
+        to, because the caches start empty. A schedule learned for one step count is only an
+        approximation at another (full / cache alternation, for one, is not preserved when the count
+        shrinks); retrain for the new count where quality matters. See docs/plans.md.
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r} is not allowed; it must be an integer >= 1")
+        old = self.num_steps
+        steps = []
+        for j in range(num_steps):
+            i = min(old - 1, (2 * j + 1) * old // (2 * num_steps))
+            src = self.steps[i]
+            if j == 0 and not src.is_full:
+                src = next((s for s in self.steps if s.is_full), self.steps[0])
+            steps.append(
+                StepPlan(src.kind, [list(row) for row in src.fractions], src.skip_blocks, src.interval)
+            )
+        metadata = dict(self.metadata)
+        metadata["resampled"] = {"from_steps": old, "to_steps": num_steps, "rule": "nearest-normalized-time"}
+        if "num_inference_steps" in metadata:
+            metadata["num_inference_steps"] = num_steps
+        return CachePlan(num_steps, self.num_blocks, self.modules, steps, method=self.method, metadata=metadata)
+
     # ---- text ----------------------------------------------------------------------------
     def summary(self) -> str:
         counts = Counter(self.kinds())
-        symbols = {"full": "F", "conservative": "C", "aggressive": "A", "reuse": "R"}
+        symbols = {"full": "F", "conservative": "C", "aggressive": "A", "reuse": "R", "learned": "L"}
         pattern = "".join(symbols.get(k, "?") if not s.skip_blocks else "A" for k, s in zip(self.kinds(), self.steps))
         lines = [
             f"CachePlan[{self.method}]: {self.num_steps} steps x {self.num_blocks} blocks x modules {self.modules}",

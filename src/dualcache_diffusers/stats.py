@@ -44,7 +44,8 @@ class ModuleCost:
         return cls(q, kv, pair)
 
     def flops(self, batch: int, query_rows: int, kv_rows: int) -> int:
-        return batch * (query_rows * self.per_query_row + kv_rows * self.per_kv_row + query_rows * kv_rows * self.per_pair)
+        per_sample = query_rows * self.per_query_row + kv_rows * self.per_kv_row
+        return batch * (per_sample + query_rows * kv_rows * self.per_pair)
 
 
 def layer_flops(module: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> int:

@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Speed benchmark: FLOPs speedup, wall speedup and efficiency of FORA / ToCa / DuCa on a DiT pipeline.
+
+A random-weight ``DiTTransformer2DModel`` of DiT-XL/2 size (28 blocks, width 1152, 256 tokens) in a stock
+``DiTPipeline`` with a one-level VAE (so the decode costs next to nothing and the denoising loop is what is
+timed). Random weights prove the mechanics and the cost, never quality.
+
+* FLOPs: ``FlopCounterMode`` (``dualcache_diffusers.count_flops``) around one whole pipeline call per method;
+  the engine's own analytic count is reported next to it.
+* Wall: every repeat runs all methods back to back in one process (interleaved), after one warm-up call
+  each; the table shows the median over repeats and the speedup vs the uncached median.
+* Efficiency: wall speedup / FLOPs speedup (1.0 = every saved FLOP turned into saved time).
+
+    python benchmarks/speed.py                          # DiT-XL/2 size, 20 steps, CPU fp32
+    python benchmarks/speed.py --device cuda --dtype float16 --repeats 5
+    python benchmarks/speed.py --layers 4 --width 256 --heads 4 --repeats 2   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+from dualcache_diffusers import cache_stats, count_flops, disable_dual_cache, enable_dual_cache
+
+METHODS = {
+    "uncached": None,
+    "fora": dict(config="fora"),
+    "toca": dict(config="toca"),
+    "duca": dict(config="duca"),
+    "duca-reuse": dict(config="duca", aggressive="reuse"),
+}
+
+
+def build_pipeline(args: argparse.Namespace) -> DiTPipeline:
+    torch.manual_seed(0)
+    heads = args.heads
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=args.width // heads,
+        in_channels=4,
+        out_channels=8,
+        num_layers=args.layers,
+        sample_size=args.latent_size,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(32,),
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+    pipe.to(device=args.device, dtype=getattr(torch, args.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe: DiTPipeline, args: argparse.Namespace) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    labels = list(range(args.batch))
+    return pipe(
+        class_labels=labels,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=generator,
+        output_type="pt",
+    ).images
+
+
+def use_method(pipe: DiTPipeline, name: str) -> None:
+    disable_dual_cache(pipe)
+    options = METHODS[name]
+    if options is not None:
+        enable_dual_cache(pipe, **options)
+
+
+def timed_call(pipe: DiTPipeline, args: argparse.Namespace) -> float:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        generate(pipe, args)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    pipe = build_pipeline(args)
+    methods = args.methods
+    rows = {name: {"method": name, "times": []} for name in methods}
+    for name in methods:  # FLOPs (independent counter) and the engine's analytic count, plus a warm-up
+        use_method(pipe, name)
+        with torch.inference_mode(), count_flops() as counter:
+            generate(pipe, args)
+        rows[name]["flops"] = counter.get_total_flops()
+        if name != "uncached":
+            stats = cache_stats(pipe)
+            rows[name]["engine_flops"] = stats.flops
+            rows[name]["pattern"] = "".join(k[0].upper() for k in stats.step_kinds)
+            rows[name]["cache_mib"] = stats.cache_bytes / 2**20
+        timed_call(pipe, args)
+    for repeat in range(args.repeats):  # interleaved: every repeat times every method once
+        for name in methods:
+            use_method(pipe, name)
+            rows[name]["times"].append(timed_call(pipe, args))
+        print(f"repeat {repeat + 1}/{args.repeats}: " + "  ".join(f"{n} {rows[n]['times'][-1]:.2f}s" for n in methods))
+    disable_dual_cache(pipe)
+    base = rows.get("uncached")
+    for row in rows.values():
+        row["median_s"] = statistics.median(row["times"])
+        if base is not None:
+            row["flops_speedup"] = base["flops"] / row["flops"]
+            row["wall_speedup"] = base["median_s"] / row["median_s"]
+            row["efficiency"] = row["wall_speedup"] / row["flops_speedup"]
+    return list(rows.values())
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    head = (
+        f"DiT pipeline, random weights: {args.layers} blocks, width {args.width}, "
+        f"{(args.latent_size // 2) ** 2} tokens, {args.steps} DDIM steps, batch {args.batch} x CFG "
+        f"(guidance {args.guidance}), {args.device} {args.dtype}, median of {args.repeats} interleaved runs\n\n"
+        "| method | step pattern | TFLOPs (counter) | engine vs counter | FLOPs speedup | median s | wall speedup "
+        "| efficiency | cache MiB |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        agree = f"{r['engine_flops'] / r['flops'] - 1:+.1%}" if "engine_flops" in r else "-"
+        lines.append(
+            f"| {r['method']} | {r.get('pattern', 'F' * args.steps)} | {r['flops'] / 1e12:.3f} | {agree} "
+            f"| {r.get('flops_speedup', 1):.2f}x | {r['median_s']:.2f} | {r.get('wall_speedup', 1):.2f}x "
+            f"| {r.get('efficiency', 1):.2f} | {r.get('cache_mib', 0):.0f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--width", type=int, default=1152)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--latent-size", type=int, default=32, help="latent side; tokens = (side / 2)^2")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=1, help="images per call (CFG doubles the batch)")
+    parser.add_argument("--guidance", type=float, default=1.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--out", type=Path, default=None, help="write the table (.md) and raw rows (.json) here")
+    args = parser.parse_args()
+    if "uncached" not in args.methods:
+        args.methods = ["uncached", *args.methods]
+    rows = measure(args)
+    table = markdown(rows, args)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "speed.md").write_text(table)
+        (args.out / "speed.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
