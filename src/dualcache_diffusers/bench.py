@@ -1,0 +1,737 @@
+"""Fidelity benchmark: every caching method at matched compute budgets.
+
+For each method and each budget (a target FLOPs reduction such as 2x) a calibration search on a
+few held-out seeds picks the method's knob (FORA's interval, ToCa/DuCa's interval then fresh
+ratio, a baseline's ``sweep_knob``, or the number of denoising steps) so that the FLOPs ratio,
+measured with :func:`count_flops` around whole pipeline calls, lands near the target. The chosen
+setting then generates every evaluation image (many seeds x every class / several prompts), and
+the row records the FLOPs ratio achieved on those images, PSNR and SSIM against the uncached image
+of the same seed, and, when the digits classifier is available, the Frechet distance to the real
+test digits in its feature space and the accuracy against the requested digit.
+
+The pieces are usable on their own: :class:`Workload` (what to generate), :data:`METHODS` (how to
+apply each method), :class:`Calibrator` (the knob search) and :func:`run_benchmark`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+from . import metrics
+from .api import cache_stats, disable_dual_cache, enable_dual_cache, get_engine
+from .plan import CachePlan
+from .stats import count_flops
+
+logger = logging.getLogger(__name__)
+
+Setting = dict[str, Any]
+Undo = Callable[[], None]
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def model_aliases() -> dict[str, Path]:
+    """Short names for the shipped reference pipelines."""
+    from .reference import digits
+
+    return {"dit": digits.DIT_DIGITS_DIR, "pixart": digits.PIXART_DIGITS_DIR}
+
+
+def resolve_model(model: str) -> str:
+    """``dit`` / ``pixart`` -> the shipped pipeline directory; anything else is a local dir or a Hub id."""
+    return str(model_aliases().get(model, model))
+
+
+def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> DiffusionPipeline:
+    """Load any supported pipeline with ``DiffusionPipeline.from_pretrained`` (progress bars off)."""
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype; use float32, float16 or bfloat16")
+    pipe = DiffusionPipeline.from_pretrained(resolve_model(model), dtype=torch_dtype).to(device)
+    if not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        raise TypeError(f"{type(pipe).__name__} from {model!r} has no diffusion transformer; nothing to cache")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def is_class_conditional(pipe: DiffusionPipeline) -> bool:
+    return callable(getattr(pipe, "get_label_ids", None))
+
+
+def default_conditions(pipe: DiffusionPipeline, count: int = 10) -> list[int] | list[str]:
+    """Every class (up to ``count``) of a class-conditional pipeline, or ``count`` digit captions."""
+    if is_class_conditional(pipe):
+        labels = getattr(pipe, "labels", None) or {}
+        num_classes = len(labels) or 1000
+        return list(range(min(count, num_classes)))
+    return digit_captions(count)
+
+
+def digit_captions(count: int = 10) -> list[str]:
+    """Captions the shipped PixArt digits model understands, every digit, varied adjectives."""
+    from .reference import digits
+
+    adjectives = [(), ("thick",), ("thin",), ("slanted",), ("upright",), ("thick", "upright"), ("thin", "slanted")]
+    return [digits.caption_for(i % 10, adjectives[(i * 3) % len(adjectives)]) for i in range(count)]
+
+
+def condition_digit(pipe: DiffusionPipeline, condition: int | str) -> int | None:
+    """The digit an image was asked to show (class name or caption), or None."""
+    if isinstance(condition, str):
+        return metrics.digit_of_text(condition)
+    names = {v: k for k, v in (getattr(pipe, "labels", None) or {}).items()}  # pipe.labels: name -> id
+    return metrics.digit_of_text(names.get(condition, "")) if names else None
+
+
+def text_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
+    """Keyword arguments a text-to-image pipeline needs offline: no caption cleaning, no resolution binning,
+    the prompt length capped by the tokenizer (the shipped PixArt model uses 16 tokens)."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    kwargs: dict[str, Any] = {}
+    for name, value in (("clean_caption", False), ("use_resolution_binning", False)):
+        if name in params:
+            kwargs[name] = value
+    if "max_sequence_length" in params:
+        default = params["max_sequence_length"].default
+        limit = getattr(getattr(pipe, "tokenizer", None), "model_max_length", default) or default
+        kwargs["max_sequence_length"] = int(min(default, limit))
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------- workload
+
+
+@dataclass
+class Workload:
+    """The images to generate, each with its own generator seeded by its seed.
+
+    One image per (seed, condition) of the product ``seeds x conditions`` (seed-major), or with
+    ``paired=True`` one per ``zip(seeds, conditions)``.
+    """
+
+    pipe: DiffusionPipeline
+    steps: int
+    seeds: list[int]
+    conditions: list[int] | list[str]
+    guidance_scale: float | None = None
+    batch_size: int = 32
+    paired: bool = False
+    items: list[tuple[int, int | str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if not self.seeds or not self.conditions:
+            raise ValueError("a workload needs at least one seed and one condition")
+        if self.paired and len(self.seeds) != len(self.conditions):
+            raise ValueError(f"paired workload: {len(self.seeds)} seeds but {len(self.conditions)} conditions")
+        pairs = zip(self.seeds, self.conditions) if self.paired else _product(self.seeds, self.conditions)
+        self.items = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def labels(self) -> list[int] | None:
+        """Requested digit per image, or None when some condition names no digit."""
+        digits = [condition_digit(self.pipe, cond) for _, cond in self.items]
+        return None if any(d is None for d in digits) else digits
+
+    def call_kwargs(self, items: Sequence[tuple[int, int | str]], steps: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of one pipeline call generating ``items``."""
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": steps or self.steps,
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed, _ in items],
+            "output_type": "np",
+        }
+        if self.guidance_scale is not None:
+            kwargs["guidance_scale"] = self.guidance_scale
+        conditions = [cond for _, cond in items]
+        if is_class_conditional(self.pipe):
+            return {"class_labels": conditions, **kwargs}
+        return {"prompt": conditions, **text_call_kwargs(self.pipe), **kwargs}
+
+    def generate(self, steps: int | None = None) -> np.ndarray:
+        """All images as float [N, H, W, C] in [0, 1]."""
+        chunks = [self.items[i : i + self.batch_size] for i in range(0, len(self.items), self.batch_size)]
+        with torch.inference_mode():
+            outputs = [self.pipe(**self.call_kwargs(chunk, steps)).images for chunk in chunks]
+        return np.concatenate([np.asarray(o, dtype=np.float32) for o in outputs])
+
+
+def _product(seeds: Sequence[int], conditions: Sequence[Any]) -> Iterable[tuple[int, Any]]:
+    return ((seed, cond) for seed in seeds for cond in conditions)
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A setting swept by the calibration search; ``faster_when`` says which direction saves compute."""
+
+    name: str
+    low: float
+    high: float
+    integer: bool = False
+    log: bool = False
+    faster_when: str = "higher"
+
+
+@dataclass
+class Method:
+    """One row family of the benchmark: how to apply it and which knob trades compute for fidelity.
+
+    ``apply(workload, setting)`` turns the method on and returns an undo function; ``steps(setting)``
+    is the number of denoising steps it runs (only "fewer steps" changes it).
+    """
+
+    name: str
+    description: str
+    apply: Callable[[Workload, Setting], Undo]
+    knob: Knob | None = None
+    fine_knob: Knob | None = None  # refined after the (integer) knob, e.g. DuCa's fresh_ratio
+    start: Setting = field(default_factory=dict)  # knob values used before / besides the search
+    steps: Callable[[Setting, int], int] = lambda setting, steps: steps
+    family: str = "dualcache"  # reference | steps | dualcache | plan | baseline
+
+
+def _no_op(workload: Workload, setting: Setting) -> Undo:
+    return lambda: None
+
+
+def _dual_cache(preset: str, **fixed: Any) -> Callable[[Workload, Setting], Undo]:
+    def apply(workload: Workload, setting: Setting) -> Undo:
+        enable_dual_cache(workload.pipe, preset, **fixed, **setting)
+        return lambda: disable_dual_cache(workload.pipe)
+
+    return apply
+
+
+def _dual_cache_method(name: str, preset: str, description: str, **fixed: Any) -> Method:
+    interval = Knob("interval", 2, 64, integer=True)
+    fine = Knob("fresh_ratio", 0.0, 1.0, faster_when="lower") if preset != "fora" else None
+    return Method(name, description, _dual_cache(preset, **fixed), knob=interval, fine_knob=fine)
+
+
+def _plan_method(name: str, path: Path) -> Method:
+    def apply(workload: Workload, setting: Setting) -> Undo:
+        enable_dual_cache(workload.pipe, plan=path)
+        return lambda: disable_dual_cache(workload.pipe)
+
+    return Method(name, f"learned plan {path.name}", apply, family="plan")
+
+
+# Knobs of diffusers' caches fixed for the benchmark (the sweep knob is searched). Caps that would make the
+# larger budgets unreachable whatever the threshold are lifted to the step count; see docs of each cache.
+def _baseline_fixed_knobs(name: str, steps: int) -> Setting:
+    return {
+        "taylorseer": {"disable_cache_before_step": max(1, min(3, steps // 6))},
+        "magcache": {"max_skip_steps": steps, "num_inference_steps": steps},
+        "seacache": {"max_consecutive_cached": steps},
+        "cachedit_dbcache": {"max_warmup_steps": max(1, steps // 10), "num_inference_steps": steps},
+    }.get(name, {})
+
+
+def _baseline_knob(name: str, steps: int) -> Knob:
+    from .baselines import BASELINES
+
+    spec = BASELINES[name]
+    if spec.sweep_knob in ("cache_interval", "spatial_skip_range", "uncond_skip_range"):
+        return Knob(spec.sweep_knob, 1, steps, integer=True, faster_when=spec.faster_when)
+    return Knob(spec.sweep_knob, 1e-3, 10.0, log=True, faster_when=spec.faster_when)
+
+
+def _baseline_method(name: str, description: str) -> Method:
+    def apply(workload: Workload, setting: Setting) -> Undo:
+        from .baselines import apply_baseline, calibrate_mag_ratios, remove_baseline
+
+        knobs = {**_baseline_fixed_knobs(name, workload.steps), **setting}
+        if name == "magcache" and "mag_ratios" not in knobs:
+            knobs["mag_ratios"] = _mag_ratios(workload, calibrate_mag_ratios)
+        if name == "fastercache" and workload.guidance_scale is not None and workload.guidance_scale <= 1.0:
+            raise ValueError("fastercache needs classifier-free guidance (guidance_scale > 1)")
+        handle = apply_baseline(workload.pipe, name, **knobs)
+        return lambda: remove_baseline(workload.pipe, handle)
+
+    return Method(name, description, apply, family="baseline")
+
+
+_MAG_RATIOS: weakref.WeakKeyDictionary[DiffusionPipeline, dict[int, list[float]]] = weakref.WeakKeyDictionary()
+
+
+def _mag_ratios(workload: Workload, calibrate: Callable[..., list[float]]) -> list[float]:
+    """MagCache's residual-magnitude ratios, calibrated once per pipeline and step count on one image."""
+    per_steps = _MAG_RATIOS.setdefault(workload.pipe, {})
+    if workload.steps not in per_steps:
+        per_steps[workload.steps] = calibrate(workload.pipe, **workload.call_kwargs(workload.items[:1]))
+    return per_steps[workload.steps]
+
+
+def build_methods(steps: int, plans: dict[str, Path] | None = None) -> dict[str, Method]:
+    """Every benchmark method by name (baselines whose package is missing are left out with a warning)."""
+    from .baselines import BASELINES
+
+    methods = {
+        "uncached": Method("uncached", "every step computed (reference)", _no_op, family="reference"),
+        "steps": Method(
+            "steps", "fewer denoising steps, same scheduler", _no_op,
+            knob=Knob("num_inference_steps", 1, steps, integer=True, faster_when="lower"),
+            steps=lambda setting, default: setting.get("num_inference_steps", default), family="steps",
+        ),
+        "fora": _dual_cache_method("fora", "fora", "FORA: full step every N, all modules reused between"),
+        "toca": _dual_cache_method("toca", "toca", "ToCa: full / conservative (token-wise partial) steps"),
+        "duca": _dual_cache_method("duca", "duca", "DuCa, aggressive=skip, V-caching selection",
+                                   aggressive="skip", selection="vnorm"),
+        "duca-reuse": _dual_cache_method("duca-reuse", "duca", "DuCa, aggressive=reuse (FORA-style aggressive step)",
+                                         aggressive="reuse", selection="vnorm"),
+        "duca-random": _dual_cache_method("duca-random", "duca", "DuCa, random token selection",
+                                          aggressive="skip", selection="random"),
+        "duca-attention": _dual_cache_method("duca-attention", "duca", "DuCa, ToCa attention-score selection",
+                                             aggressive="skip", selection="attention"),
+    }
+    for name, spec in BASELINES.items():
+        alias = _alias(name)
+        if not spec.is_available():
+            logger.warning("baseline %s skipped: %s", alias, unavailable_methods()[alias])
+            continue
+        method = _baseline_method(name, spec.summary.split(":")[0])
+        method.knob = _baseline_knob(name, steps)
+        methods[alias] = dataclasses.replace(method, name=alias)
+    for name, path in (plans or {}).items():
+        methods[name] = _plan_method(name, Path(path))
+    return methods
+
+
+def _alias(baseline: str) -> str:
+    return "dbcache" if baseline == "cachedit_dbcache" else baseline
+
+
+def unavailable_methods() -> dict[str, str]:
+    """Benchmark methods that cannot run in this environment, with the reason."""
+    from .baselines import BASELINES
+
+    return {
+        _alias(name): f"needs the optional package {spec.requires!r} (pip install 'dualcache-diffusers[cachedit]')"
+        for name, spec in BASELINES.items()
+        if not spec.is_available()
+    }
+
+
+METHOD_ORDER = (
+    "uncached", "steps", "fora", "toca", "duca", "duca-reuse", "duca-random", "duca-attention",
+    "fbcache", "taylorseer", "magcache", "pab", "fastercache", "seacache", "dbcache",
+)
+
+
+# ------------------------------------------------------------------------------------------ measurement
+
+
+@dataclass
+class Generation:
+    images: np.ndarray
+    flops: int
+    pattern: str
+
+
+def generate_with(method: Method, workload: Workload, setting: Setting) -> Generation:
+    """Apply ``method`` with ``setting``, generate the workload counting FLOPs, undo the method."""
+    undo = method.apply(workload, setting)
+    try:
+        with count_flops() as counter:
+            images = workload.generate(steps=method.steps(setting, workload.steps))
+        pattern = _step_pattern(method, workload, setting)
+    finally:
+        undo()
+    return Generation(images, counter.get_total_flops(), pattern)
+
+
+def _step_pattern(method: Method, workload: Workload, setting: Setting) -> str:
+    if method.family in ("reference", "steps"):
+        return "F" * method.steps(setting, workload.steps)
+    if get_engine(workload.pipe) is not None:
+        return "".join(kind[0].upper() for kind in cache_stats(workload.pipe).step_kinds)
+    return "-"
+
+
+def _log_gap(ratio: float, target: float) -> float:
+    return abs(math.log(max(ratio, 1e-9) / target))
+
+
+class Calibrator:
+    """Finds, per method and budget, the knob setting whose measured FLOPs ratio is nearest the budget.
+
+    Measurements are cached per (method, setting), so budgets share evaluations. The search assumes the
+    ratio is monotone in the knob (true for schedules; roughly true for the adaptive baselines).
+    """
+
+    def __init__(self, workload: Workload, tolerance: float = 0.03, float_iterations: int = 7) -> None:
+        self.workload = workload
+        self.tolerance = math.log1p(tolerance)
+        self.float_iterations = float_iterations
+        self.uncached_flops = generate_with(build_reference(), workload, {}).flops
+        self._ratios: dict[tuple[str, str], float] = {}
+
+    def ratio(self, method: Method, setting: Setting) -> float:
+        key = (method.name, json.dumps(setting, sort_keys=True, default=str))
+        if key not in self._ratios:
+            if method.family in ("dualcache", "plan"):
+                flops = self._engine_pipeline_flops(method, setting)
+            else:
+                flops = generate_with(method, self.workload, setting).flops
+            self._ratios[key] = self.uncached_flops / max(flops, 1)
+            logger.info("calibration %s %s -> %.3fx", method.name, setting, self._ratios[key])
+        return self._ratios[key]
+
+    def _engine_pipeline_flops(self, method: Method, setting: Setting) -> int:
+        """Pipeline FLOPs of a dual-cache method from the engine's own count, without the (slow) counter.
+
+        The engine counts what its denoiser did and what it would have done uncached, matching
+        FlopCounterMode (tests/test_engine.py checks that); everything outside the denoiser is the same
+        as in the uncached call measured by the counter. The evaluation run then measures with the counter.
+        """
+        undo = method.apply(self.workload, setting)
+        try:
+            self.workload.generate()
+            stats = cache_stats(self.workload.pipe)
+        finally:
+            undo()
+        return self.uncached_flops - stats.flops_uncached + stats.flops
+
+    def search(self, method: Method, target: float) -> tuple[Setting, float]:
+        """The setting of ``method`` nearest ``target`` FLOPs reduction, and its calibration ratio."""
+        setting = dict(method.start)
+        if method.knob is None:
+            return setting, self.ratio(method, setting)
+        setting, ratio = self._search_knob(method, method.knob, setting, target)
+        if method.fine_knob is not None and _log_gap(ratio, target) > self.tolerance:
+            fine, fine_ratio = self._search_knob(method, method.fine_knob, setting, target)
+            if _log_gap(fine_ratio, target) < _log_gap(ratio, target):
+                setting, ratio = fine, fine_ratio
+        return setting, ratio
+
+    def _search_knob(self, method: Method, knob: Knob, base: Setting, target: float) -> tuple[Setting, float]:
+        low, high = knob.low, knob.high
+        if knob.integer and knob.name in ("interval", "num_inference_steps"):
+            high = min(high, self.workload.steps)
+        best: tuple[float, Setting, float] | None = None
+
+        def evaluate(value: float) -> float:
+            nonlocal best
+            value = round(value) if knob.integer else float(value)
+            setting = {**base, knob.name: value}
+            ratio = self.ratio(method, setting)
+            if best is None or _log_gap(ratio, target) < best[0]:
+                best = (_log_gap(ratio, target), setting, ratio)
+            return ratio if knob.faster_when == "higher" else -ratio  # increasing in the value
+
+        goal = target if knob.faster_when == "higher" else -target
+        if evaluate(high) > goal and evaluate(low) < goal:
+            self._bisect(evaluate, low, high, goal, knob)
+        assert best is not None
+        return best[1], best[2]
+
+    def _bisect(self, evaluate: Callable[[float], float], low: float, high: float, goal: float, knob: Knob) -> None:
+        for _ in range(64 if knob.integer else self.float_iterations):
+            if knob.integer and high - low <= 1:
+                return
+            mid = math.sqrt(low * high) if knob.log else (low + high) / 2
+            mid = round(mid) if knob.integer else mid
+            if knob.integer:
+                mid = min(max(mid, int(low) + 1), int(high) - 1)
+            value = evaluate(mid)
+            if abs(value - goal) <= self.tolerance * abs(goal):
+                return
+            low, high = (mid, high) if value < goal else (low, mid)
+
+
+def build_reference() -> Method:
+    return Method("uncached", "every step computed (reference)", _no_op, family="reference")
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+@dataclass
+class Quality:
+    """Quality of one image set against the uncached images of the same seeds."""
+
+    psnr: float
+    ssim: float
+    fd: float | None = None
+    accuracy: float | None = None
+
+
+class Judge:
+    """Scores image sets: PSNR / SSIM vs the reference, Frechet distance and accuracy with the classifier."""
+
+    def __init__(self, reference: np.ndarray, classifier: Any = None, labels: list[int] | None = None) -> None:
+        self.reference = reference
+        self.classifier = classifier
+        self.labels = labels
+
+    def __call__(self, images: np.ndarray) -> Quality:
+        quality = Quality(
+            psnr=metrics.mean_psnr(metrics.psnr(images, self.reference)),
+            ssim=float(metrics.ssim(images, self.reference).mean()),
+        )
+        if self.classifier is not None:
+            quality.fd = metrics.frechet_distance_to_real(self.classifier, images)
+            if self.labels is not None:
+                quality.accuracy = metrics.classifier_accuracy(self.classifier, images, self.labels)
+        return quality
+
+
+@dataclass
+class BenchRow:
+    method: str
+    budget: float | None  # target FLOPs reduction; None for rows without a knob
+    setting: Setting
+    flops_ratio: float  # achieved on the evaluation images
+    calibration_ratio: float
+    quality: Quality
+    pattern: str
+    description: str = ""
+    family: str = ""
+
+    @property
+    def reached(self) -> bool:
+        return self.budget is None or _log_gap(self.flops_ratio, self.budget) <= math.log(1.1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "budget": "" if self.budget is None else self.budget,
+            "setting": json.dumps(self.setting, sort_keys=True),
+            "flops_ratio": round(self.flops_ratio, 4),
+            "calibration_ratio": round(self.calibration_ratio, 4),
+            "reached": self.reached,
+            "psnr": round(self.quality.psnr, 3),
+            "ssim": round(self.quality.ssim, 4),
+            "fd": "" if self.quality.fd is None else round(self.quality.fd, 4),
+            "accuracy": "" if self.quality.accuracy is None else round(self.quality.accuracy, 4),
+            "pattern": self.pattern,
+            "description": self.description,
+        }
+
+
+@dataclass
+class BenchConfig:
+    budgets: Sequence[float] = (1.5, 2.0, 2.5, 3.0, 4.0)
+    calibration_seeds: Sequence[int] = (1000, 1001)
+    calibration_conditions: int = 2
+
+
+@dataclass
+class BenchResult:
+    rows: list[BenchRow]
+    skipped: dict[str, str]
+    num_images: int
+    steps: int
+    model: str = ""
+    has_classifier: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class _Progress:
+    """What the benchmark reports progress to (the CLI passes a tqdm bar)."""
+
+    def update(self, n: int = 1) -> None: ...
+
+    def set_postfix_str(self, text: str) -> None: ...
+
+
+def count_jobs(methods: Iterable[Method], budgets: Sequence[float]) -> int:
+    return sum(len(budgets) if m.knob is not None else 1 for m in methods)
+
+
+def run_benchmark(
+    workload: Workload,
+    methods: dict[str, Method],
+    config: BenchConfig,
+    classifier: Any = None,
+    progress: Any = None,
+) -> BenchResult:
+    """Calibrate and evaluate every method at every budget; failures of one method skip only that method."""
+    progress = progress or _Progress()
+    calibration = _calibration_workload(workload, config)
+    calibrator = Calibrator(calibration)
+    reference = generate_with(build_reference(), workload, {})
+    judge = Judge(reference.images, classifier, workload.labels())
+    result = BenchResult([], {}, len(workload), workload.steps, has_classifier=classifier is not None)
+    for method in methods.values():
+        budgets: list[float | None] = list(config.budgets) if method.knob is not None else [None]
+        try:
+            result.rows += _evaluate_method(method, budgets, workload, calibrator, reference, judge, progress)
+        except Exception as error:  # a competitor that cannot run on this model is skipped, not fatal
+            logger.warning("method %s skipped: %s: %s", method.name, type(error).__name__, error)
+            result.skipped[method.name] = f"{type(error).__name__}: {error}"
+            progress.update(len(budgets))
+    return result
+
+
+def _calibration_workload(workload: Workload, config: BenchConfig) -> Workload:
+    step = max(1, len(workload.conditions) // max(1, config.calibration_conditions))
+    conditions = list(workload.conditions)[::step][: config.calibration_conditions]
+    seeds = list(config.calibration_seeds)
+    # one pipeline call, so that cache_stats covers the whole calibration generation
+    return dataclasses.replace(workload, seeds=seeds, conditions=conditions, batch_size=len(seeds) * len(conditions))
+
+
+def _evaluate_method(
+    method: Method,
+    budgets: list[float | None],
+    workload: Workload,
+    calibrator: Calibrator,
+    reference: Generation,
+    judge: Judge,
+    progress: Any,
+) -> list[BenchRow]:
+    rows: list[BenchRow] = []
+    done: dict[str, tuple[Generation, Quality]] = {}
+    for budget in budgets:
+        progress.set_postfix_str(f"{method.name} @ {budget or '-'}x")
+        if budget is None:
+            setting, calib_ratio = dict(method.start), calibrator.ratio(method, dict(method.start))
+        else:
+            setting, calib_ratio = calibrator.search(method, budget)
+        key = json.dumps(setting, sort_keys=True, default=str)
+        if key not in done:
+            generation = reference if method.family == "reference" else generate_with(method, workload, setting)
+            done[key] = (generation, judge(generation.images))
+        generation, quality = done[key]
+        ratio = reference.flops / max(generation.flops, 1)
+        rows.append(BenchRow(method.name, budget, setting, ratio, calib_ratio, quality, generation.pattern,
+                             method.description, method.family))
+        progress.update(1)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+CSV_FIELDS = ("method", "budget", "setting", "flops_ratio", "calibration_ratio", "reached", "psnr", "ssim", "fd",
+              "accuracy", "pattern", "description")
+
+
+def write_csv(result: BenchResult, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in result.rows:
+            writer.writerow(row.as_dict())
+
+
+def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def markdown_table(result: BenchResult) -> str:
+    """The results as a markdown document: a header, one table sorted by budget, and skipped methods."""
+    lines = [
+        f"# Fidelity at matched compute: {result.model}",
+        "",
+        f"{result.num_images} images, {result.steps} steps. FLOPs ratio = uncached / method FLOPs of whole "
+        "pipeline calls (torch FlopCounterMode), achieved on the evaluation images; `*` = more than 10% "
+        "off the budget. PSNR / SSIM against the uncached image of the same seed."
+        + (" FD = Frechet distance to the real test digits in the classifier's features (lower is better);"
+           " acc = classifier accuracy against the requested digit." if result.has_classifier else
+           " Classifier metrics skipped (no classifier)."),
+        "",
+        "| budget | method | setting | FLOPs ratio | PSNR dB | SSIM | FD | acc | step pattern |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    ordered = sorted(result.rows, key=lambda r: (r.budget or 0.0, METHOD_INDEX.get(r.method, 99), r.method))
+    for r in ordered:
+        budget = "-" if r.budget is None else f"{r.budget:g}x"
+        setting = ", ".join(f"{k}={_fmt(v, 3) if isinstance(v, float) else v}" for k, v in r.setting.items()) or "-"
+        mark = "" if r.reached else " *"
+        lines.append(
+            f"| {budget} | {r.method} | {setting} | {r.flops_ratio:.2f}x{mark} | {_fmt(r.quality.psnr)} "
+            f"| {_fmt(r.quality.ssim, 3)} | {_fmt(r.quality.fd)} | {_fmt(r.quality.accuracy, 3)} | `{r.pattern}` |"
+        )
+    if result.skipped:
+        lines += ["", "Skipped:", ""] + [f"- {name}: {why}" for name, why in result.skipped.items()]
+    lines += [""] + [f"- {note}" for note in result.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+METHOD_INDEX = {name: i for i, name in enumerate(METHOD_ORDER)}
+
+
+# ours solid, diffusers / cache-dit caches dashed, fewer steps dotted
+_LINE_STYLES = {
+    "dualcache": {"linestyle": "-", "marker": "o"},
+    "plan": {"linestyle": "-", "marker": "*", "markersize": 12},
+    "baseline": {"linestyle": "--", "marker": "s"},
+    "steps": {"linestyle": ":", "marker": "^"},
+    "reference": {"marker": "D"},
+}
+
+
+def plot_speed_quality(result: BenchResult, path: Path) -> None:
+    """PSNR (and FD when available) against the achieved FLOPs ratio, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("psnr", "PSNR vs uncached (dB, higher is better)")]
+    panels.append(("fd", "Frechet distance to real digits (lower is better)") if result.has_classifier
+                  else ("ssim", "SSIM vs uncached (higher is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    names = list(dict.fromkeys(r.method for r in result.rows))
+    colors = plt.get_cmap("tab10")
+    for ax, (metric, title) in zip(axes[0], panels):
+        for i, name in enumerate(names):
+            rows = sorted((r for r in result.rows if r.method == name), key=lambda r: r.flops_ratio)
+            points = [(r.flops_ratio, getattr(r.quality, metric)) for r in rows]
+            points = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, label=name, color="black" if name == "uncached" else colors(i % 10),
+                        **_LINE_STYLES.get(rows[0].family, {}))
+        ax.set_xlabel("FLOPs reduction (x, measured)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{result.model}: {result.num_images} images, {result.steps} steps", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(result: BenchResult, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "results.csv", "markdown": out / "results.md", "plot": out / "speed_quality.png"}
+    write_csv(result, paths["csv"])
+    paths["markdown"].write_text(markdown_table(result))
+    plot_speed_quality(result, paths["plot"])
+    return paths
+
+
+def check_plan_steps(plans: dict[str, Path], steps: int) -> None:
+    """Fail before any work when a plan file is missing or made for another number of steps."""
+    for name, path in plans.items():
+        plan = CachePlan.from_json(Path(path))
+        if plan.num_steps != steps:
+            raise ValueError(f"--plan {name}={path}: the plan is for {plan.num_steps} denoiser calls but --steps is "
+                             f"{steps}; pass --steps {plan.num_steps}")

@@ -1,0 +1,172 @@
+"""The demo: the same seeds uncached and with DuCa, FORA and ToCa, measured and shown side by side.
+
+For every method (the published preset of the model's family) it measures
+
+* the FLOPs speedup: ``count_flops`` around one whole pipeline call, uncached / cached;
+* the wall speedup: all methods timed back to back in one process, ``repeats`` rounds interleaved,
+  median per method, uncached median / method median (the FLOPs-counted call is the warm-up);
+* PSNR / SSIM of the final images against the uncached images of the same seeds;
+
+and tiles all images into one grid (one row per method, one column per seed).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image, ImageDraw
+
+from . import metrics
+from .api import cache_stats, disable_dual_cache, enable_dual_cache
+from .bench import Workload, default_conditions
+from .stats import count_flops
+
+logger = logging.getLogger(__name__)
+
+DEMO_METHODS = ("uncached", "duca", "fora", "toca")
+
+
+@dataclass
+class DemoRow:
+    method: str
+    pattern: str
+    flops: int
+    images: np.ndarray
+    times: list[float] = field(default_factory=list)
+    flops_speedup: float = 1.0
+    wall_speedup: float = 1.0
+    psnr: float = float("inf")
+    ssim: float = 1.0
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+
+@dataclass
+class DemoResult:
+    rows: list[DemoRow]
+    steps: int
+    num_images: int
+    conditions: list[Any]
+
+    def table(self) -> str:
+        """A markdown table of the results."""
+        lines = [
+            "| method | step pattern | FLOPs speedup | wall speedup | median s | PSNR dB | SSIM |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            psnr = "inf" if np.isinf(r.psnr) else f"{r.psnr:.2f}"
+            lines.append(
+                f"| {r.method} | `{r.pattern}` | {r.flops_speedup:.2f}x | {r.wall_speedup:.2f}x | {r.median_s:.3f} "
+                f"| {psnr} | {r.ssim:.4f} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _use(pipe: DiffusionPipeline, method: str) -> None:
+    disable_dual_cache(pipe)
+    if method != "uncached":
+        enable_dual_cache(pipe, method)
+
+
+def _timed(workload: Workload) -> float:
+    device = getattr(workload.pipe, "device", torch.device("cpu"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    workload.generate()
+    sync()
+    return time.perf_counter() - start
+
+
+def _measure_flops(workload: Workload, method: str) -> DemoRow:
+    _use(workload.pipe, method)
+    with count_flops() as counter:
+        images = workload.generate()
+    if method == "uncached":
+        pattern = "F" * workload.steps
+    else:
+        pattern = "".join(kind[0].upper() for kind in cache_stats(workload.pipe).step_kinds)
+    return DemoRow(method, pattern, counter.get_total_flops(), images)
+
+
+def run_demo(
+    pipe: DiffusionPipeline,
+    steps: int = 20,
+    seed: int = 0,
+    num_images: int = 8,
+    repeats: int = 3,
+    conditions: Sequence[Any] | None = None,
+    guidance_scale: float | None = None,
+    methods: Sequence[str] = DEMO_METHODS,
+    progress: Any = None,
+) -> DemoResult:
+    """Generate ``num_images`` seeds (``seed``, ``seed + 1``, ...) with every method and measure them.
+
+    ``conditions`` are class ids (DiT) or prompts (PixArt), cycled over the images; by default the
+    classes 0, 1, ... or digit captions. ``progress`` gets ``update(1)`` per pipeline call.
+    """
+    if repeats < 1 or num_images < 1 or steps < 1:
+        raise ValueError(f"repeats={repeats}, num_images={num_images} and steps={steps} must all be >= 1")
+    methods = ["uncached", *(m for m in methods if m != "uncached")]
+    pool = list(conditions) if conditions else default_conditions(pipe, num_images)
+    picked = [pool[i % len(pool)] for i in range(num_images)]
+    seeds = [seed + i for i in range(num_images)]
+    workload = Workload(pipe, steps, seeds, picked, guidance_scale=guidance_scale, paired=True)
+    tick = progress.update if progress is not None else (lambda n=1: None)
+    try:
+        rows = []
+        for method in methods:
+            rows.append(_measure_flops(workload, method))
+            tick(1)
+        for _ in range(repeats):  # interleaved: every round times every method once
+            for row in rows:
+                _use(pipe, row.method)
+                row.times.append(_timed(workload))
+                tick(1)
+    finally:
+        disable_dual_cache(pipe)
+    _score(rows)
+    return DemoResult(rows, steps, num_images, picked)
+
+
+def _score(rows: list[DemoRow]) -> None:
+    base = rows[0]
+    for row in rows:
+        row.flops_speedup = base.flops / max(row.flops, 1)
+        row.wall_speedup = base.median_s / row.median_s
+        row.psnr = metrics.mean_psnr(metrics.psnr(row.images, base.images))
+        row.ssim = float(metrics.ssim(row.images, base.images).mean())
+
+
+def image_grid(result: DemoResult, scale: int | None = None, pad: int = 2) -> Image.Image:
+    """One row per method (labelled on the left), one column per seed (its class / prompt on top)."""
+    first = result.rows[0].images
+    height, width = first.shape[1:3]
+    scale = scale or max(1, 96 // max(height, width))
+    cell_w, cell_h = width * scale, height * scale
+    label_w, header_h = 90, 14
+    size = (label_w + len(first) * (cell_w + pad) + pad, header_h + len(result.rows) * (cell_h + pad) + pad)
+    grid = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, condition in enumerate(result.conditions):
+        draw.text((label_w + pad + c * (cell_w + pad), 2), str(condition)[: cell_w // 6], fill=(0, 0, 0))
+    for r, row in enumerate(result.rows):
+        top = header_h + pad + r * (cell_h + pad)
+        draw.text((4, top + cell_h // 2 - 12), row.method, fill=(0, 0, 0))
+        draw.text((4, top + cell_h // 2 + 2), f"{row.flops_speedup:.2f}x FLOPs", fill=(90, 90, 90))
+        for c, image in enumerate(row.images):
+            tile = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8).squeeze())
+            tile = tile.convert("RGB").resize((cell_w, cell_h), Image.NEAREST)
+            grid.paste(tile, (label_w + pad + c * (cell_w + pad), top))
+    return grid
