@@ -1,0 +1,49 @@
+"""Learning-to-Cache (Ma et al., NeurIPS 2024) and a learned dual (compute / partial / reuse) schedule.
+
+    from dualcache_diffusers.l2c import train_router, load_published_router, plot_plan
+    plan = train_router(pipe, num_inference_steps=20, budget=0.5)       # learned, exported plan
+    enable_dual_cache(pipe, plan=plan)                                   # inference uses the engine
+
+See docs/plans.md for the method, the file formats and the timestep mappings.
+"""
+
+from .costs import PlanCost, measure_plan_cost
+from .plot import plot_plan
+from .published import load_published_router, read_router_file
+from .router import RouterSpec, TrainedRouter, export_dual, export_l2c
+from .trainer import train_router
+
+
+def plan_cost(pipe, **call_kwargs) -> PlanCost:
+    """The cost model of ``pipe``'s denoiser, measured from one probe pipeline call's first denoiser call."""
+    from ..adapters import find_adapter
+    from .data import _Recorder
+
+    model = pipe.transformer
+    rec = _Recorder(model, stop_after_first=True)
+    with rec:
+        pipe(**call_kwargs)
+    hidden = rec.hidden[0][:1]
+    kwargs = {"timestep": rec.timesteps[0][:1], **_slice(rec.cond)}
+    return measure_plan_cost(model, find_adapter(model), lambda: model(hidden, **kwargs, return_dict=False))
+
+
+def _slice(tree):
+    from .data import map_tree
+
+    return map_tree(tree, lambda t: t[:1])
+
+
+__all__ = [
+    "PlanCost",
+    "RouterSpec",
+    "TrainedRouter",
+    "export_dual",
+    "export_l2c",
+    "load_published_router",
+    "measure_plan_cost",
+    "plan_cost",
+    "plot_plan",
+    "read_router_file",
+    "train_router",
+]

@@ -1,0 +1,214 @@
+"""Routers and their export to a :class:`~dualcache_diffusers.plan.CachePlan`.
+
+Steps are grouped in cycles of ``interval`` denoiser calls: the first call of a cycle is full (it
+fills the cache), the others are *cache steps* and each has a router. L2C (Ma et al. 2024) uses
+``interval=2`` (full / cache alternating) and one logit per (cache step, block, branch); the
+branches are the adapter's cached modules: DiT ``attn1`` (attention) and ``ff`` (MLP); PixArt
+additionally ``attn2`` (cross-attention), routed as a branch of its own.
+
+The dual router has three logits per (cache step, block, module): compute / partial / reuse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..plan import FULL, CachePlan, StepPlan
+from .costs import PlanCost
+
+LEARNED = "learned"
+CHOICES = ("compute", "partial", "reuse")
+
+
+@dataclass
+class RouterSpec:
+    kind: str  # "l2c" or "dual"
+    num_steps: int
+    num_blocks: int
+    modules: tuple[str, ...]
+    interval: int = 2
+    partial_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        self.modules = tuple(self.modules)
+
+    @property
+    def full_steps(self) -> list[int]:
+        return list(range(0, self.num_steps, self.interval))
+
+    @property
+    def cache_steps(self) -> list[int]:
+        return [s for s in range(self.num_steps) if s % self.interval]
+
+    @property
+    def logit_shape(self) -> tuple[int, ...]:
+        shape = (len(self.cache_steps), self.num_blocks, len(self.modules))
+        return (*shape, 3) if self.kind == "dual" else shape
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "num_steps": self.num_steps, "num_blocks": self.num_blocks,
+            "modules": list(self.modules), "interval": self.interval, "partial_ratio": self.partial_ratio,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RouterSpec:
+        return cls(**data)
+
+
+def probabilities(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
+    """L2C: sigmoid (probability of computing); dual: softmax over (compute, partial, reuse)."""
+    return torch.softmax(logits, dim=-1) if spec.kind == "dual" else torch.sigmoid(logits)
+
+
+def expected_fraction(spec: RouterSpec, probs: torch.Tensor, cost: PlanCost) -> torch.Tensor:
+    """Differentiable expected FLOPs fraction of the whole plan (full steps and overheads included)."""
+    full, part = cost.tensors(spec.partial_ratio)
+    full_call = float(cost.full_call())
+    fixed = len(spec.full_steps) * full_call + len(spec.cache_steps) * float(cost.overhead_model + cost.overhead_blocks)
+    p = probs.double()
+    full, part = full.to(p.device), part.to(p.device)
+    work = (p[..., 0] * full + p[..., 1] * part).sum() if spec.kind == "dual" else (p * full).sum()
+    return (fixed + work) / (spec.num_steps * full_call)
+
+
+def _plan(spec: RouterSpec, fractions: torch.Tensor, metadata: dict[str, Any], method: str) -> CachePlan:
+    steps = []
+    cache_index = {s: i for i, s in enumerate(spec.cache_steps)}
+    rows_full = [[1.0] * len(spec.modules) for _ in range(spec.num_blocks)]
+    for s in range(spec.num_steps):
+        if s in cache_index:
+            rows = [[float(f) for f in r] for r in fractions[cache_index[s]].tolist()]
+            steps.append(StepPlan(LEARNED, rows, interval=spec.interval))
+        else:
+            steps.append(StepPlan(FULL, [list(r) for r in rows_full], interval=spec.interval))
+    return CachePlan(spec.num_steps, spec.num_blocks, spec.modules, steps, method=method, metadata=metadata)
+
+
+def _choose_threshold(scores: torch.Tensor, fraction_of, budget: float) -> float:
+    """Threshold on ``scores`` (compute where score > threshold) whose plan FLOPs fraction is nearest ``budget``."""
+    values = sorted({float(v) for v in scores.flatten().tolist()}, reverse=True)
+    candidates = [math.inf] + [v - 1e-12 for v in values]  # each candidate adds one more score level
+    best, best_err = candidates[0], math.inf
+    for thr in candidates:
+        err = abs(fraction_of(thr) - budget)
+        if err < best_err - 1e-12:
+            best, best_err = thr, err
+    return best
+
+
+def export_l2c(
+    spec: RouterSpec,
+    logits: torch.Tensor,
+    cost: PlanCost | None = None,
+    threshold: float | None = None,
+    budget: float | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> CachePlan:
+    """Static schedule from L2C logits: a branch is computed where ``sigmoid(logit) > threshold``
+    (as published, DiT threshold 0.1), or the threshold is chosen so that the plan's FLOPs fraction
+    (from ``cost``) is nearest ``budget``."""
+    scores = torch.sigmoid(logits.detach().double())
+    meta = dict(metadata or {})
+    if budget is not None:
+        if cost is None:
+            raise ValueError("budget=... needs the model's cost (PlanCost) to turn FLOPs into a threshold")
+
+        def fraction_of(thr: float) -> float:
+            return cost.plan_fraction(_plan(spec, (scores > thr).double(), {}, "l2c"))
+
+        threshold = _choose_threshold(scores, fraction_of, budget)
+        meta["budget"] = budget
+    elif threshold is None:
+        threshold = 0.1
+    plan = _plan(spec, (scores > threshold).double(), meta, "l2c")
+    plan.metadata["threshold"] = threshold if math.isfinite(threshold) else None
+    if cost is not None:
+        plan.metadata["flops_fraction"] = cost.plan_fraction(plan)
+    return plan
+
+
+def export_dual(
+    spec: RouterSpec,
+    logits: torch.Tensor,
+    cost: PlanCost,
+    budget: float,
+    metadata: dict[str, Any] | None = None,
+) -> CachePlan:
+    """argmax of each module's (compute, partial, reuse) choice, then greedy adjustment to the budget.
+
+    Over budget: repeatedly take the cheaper choice (compute -> partial -> reuse) that loses the
+    least log-probability per FLOP saved. Under budget: upgrade the choice that gains the most
+    log-probability per FLOP while staying within the budget.
+    """
+    logp = torch.log_softmax(logits.detach().double(), dim=-1)
+    choice = logp.argmax(dim=-1)  # (cache steps, blocks, modules)
+    ratios = torch.tensor([1.0, spec.partial_ratio, 0.0], dtype=torch.float64)
+    full_t, part_t = cost.tensors(spec.partial_ratio)
+    flops_of = torch.stack([full_t, part_t, torch.zeros_like(full_t)], dim=-1)  # (blocks, modules, 3)
+    total = spec.num_steps * float(cost.full_call())
+    fixed = len(spec.full_steps) * float(cost.full_call()) + len(spec.cache_steps) * float(
+        cost.overhead_model + cost.overhead_blocks
+    )
+
+    def fraction(ch: torch.Tensor) -> float:
+        per = flops_of.expand(ch.shape[0], -1, -1, -1).gather(-1, ch.unsqueeze(-1)).squeeze(-1)
+        return (fixed + float(per.sum())) / total
+
+    current = fraction(choice)
+    flat_flops = flops_of.expand(choice.shape[0], -1, -1, -1)
+    while current > budget:  # downgrade
+        cheaper = (choice + 1).clamp(max=2)
+        saved = flat_flops.gather(-1, choice.unsqueeze(-1)).squeeze(-1) - flat_flops.gather(
+            -1, cheaper.unsqueeze(-1)
+        ).squeeze(-1)
+        loss = logp.gather(-1, choice.unsqueeze(-1)).squeeze(-1) - logp.gather(-1, cheaper.unsqueeze(-1)).squeeze(-1)
+        rate = torch.where(saved > 0, loss / saved.clamp(min=1), torch.full_like(loss, math.inf))
+        if not torch.isfinite(rate).any():
+            break
+        idx = int(rate.flatten().argmin())
+        choice.view(-1)[idx] = cheaper.view(-1)[idx]
+        current = fraction(choice)
+    while True:  # upgrade while within budget
+        richer = (choice - 1).clamp(min=0)
+        added = flat_flops.gather(-1, richer.unsqueeze(-1)).squeeze(-1) - flat_flops.gather(
+            -1, choice.unsqueeze(-1)
+        ).squeeze(-1)
+        gain = logp.gather(-1, richer.unsqueeze(-1)).squeeze(-1) - logp.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        fits = (added > 0) & (current + added / total <= budget + 1e-12)
+        if not fits.any():
+            break
+        rate = torch.where(fits, gain / added.clamp(min=1), torch.full_like(gain, -math.inf))
+        idx = int(rate.flatten().argmax())
+        choice.view(-1)[idx] = richer.view(-1)[idx]
+        current = fraction(choice)
+    meta = {**(metadata or {}), "budget": budget}
+    plan = _plan(spec, ratios[choice], meta, "learned-dual")
+    plan.metadata["flops_fraction"] = cost.plan_fraction(plan)
+    return plan
+
+
+@dataclass
+class TrainedRouter:
+    """What training produced: the spec, the logits, the cost model and the loss history."""
+
+    spec: RouterSpec
+    logits: torch.Tensor
+    cost: PlanCost
+    metadata: dict[str, Any] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+
+    def probabilities(self) -> torch.Tensor:
+        return probabilities(self.spec, self.logits)
+
+    def export(self, budget: float | None = None, threshold: float | None = None) -> CachePlan:
+        if self.spec.kind == "dual":
+            if budget is None:
+                raise ValueError("the dual router exports to a FLOPs budget: pass budget=... in (0, 1]")
+            return export_dual(self.spec, self.logits, self.cost, budget, self.metadata)
+        return export_l2c(self.spec, self.logits, self.cost, threshold=threshold, budget=budget,
+                          metadata=self.metadata)

@@ -1,0 +1,236 @@
+"""`dualcache demo` / `dualcache bench` end to end on tiny pipelines loaded with from_pretrained."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tiny_pipelines import tiny_dit_pipeline, tiny_pixart_pipeline
+
+from dualcache_diffusers import cli
+from dualcache_diffusers.adapters import find_adapter
+from dualcache_diffusers.bench import Calibrator, Knob, Method
+from dualcache_diffusers.plan import fora_plan
+from dualcache_diffusers.reference.digits import DIGIT_WORDS, DigitsClassifier
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    """Tiny models run faster single-threaded on a loaded CPU (the CLI may also change the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dit_dir(tmp_path_factory) -> Path:
+    """A tiny DiT saved like the shipped digits model: class names in model_index.json (save_pretrained drops them)."""
+    path = tmp_path_factory.mktemp("tiny-dit")
+    tiny_dit_pipeline().save_pretrained(path)
+    index = json.loads((path / "model_index.json").read_text())
+    index["id2label"] = {str(i): name for i, name in enumerate(DIGIT_WORDS)}
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pixart_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-pixart")
+    tiny_pixart_pipeline().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("classifier")
+    torch.manual_seed(0)
+    DigitsClassifier().save_pretrained(path)
+    return path
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_demo_end_to_end(dit_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--model", str(dit_dir), "--steps", "6", "--num-images", "3", "--repeats", "1", "--out", str(out)]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    rows = {row[0]: row for row in _table_rows(printed)}
+    assert list(rows) == ["uncached", "duca", "fora", "toca"]
+    assert rows["uncached"][1] == "`FFFFFF`" and rows["uncached"][5] == "inf"
+    for method in ("duca", "fora", "toca"):
+        assert float(rows[method][2].rstrip("x")) > 1.2, rows[method]  # FLOPs speedup
+        assert float(rows[method][3].rstrip("x")) > 0  # wall speedup
+        assert 0 < float(rows[method][5]) < 200 and -1 <= float(rows[method][6]) <= 1  # PSNR, SSIM
+    assert rows["fora"][1] == "`FAAFAA`"
+    grid = Image.open(out / "grid.png")
+    assert grid.height > 4 * 8 and grid.width > 3 * 8  # 4 rows of methods, 3 columns of seeds
+    assert (out / "results.md").read_text().count("| ") >= 6
+
+
+def test_demo_text_to_image_with_prompts(pixart_dir, tmp_path, capsys):
+    args = ["demo", "--model", str(pixart_dir), "--steps", "4", "--num-images", "2", "--repeats", "1",
+            "--prompt", "a red cat", "a blue car", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert [row[0] for row in rows] == ["uncached", "duca", "fora", "toca"]
+    assert (tmp_path / "grid.png").is_file()
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_bench_end_to_end(dit_dir, classifier_dir, tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    pipe = tiny_dit_pipeline()
+    modules = find_adapter(pipe.transformer).module_names(pipe.transformer)
+    fora_plan(6, len(pipe.transformer.transformer_blocks), modules, interval=2).to_json(plan_path)
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--model", str(dit_dir), "--out", str(out), "--classifier", str(classifier_dir),
+            "--methods", "uncached", "steps", "fora", "duca", "fbcache", "--budgets", "1.5", "2.5",
+            "--plan", f"learned={plan_path}"]
+    assert cli.main(args) == 0
+
+    rows = _read_csv(out / "results.csv")
+    by_method: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    assert set(by_method) == {"uncached", "steps", "fora", "duca", "fbcache", "learned"}
+    assert len(by_method["uncached"]) == 1 and len(by_method["learned"]) == 1
+    assert all(len(by_method[m]) == 2 for m in ("steps", "fora", "duca", "fbcache"))
+    uncached = by_method["uncached"][0]
+    assert float(uncached["flops_ratio"]) == 1.0 and uncached["psnr"] == "inf"
+    for row in rows:
+        assert math.isfinite(float(row["fd"])) and 0.0 <= float(row["accuracy"]) <= 1.0
+        if row["method"] != "uncached":
+            assert float(row["flops_ratio"]) > 1.05, row
+            assert float(row["psnr"]) > 0 and -1 <= float(row["ssim"]) <= 1
+    for row in by_method["steps"]:  # the number of steps is searched to match the budget
+        assert abs(float(row["flops_ratio"]) / float(row["budget"]) - 1) < 0.35, row
+    low, high = sorted(by_method["duca"], key=lambda r: float(r["budget"]))
+    assert float(low["flops_ratio"]) < float(high["flops_ratio"])
+    assert float(by_method["learned"][0]["flops_ratio"]) > 1.4  # FORA interval 2: every other step reused
+
+    markdown = (out / "results.md").read_text()
+    assert "| budget | method |" in markdown and "learned" in markdown and "FD" in markdown
+    assert len(_table_rows(markdown)) == len(rows)
+    assert (out / "speed_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(out / "speed_quality.png").width > 400
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_without_classifier_skips_classifier_metrics(dit_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--model", str(dit_dir), "--out", str(out), "--classifier", str(tmp_path / "none"),
+            "--methods", "uncached", "fora", "--budgets", "2"]
+    assert cli.main(args) == 0
+    assert "no digits classifier" in capsys.readouterr().err
+    rows = _read_csv(out / "results.csv")
+    assert [r["method"] for r in rows] == ["uncached", "fora"]
+    assert all(r["fd"] == "" and r["accuracy"] == "" for r in rows)
+    assert "Classifier metrics skipped" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "--methods", "teacache"], "--methods teacache: unknown"),
+        (["bench", "--plan", "nameonly"], "NAME=path"),
+        (["bench", "--plan", "x=/no/such/plan.json"], "no such file"),
+        (["bench", "--plan", "fora=plan.json"], "built-in method name"),
+        (["bench", "--budgets", "0.5"], "FLOPs reduction factor >= 1"),
+        (["demo", "--steps", "0"], "--steps=0 must be > 0"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(args, message, capsys):
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plan_for_other_step_count_is_rejected(dit_dir, tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    fora_plan(10, 2, ("attn1", "ff")).to_json(plan_path)
+    assert cli.main(["bench", "--quick", "--model", str(dit_dir), "--plan", f"p={plan_path}"]) == 2
+    assert "pass --steps 10" in capsys.readouterr().err
+
+
+def test_register_subcommand(capsys):
+    seen = []
+    cli.register_subcommand("echo-test", "test only", lambda p: p.add_argument("word"),
+                            lambda args: seen.append(args.word) or 3)
+    try:
+        assert cli.main(["echo-test", "hello"]) == 3
+        assert seen == ["hello"]
+        with pytest.raises(ValueError, match="already registered"):
+            cli.register_subcommand("echo-test", "again", lambda p: None, lambda args: 0)
+    finally:
+        cli._SUBCOMMANDS.pop("echo-test")
+
+
+class _FakeCalibrator(Calibrator):
+    """The knob search against a known ratio curve (no pipeline)."""
+
+    def __init__(self, curve):
+        self.curve, self.calls = curve, []
+        self.tolerance, self.float_iterations = math.log1p(0.03), 12
+        self.workload = type("W", (), {"steps": 20})()
+
+    def ratio(self, method, setting):
+        self.calls.append(dict(setting))
+        return self.curve(setting)
+
+
+def test_calibration_search_hits_targets():
+    nop = lambda workload, setting: (lambda: None)  # noqa: E731
+    interval = Method("m", "", nop, knob=Knob("interval", 2, 64, integer=True))
+    calibrator = _FakeCalibrator(lambda s: 20 / (1 + 19 / s["interval"]))  # grows with the interval
+    setting, ratio = calibrator.search(interval, 3.0)
+    assert setting == {"interval": 3} and ratio == pytest.approx(20 / (1 + 19 / 3))
+    assert len(calibrator.calls) < 10
+    assert calibrator.search(interval, 100.0)[0] == {"interval": 20}  # unreachable: the fastest setting
+
+    steps = Method("s", "", nop, knob=Knob("num_inference_steps", 1, 20, integer=True, faster_when="lower"))
+    calibrator = _FakeCalibrator(lambda s: 20 / s["num_inference_steps"])
+    assert calibrator.search(steps, 2.5)[0] == {"num_inference_steps": 8}
+
+    threshold = Method("t", "", nop, knob=Knob("threshold", 1e-3, 10.0, log=True))
+    calibrator = _FakeCalibrator(lambda s: 1 + s["threshold"])
+    setting, ratio = calibrator.search(threshold, 2.0)
+    assert ratio == pytest.approx(2.0, rel=0.03)
+
+    fine = Method("d", "", nop, knob=Knob("interval", 2, 64, integer=True),
+                  fine_knob=Knob("fresh_ratio", 0.0, 1.0, faster_when="lower"), start={"fresh_ratio": 0.5})
+    calibrator = _FakeCalibrator(lambda s: s["interval"] * (1.5 - s["fresh_ratio"]) / 1.0)
+    setting, ratio = calibrator.search(fine, 3.3)
+    assert ratio == pytest.approx(3.3, rel=0.03) and 0 <= setting["fresh_ratio"] <= 1
+
+
+def test_bench_reports_methods_that_cannot_run(dit_dir, tmp_path, monkeypatch):
+    """A missing optional package (cache-dit) and a baseline that fails on the model are skipped, not fatal."""
+    import dataclasses
+
+    from dualcache_diffusers import baselines
+
+    spec = baselines.BASELINES["cachedit_dbcache"]
+    monkeypatch.setitem(baselines.BASELINES, "cachedit_dbcache", dataclasses.replace(spec, requires="no_such_pkg_"))
+    failing = dataclasses.replace(baselines.BASELINES["pab"], apply=lambda pipe, knobs: 1 / 0)
+    monkeypatch.setitem(baselines.BASELINES, "pab", failing)
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--model", str(dit_dir), "--out", str(out), "--methods", "uncached", "dbcache", "pab"]
+    assert cli.main(args) == 0
+    assert [r["method"] for r in _read_csv(out / "results.csv")] == ["uncached"]
+    markdown = (out / "results.md").read_text()
+    assert "- dbcache: needs the optional package 'no_such_pkg_'" in markdown
+    assert "- pab: ZeroDivisionError" in markdown
