@@ -19,6 +19,7 @@ timed). Random weights prove the mechanics and the cost, never quality.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -64,16 +65,34 @@ def build_pipeline(args: argparse.Namespace) -> DiTPipeline:
     return pipe
 
 
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+
+
+def attention_backend(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Pin PyTorch's SDPA to one kernel (e.g. flash): the call fails if any attention can't use it."""
+    if args.sdpa is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[args.sdpa]))
+
+
 def generate(pipe: DiTPipeline, args: argparse.Namespace) -> torch.Tensor:
     generator = torch.Generator(device="cpu").manual_seed(0)
     labels = list(range(args.batch))
-    return pipe(
-        class_labels=labels,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        generator=generator,
-        output_type="pt",
-    ).images
+    with attention_backend(args):
+        return pipe(
+            class_labels=labels,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=generator,
+            output_type="pt",
+        ).images
 
 
 def use_method(pipe: DiTPipeline, name: str) -> None:
@@ -98,11 +117,15 @@ def measure(args: argparse.Namespace) -> list[dict]:
     pipe = build_pipeline(args)
     methods = args.methods
     rows = {name: {"method": name, "times": []} for name in methods}
+    reference = None
     for name in methods:  # FLOPs (independent counter) and the engine's analytic count, plus a warm-up
         use_method(pipe, name)
         with torch.inference_mode(), count_flops() as counter:
-            generate(pipe, args)
+            images = generate(pipe, args).float()
         rows[name]["flops"] = counter.get_total_flops()
+        reference = images if reference is None else reference
+        # a sanity check for low precision (NaN / inf would show here), not a quality measure: weights are random
+        rows[name]["max_abs_diff"] = (images - reference).abs().max().item()
         if name != "uncached":
             stats = cache_stats(pipe)
             rows[name]["engine_flops"] = stats.flops
@@ -129,9 +152,9 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     head = (
         f"DiT pipeline, random weights: {args.layers} blocks, width {args.width}, "
         f"{(args.latent_size // 2) ** 2} tokens, {args.steps} DDIM steps, batch {args.batch} x CFG "
-        f"(guidance {args.guidance}), {args.device} {args.dtype}, median of {args.repeats} interleaved runs\n\n"
+        f"(guidance {args.guidance}), {args.device} {args.dtype}, SDPA {args.sdpa or 'default'}, median of {args.repeats} interleaved runs\n\n"
         "| method | step pattern | TFLOPs (counter) | engine vs counter | FLOPs speedup | median s | wall speedup "
-        "| efficiency | cache MiB |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| efficiency | cache MiB | max abs diff vs uncached |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -139,7 +162,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(
             f"| {r['method']} | {r.get('pattern', 'F' * args.steps)} | {r['flops'] / 1e12:.3f} | {agree} "
             f"| {r.get('flops_speedup', 1):.2f}x | {r['median_s']:.2f} | {r.get('wall_speedup', 1):.2f}x "
-            f"| {r.get('efficiency', 1):.2f} | {r.get('cache_mib', 0):.0f} |"
+            f"| {r.get('efficiency', 1):.2f} | {r.get('cache_mib', 0):.0f} | {r['max_abs_diff']:.3g} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -157,6 +180,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--sdpa", default=None, choices=list(SDPA_BACKENDS), help="pin the attention kernel")
     parser.add_argument("--out", type=Path, default=None, help="write the table (.md) and raw rows (.json) here")
     args = parser.parse_args()
     if "uncached" not in args.methods:

@@ -313,18 +313,19 @@ def to_classifier_input(
 
 
 def frechet_distance(features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [N, D] (e.g. classifier features)."""
-    from scipy import linalg
+    """Frechet distance between Gaussians fitted to two feature sets [N, D] (e.g. classifier features).
 
+    ``tr(sqrt(C_a C_b))`` is computed as ``sum(sqrt(eig(S C_b S)))`` with ``S = sqrt(C_a)``: the same
+    value, but from symmetric eigen-decompositions only, so it is stable for singular covariances.
+    """
     a, b = (np.asarray(f, dtype=np.float64) for f in (features_a, features_b))
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(len(mu_a)) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = np.real(covmean)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    values, vectors = np.linalg.eigh(cov_a)
+    sqrt_a = (vectors * np.sqrt(values.clip(min=0.0))) @ vectors.T
+    middle = sqrt_a @ cov_b @ sqrt_a
+    trace_covmean = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2.0).clip(min=0.0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_covmean)
 
 
 # ------------------------------------------------------------------------------------------- display
