@@ -118,7 +118,7 @@ def test_enabling_twice_replaces_the_cache():
 def test_enable_returns_the_effective_config_with_family_preset():
     dit = enable_dual_cache(tiny_dit_pipeline())
     pixart = enable_dual_cache(tiny_pixart_pipeline(), fresh_ratio=0.2)
-    assert dit.schedule == "dit-duca" and dit.fresh_ratio == 0.05
+    assert dit.ratio_schedule == "pixart" and dit.spatial_grid == 2 and dit.fresh_ratio == 0.06
     assert pixart.ratio_schedule == "pixart" and pixart.fresh_ratio == 0.2
 
 
@@ -167,5 +167,5 @@ def test_dual_cache_pipeline_loads_the_shipped_dit_with_its_labels():
     from dualcache_diffusers.reference.digits import DIT_DIGITS_DIR
 
     pipe = DualCachePipeline.from_pretrained(DIT_DIGITS_DIR)
-    assert isinstance(pipe, DiTPipeline) and get_engine(pipe).config.schedule == "dit-duca"
+    assert isinstance(pipe, DiTPipeline) and get_engine(pipe).config.spatial_grid == 2
     assert pipe.get_label_ids(["three", "seven"]) == [3, 7]
