@@ -152,7 +152,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     head = (
         f"DiT pipeline, random weights: {args.layers} blocks, width {args.width}, "
         f"{(args.latent_size // 2) ** 2} tokens, {args.steps} DDIM steps, batch {args.batch} x CFG "
-        f"(guidance {args.guidance}), {args.device} {args.dtype}, SDPA {args.sdpa or 'default'}, median of {args.repeats} interleaved runs\n\n"
+        f"(guidance {args.guidance}), {args.device} {args.dtype}, SDPA {args.sdpa or 'default'}, "
+        f"median of {args.repeats} interleaved runs\n\n"
         "| method | step pattern | TFLOPs (counter) | engine vs counter | FLOPs speedup | median s | wall speedup "
         "| efficiency | cache MiB | max abs diff vs uncached |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )

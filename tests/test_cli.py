@@ -16,7 +16,7 @@ from tiny_pipelines import tiny_dit_pipeline, tiny_pixart_pipeline
 from dualcache_diffusers import cli
 from dualcache_diffusers.adapters import find_adapter
 from dualcache_diffusers.bench import Calibrator, Knob, Method
-from dualcache_diffusers.plan import fora_plan
+from dualcache_diffusers.plan import CachePlan, fora_plan
 from dualcache_diffusers.reference.digits import DIGIT_WORDS, DigitsClassifier
 
 
@@ -76,6 +76,18 @@ def test_demo_end_to_end(dit_dir, tmp_path, capsys):
     grid = Image.open(out / "grid.png")
     assert grid.height > 4 * 8 and grid.width > 3 * 8  # 4 rows of methods, 3 columns of seeds
     assert (out / "results.md").read_text().count("| ") >= 6
+
+
+def test_train_router_end_to_end_writes_a_loadable_plan(dit_dir, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    args = ["train-router", "--model", str(dit_dir), "--steps", "6", "--budget", "0.6", "--kind", "dual",
+            "--iterations", "3", "--num-images", "2", "--batch-size", "2", "--device", "cpu", "--out", str(out),
+            "--png", str(tmp_path / "plan.png")]
+    assert cli.main(args) == 0
+    assert "FLOPs fraction" in capsys.readouterr().out
+    plan = CachePlan.from_json(out)
+    assert plan.num_steps == 6 and plan.steps[0].is_full
+    assert (tmp_path / "plan.png").is_file() and (tmp_path / "plan.ckpt").is_dir()
 
 
 def test_demo_text_to_image_with_prompts(pixart_dir, tmp_path, capsys):

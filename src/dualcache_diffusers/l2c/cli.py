@@ -3,9 +3,7 @@
     from dualcache_diffusers.l2c.cli import add_commands
     add_commands(subparsers)          # each command sets ``func``: call ``args.func(args)`` -> exit code
 
-Importing this module also registers ``train-router`` with the main CLI's ``register_subcommand``
-when that exists, and ``plan`` too unless a ``dualcache_diffusers.plan_cli`` module exists to
-provide it (it can reuse :func:`configure_plan` / :func:`run_plan`).
+Importing this module also registers both with the main CLI's ``register_subcommand``.
 """
 
 from __future__ import annotations
@@ -29,7 +27,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def configure_train(train: argparse.ArgumentParser) -> None:
-    train.add_argument("--model", required=True, help="pipeline directory or Hub repo id (DiT, PixArt)")
+    train.add_argument("--model", required=True,
+                       help="'dit' / 'pixart' (the shipped reference models), a pipeline directory or a Hub repo id")
     train.add_argument("--steps", type=int, default=20, help="num_inference_steps the plan is for (default 20)")
     train.add_argument("--budget", type=float, default=0.5,
                        help="target FLOPs fraction of the plan, in (0, 1] (default 0.5); "
@@ -43,6 +42,9 @@ def configure_train(train: argparse.ArgumentParser) -> None:
     train.add_argument("--threshold", type=float, default=None, help="L2C export threshold (with --budget 0)")
     train.add_argument("--interval", type=int, default=None, help="cycle length: 1 full step + interval-1 cache")
     train.add_argument("--partial-ratio", type=float, default=0.25, help="tokens a partial choice recomputes")
+    train.add_argument("--loss-space", choices=["eps", "latent"], default="eps",
+                       help="eps: error of the model output (published); latent: weighted by where the "
+                            "sampler puts it in the next latent (default: eps)")
     train.add_argument("--lr", type=float, default=1e-2)
     train.add_argument("--num-images", type=int, default=32, help="data-free trajectories to generate")
     train.add_argument("--batch-size", type=int, default=16)
@@ -63,11 +65,12 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
     from diffusers import DiffusionPipeline
 
+    from ..bench import resolve_model
     from .plot import plot_plan
     from .trainer import train_router
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = DiffusionPipeline.from_pretrained(args.model).to(device)
+    pipe = DiffusionPipeline.from_pretrained(resolve_model(args.model)).to(device)
     pipe.set_progress_bar_config(disable=True)
     prompts = None
     if args.prompts:
@@ -78,8 +81,8 @@ def run_train(args: argparse.Namespace) -> int:
     plan = train_router(
         pipe, num_inference_steps=args.steps, budget=budget, kind=args.kind, iterations=args.iterations,
         seed=args.seed, checkpoint=checkpoint, resume=args.resume, threshold=args.threshold,
-        interval=args.interval, partial_ratio=args.partial_ratio, lr=args.lr, num_images=args.num_images,
-        batch_size=args.batch_size, prompts=prompts, progress=True,
+        interval=args.interval, partial_ratio=args.partial_ratio, loss_space=args.loss_space, lr=args.lr,
+        num_images=args.num_images, batch_size=args.batch_size, prompts=prompts, progress=True,
     )
     plan.to_json(out)
     print(plan.summary())
@@ -113,15 +116,10 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _register_with_main_cli() -> None:
-    try:
-        from ..cli import register_subcommand
-    except ImportError:
-        return
-    register_subcommand("train-router", TRAIN_HELP, configure_train, run_train)
-    import importlib.util
+    from ..cli import register_subcommand
 
-    if importlib.util.find_spec("dualcache_diffusers.plan_cli") is None:  # no other module provides `plan`
-        register_subcommand("plan", PLAN_HELP, configure_plan, run_plan)
+    register_subcommand("train-router", TRAIN_HELP, configure_train, run_train)
+    register_subcommand("plan", PLAN_HELP, configure_plan, run_plan)
 
 
 _register_with_main_cli()
