@@ -267,3 +267,32 @@ def test_training_on_user_latents_noises_them_to_the_full_steps(dit_pipe):
     plan = train_router(dit_pipe, num_inference_steps=STEPS, budget=0.75, latents=latents, conditions=[1, 2],
                         iterations=3, batch_size=2)
     assert plan.metadata["flops_fraction"] == pytest.approx(0.75, abs=0.1)
+
+
+def test_latent_loss_space_weights_steps_by_the_ddim_coefficient():
+    from diffusers import DDIMScheduler
+
+    from dualcache_diffusers.l2c.trainer import step_weights
+
+    scheduler = DDIMScheduler(beta_schedule="linear", timestep_spacing="trailing")
+    scheduler.set_timesteps(10)
+    timesteps = scheduler.timesteps.float()
+    assert torch.equal(step_weights(scheduler, timesteps, "eps"), torch.ones(10))
+    weights = step_weights(scheduler, timesteps, "latent")
+    assert weights.mean().item() == pytest.approx(1.0, rel=1e-5)
+    # by hand for the first step: c = sqrt(1 - a_next) - sqrt(a_next (1 - a) / a), weight ~ c^2
+    alphas = scheduler.alphas_cumprod.double()
+    a, a_next = alphas[int(timesteps[0])], alphas[int(timesteps[1])]
+    c0 = (1 - a_next).sqrt() - (a_next * (1 - a) / a).sqrt()
+    a, a_next = alphas[int(timesteps[-1])], torch.tensor(1.0, dtype=torch.float64)
+    c_last = (1 - a_next).sqrt() - (a_next * (1 - a) / a).sqrt()
+    assert (weights[0] / weights[-1]).item() == pytest.approx((c0 / c_last).pow(2).item(), rel=1e-4)
+    assert weights[0] > weights[5] > weights[8]  # noisy steps count more
+    with pytest.raises(ValueError, match=r"loss_space='x0'.*'eps', 'latent'"):
+        step_weights(scheduler, timesteps, "x0")
+
+
+def test_latent_loss_space_trains_and_is_recorded(dit_pipe):
+    plan = train_router(dit_pipe, STEPS, budget=0.7, kind="l2c", iterations=3, num_images=2, batch_size=2,
+                        loss_space="latent")
+    assert plan.metadata["learned"]["loss_space"] == "latent"

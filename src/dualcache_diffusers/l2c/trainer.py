@@ -47,6 +47,38 @@ def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is not allowed; {allowed}")
 
 
+LOSS_SPACES = ("eps", "latent")
+
+
+def step_weights(scheduler: Any, timesteps: torch.Tensor, loss_space: str) -> torch.Tensor:
+    """Per-step weight of the student's squared error (mean 1 over the steps).
+
+    ``"eps"``: 1 everywhere, the published objective (error of the model output). ``"latent"``: the
+    error where the sampler puts it, in the next latent. A DDIM step moves ``x_t`` to
+    ``x_next = sqrt(a_next) * (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) + sqrt(1 - a_next) eps``, so an
+    error ``e`` in ``eps`` lands as ``c_t * e`` with ``c_t = sqrt(1 - a_next) - sqrt(a_next * (1 - a_t) / a_t)``
+    (``a`` = ``alphas_cumprod``, ``a_next`` = 1 after the last step); the weight is ``c_t ** 2``. It is
+    large at the noisy steps, where the eps-space error of L2C under-counts what a reused output costs
+    the image. First order for multistep solvers; falls back to ``"eps"`` for schedulers without
+    ``alphas_cumprod`` (flow matching).
+    """
+    _check("loss_space", loss_space, loss_space in LOSS_SPACES, f"allowed: {', '.join(map(repr, LOSS_SPACES))}")
+    ones = torch.ones(len(timesteps))
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if loss_space == "eps":
+        return ones
+    if alphas is None:
+        logger.warning("%s has no alphas_cumprod: loss_space='latent' falls back to 'eps'", type(scheduler).__name__)
+        return ones
+    alphas = torch.as_tensor(alphas, dtype=torch.float64)
+    t = timesteps.detach().cpu().round().long().clamp(0, len(alphas) - 1)
+    a = alphas[t]
+    a_next = torch.cat([a[1:], torch.ones(1, dtype=torch.float64)])
+    coeff = (1 - a_next).sqrt() - (a_next * (1 - a) / a).sqrt()
+    weight = coeff.pow(2)
+    return (weight / weight.mean()).float()
+
+
 class RouterTrainer:
     def __init__(
         self,
@@ -61,6 +93,7 @@ class RouterTrainer:
         dropout: float,
         seed: int,
         init: str,
+        loss_space: str = "eps",
         calibration_batches: int = 4,
         dual_step: float = 0.5,
     ) -> None:
@@ -78,6 +111,8 @@ class RouterTrainer:
         self.seed = seed
         self.calibration_batches = calibration_batches
         self.dual_step = dual_step
+        self.loss_space = loss_space
+        self.step_weight = step_weights(pipe.scheduler, data.timesteps[:, 0], loss_space).to(data.hidden.device)
         self.generator = torch.Generator().manual_seed(seed)
         shape = spec.logit_shape
         if init == "randn":  # as the authors' code
@@ -147,7 +182,7 @@ class RouterTrainer:
             hidden, kwargs = self.data.call_kwargs(steps, rows)
             out = _first_output(self.model(hidden, **kwargs, return_dict=False))
             teacher = self.data.teacher[steps, rows]
-            mse = (out.float() - teacher.float()).pow(2).flatten(1).mean(dim=1)
+            mse = (out.float() - teacher.float()).pow(2).flatten(1).mean(dim=1) * self.step_weight[steps]
             weight = valid.to(self.device)
             total = total + (mse * weight).sum().double()
             count += int(valid.sum())
@@ -255,6 +290,7 @@ class RouterTrainer:
                 "seed": self.seed,
                 "lr": self.lr,
                 "l1": self.l1,
+                "loss_space": self.loss_space,
                 "model": type(self.model).__name__,
             },
             "scheduler": {"class": type(sched).__name__ if sched is not None else None, "config": sched_config},
@@ -371,6 +407,7 @@ def train_router(
     latents: torch.Tensor | None = None,
     conditions: list[Any] | None = None,
     init: str = "zeros",
+    loss_space: str = "eps",
     checkpoint_every: int = 100,
     pipeline_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
@@ -399,6 +436,8 @@ def train_router(
         num_images, guidance_scale, prompts, pipeline_kwargs: data-free trajectories: how many
             images, CFG scale (pipeline default), PixArt prompts, extra pipeline call arguments.
         latents, conditions: train on clean latents with their class ids / prompts instead.
+        loss_space: "eps" (published: error of the model output) or "latent" (the error weighted
+            by where the sampler puts it, see :func:`step_weights`).
         return_router: also return the :class:`TrainedRouter` (``(plan, router)``).
     """
     _check("kind", kind, kind in KINDS, f"allowed: {', '.join(map(repr, KINDS))}")
@@ -445,7 +484,7 @@ def train_router(
     if data.uncond_rows is None and dropout > 0:
         logger.warning("the pipeline ran without guidance: no unconditional rows, label dropout is off")
     trainer = RouterTrainer(pipe, spec, data, budget=budget, lr=lr, l1=l1, batch_size=batch_size, dropout=dropout,
-                            seed=seed, init=init)
+                            seed=seed, init=init, loss_space=loss_space)
     if resume is not None:
         trainer.load_state(resume)
     router = trainer.train(iterations, Path(checkpoint) if checkpoint else None, checkpoint_every, progress)
