@@ -155,6 +155,23 @@ def test_bench_without_classifier_skips_classifier_metrics(dit_dir, tmp_path, ca
     assert "Classifier metrics skipped" in (out / "results.md").read_text()
 
 
+def test_bench_fewer_steps_on_pixart_with_dpm_solver(tmp_path, capsys):
+    """The steps search must not try a single step: PixArt's pipeline special-cases it and DPM-Solver fails."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = tiny_pixart_pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler()
+    pipe.save_pretrained(tmp_path / "pixart")
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--model", str(tmp_path / "pixart"), "--out", str(out),
+            "--classifier", str(tmp_path / "none"), "--methods", "uncached", "steps", "--budgets", "8"]
+    assert cli.main(args) == 0
+    rows = _read_csv(out / "results.csv")
+    assert [r["method"] for r in rows] == ["uncached", "steps"]
+    assert json.loads(rows[1]["setting"]) == {"num_inference_steps": 2}
+    assert "Skipped" not in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

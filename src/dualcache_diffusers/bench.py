@@ -290,7 +290,9 @@ def build_methods(steps: int, plans: dict[str, Path] | None = None) -> dict[str,
         "uncached": Method("uncached", "every step computed (reference)", _no_op, family="reference"),
         "steps": Method(
             "steps", "fewer denoising steps, same scheduler", _no_op,
-            knob=Knob("num_inference_steps", 1, steps, integer=True, faster_when="lower"),
+            # from 2: a one-step call is no sampler, and PixArt's pipeline special-cases it (it reads
+            # the scheduler's second output, which DPM-Solver does not return)
+            knob=Knob("num_inference_steps", 2, steps, integer=True, faster_when="lower"),
             steps=lambda setting, default: setting.get("num_inference_steps", default), family="steps",
         ),
         "fora": _dual_cache_method("fora", "fora", "FORA: full step every N, all modules reused between"),
