@@ -172,6 +172,37 @@ def test_bench_fewer_steps_on_pixart_with_dpm_solver(tmp_path, capsys):
     assert "Skipped" not in (out / "results.md").read_text()
 
 
+def _write_rows(path: Path, rows: list[tuple[str, float | None, float, float]], uncached_fd: float = 17.0) -> Path:
+    from dualcache_diffusers.bench import BenchResult, BenchRow, Quality, write_csv
+
+    bench_rows = [BenchRow("uncached", None, {}, 1.0, 1.0, Quality(math.inf, 1.0, uncached_fd, 0.9), "FFFF")]
+    bench_rows += [BenchRow(name, budget, {"interval": 2}, ratio, ratio, Quality(psnr, 0.9, 16.0, 0.8), "FAFA")
+                   for name, budget, ratio, psnr in rows]
+    write_csv(BenchResult(bench_rows, {}, num_images=4, steps=4, has_classifier=True), path)
+    return path
+
+
+def test_report_merges_runs_on_the_same_images(tmp_path, capsys):
+    first = _write_rows(tmp_path / "a.csv", [("fora", 2.0, 1.9, 30.0), ("old-plan", None, 2.0, 25.0)])
+    second = _write_rows(tmp_path / "b.csv", [("new-plan", None, 2.1, 31.5)])
+    out = tmp_path / "merged"
+    args = ["report", str(first), str(second), "--exclude", "old-plan", "--out", str(out), "--title", "tiny",
+            "--images", "4", "--steps", "4"]
+    assert cli.main(args) == 0
+    rows = _read_csv(out / "results.csv")
+    assert [(r["method"], r["flops_ratio"], r["psnr"]) for r in rows] == [
+        ("uncached", "1.0", "inf"), ("fora", "1.9", "30.0"), ("new-plan", "2.1", "31.5")]
+    markdown = (out / "results.md").read_text()
+    assert "# Fidelity at matched compute: tiny" in markdown and "4 images, 4 steps" in markdown
+    assert len(_table_rows(markdown)) == 3
+    assert (out / "speed_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    other = _write_rows(tmp_path / "c.csv", [], uncached_fd=40.0)  # another model / other seeds
+    assert cli.main(["report", str(first), str(other), "--out", str(tmp_path / "bad")]) == 2
+    assert "only runs on the same images" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -180,6 +211,7 @@ def test_bench_fewer_steps_on_pixart_with_dpm_solver(tmp_path, capsys):
         (["bench", "--plan", "x=/no/such/plan.json"], "no such file"),
         (["bench", "--plan", "fora=plan.json"], "built-in method name"),
         (["bench", "--budgets", "0.5"], "FLOPs reduction factor >= 1"),
+        (["report", "/no/such/results.csv", "--out", "merged"], "no such file"),
         (["demo", "--steps", "0"], "--steps=0 must be > 0"),
     ],
 )

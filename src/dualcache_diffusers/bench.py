@@ -638,6 +638,64 @@ def write_csv(result: BenchResult, path: Path) -> None:
             writer.writerow(row.as_dict())
 
 
+def _family(method: str) -> str:
+    """The plot family of a method name read back from a CSV (any unknown name is a learned plan)."""
+    from .baselines import BASELINES
+
+    if method == "uncached":
+        return "reference"
+    if method == "steps":
+        return "steps"
+    if method in METHOD_ORDER:
+        return "baseline" if method in {_alias(name) for name in BASELINES} else "dualcache"
+    return "plan"
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text == "" else float(text)
+
+
+def read_csv(path: Path) -> list[BenchRow]:
+    """The rows of a ``results.csv`` written by :func:`write_csv`."""
+    with Path(path).open(newline="") as handle:
+        return [
+            BenchRow(
+                method=row["method"], budget=_optional_float(row["budget"]), setting=json.loads(row["setting"]),
+                flops_ratio=float(row["flops_ratio"]), calibration_ratio=float(row["calibration_ratio"]),
+                quality=Quality(psnr=float(row["psnr"]), ssim=float(row["ssim"]), fd=_optional_float(row["fd"]),
+                                accuracy=_optional_float(row["accuracy"])),
+                pattern=row["pattern"], description=row["description"], family=_family(row["method"]),
+            )
+            for row in csv.DictReader(handle)
+        ]
+
+
+def merge_results(paths: Sequence[Path], exclude: Sequence[str] = (), num_images: int = 0, steps: int = 0,
+                  model: str = "") -> BenchResult:
+    """One result from several benchmark runs on the same images (e.g. learned plans added later).
+
+    Rows measured on other images cannot be compared, so the runs' uncached rows must agree.
+    """
+    rows: list[BenchRow] = []
+    uncached: BenchRow | None = None
+    for path in paths:
+        for row in read_csv(path):
+            if row.method in exclude:
+                continue
+            if row.method == "uncached":
+                if uncached is not None and dataclasses.astuple(row.quality) != dataclasses.astuple(uncached.quality):
+                    raise ValueError(
+                        f"{path}: its uncached row ({row.quality}) differs from the first file's ({uncached.quality}); "
+                        "only runs on the same images (seeds, conditions, steps) can be merged"
+                    )
+                if uncached is not None:
+                    continue
+                uncached = row
+            rows.append(row)
+    return BenchResult(rows=rows, skipped={}, num_images=num_images, steps=steps, model=model,
+                       has_classifier=any(r.quality.fd is not None for r in rows))
+
+
 def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
     if value is None:
         return "-"
@@ -651,7 +709,8 @@ def markdown_table(result: BenchResult) -> str:
     lines = [
         f"# Fidelity at matched compute: {result.model}",
         "",
-        f"{result.num_images} images, {result.steps} steps. FLOPs ratio = uncached / method FLOPs of whole "
+        (f"{result.num_images} images, {result.steps} steps. " if result.num_images else "")
+        + "FLOPs ratio = uncached / method FLOPs of whole "
         "pipeline calls (torch FlopCounterMode), achieved on the evaluation images; `*` = more than 10% "
         "off the budget. PSNR / SSIM against the uncached image of the same seed."
         + (" FD = Frechet distance to the real test digits in the classifier's features (lower is better);"
@@ -701,7 +760,7 @@ def plot_speed_quality(result: BenchResult, path: Path) -> None:
                   else ("ssim", "SSIM vs uncached (higher is better)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     names = list(dict.fromkeys(r.method for r in result.rows))
-    colors = plt.get_cmap("tab10")
+    colors = plt.get_cmap("tab20")
     for ax, (metric, title) in zip(axes[0], panels):
         for i, name in enumerate(names):
             rows = sorted((r for r in result.rows if r.method == name), key=lambda r: r.flops_ratio)
@@ -709,13 +768,14 @@ def plot_speed_quality(result: BenchResult, path: Path) -> None:
             points = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, label=name, color="black" if name == "uncached" else colors(i % 10),
+                ax.plot(xs, ys, label=name, color="black" if name == "uncached" else colors(i % 20),
                         **_LINE_STYLES.get(rows[0].family, {}))
         ax.set_xlabel("FLOPs reduction (x, measured)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{result.model}: {result.num_images} images, {result.steps} steps", fontsize=10)
+    counts = f": {result.num_images} images, {result.steps} steps" if result.num_images else ""
+    fig.suptitle(f"{result.model}{counts}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,6 +4,7 @@
     dualcache demo --model pixart       # the shipped PixArt digits model (or any local dir / Hub id)
     dualcache bench --out bench-dit     # fidelity at matched FLOPs budgets: CSV, markdown, plot
     dualcache bench --quick             # a reduced setting (seconds on tiny models)
+    dualcache report a/results.csv b/results.csv --out both   # one table + plot from runs on the same images
 
 Subcommands are registered with :func:`register_subcommand`; a module that adds one (say
 ``train-router``) calls it at import time and is named in :data:`SUBCOMMAND_MODULES` so that
@@ -274,10 +275,36 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("csv", nargs="+", type=Path, help="results.csv files of `dualcache bench` runs")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="METHOD", help="leave these methods out")
+    parser.add_argument("--title", default="", help="the table's and plot's title (e.g. the model)")
+    parser.add_argument("--images", type=int, default=0, help="images per row, for the header")
+    parser.add_argument("--steps", type=int, default=0, help="denoising steps, for the header")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .bench import merge_results, write_reports
+
+    for path in args.csv:
+        if not path.is_file():
+            raise FileNotFoundError(f"report: no such file {str(path)!r}")
+    result = merge_results(args.csv, exclude=args.exclude, num_images=args.images, steps=args.steps,
+                           model=args.title)
+    paths = write_reports(result, args.out)
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 register_subcommand("demo", "uncached vs DuCa / FORA / ToCa on the same seeds: speed, FLOPs, PSNR / SSIM, a grid",
                     _configure_demo, _run_demo)
 register_subcommand("bench", "fidelity benchmark at matched FLOPs budgets: CSV, markdown table, speed-quality plot",
                     _configure_bench, _run_bench)
+
+register_subcommand("report", "merge `dualcache bench` results (CSV) of runs on the same images: one table and plot",
+                    _configure_report, _run_report)
 
 
 if __name__ == "__main__":
