@@ -296,3 +296,21 @@ def test_latent_loss_space_trains_and_is_recorded(dit_pipe):
     plan = train_router(dit_pipe, STEPS, budget=0.7, kind="l2c", iterations=3, num_images=2, batch_size=2,
                         loss_space="latent")
     assert plan.metadata["learned"]["loss_space"] == "latent"
+
+
+def test_bad_loss_space_fails_before_any_trajectory_is_generated(dit_pipe, monkeypatch):
+    from dualcache_diffusers.l2c import trainer
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("trajectories generated before the arguments were checked")
+
+    monkeypatch.setattr(trainer, "generate_trajectories", no_data)
+    with pytest.raises(ValueError, match=r"loss_space='x0'.*'eps', 'latent'"):
+        train_router(dit_pipe, STEPS, budget=0.7, iterations=2, loss_space="x0")
+
+
+def test_resume_refuses_a_checkpoint_of_another_loss_space(tmp_path, dit_pipe):
+    common = dict(num_inference_steps=STEPS, budget=0.7, kind="l2c", num_images=2, batch_size=2)
+    train_router(dit_pipe, iterations=2, checkpoint=tmp_path / "ckpt", loss_space="latent", **common)
+    with pytest.raises(ValueError, match=r"loss_space='latent', not 'eps'"):
+        train_router(dit_pipe, iterations=4, resume=tmp_path / "ckpt", loss_space="eps", **common)

@@ -339,6 +339,10 @@ class RouterTrainer:
             raise ValueError(f"resume={str(path)!r} is not a router checkpoint (no state.json of that format)")
         if info["spec"] != self.spec.to_dict():
             raise ValueError(f"resume={str(path)!r} was trained with {info['spec']}, not {self.spec.to_dict()}")
+        saved_space = info["metadata"]["learned"].get("loss_space", "eps")
+        if saved_space != self.loss_space:
+            raise ValueError(f"resume={str(path)!r} was trained with loss_space={saved_space!r}, "
+                             f"not {self.loss_space!r}")
         tensors = load_file(str(path / "router.safetensors"))
         with torch.no_grad():
             self.logits.copy_(tensors["logits"])
@@ -441,6 +445,7 @@ def train_router(
         return_router: also return the :class:`TrainedRouter` (``(plan, router)``).
     """
     _check("kind", kind, kind in KINDS, f"allowed: {', '.join(map(repr, KINDS))}")
+    _check("loss_space", loss_space, loss_space in LOSS_SPACES, f"allowed: {', '.join(map(repr, LOSS_SPACES))}")
     _check("num_inference_steps", num_inference_steps,
            isinstance(num_inference_steps, int) and num_inference_steps >= 2, "must be an integer >= 2")
     if budget is not None:
