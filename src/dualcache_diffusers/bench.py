@@ -548,6 +548,11 @@ class BenchResult:
     has_classifier: bool = False
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def counts(self) -> str:
+        """'100 images, 20 steps', or '' when unknown (results merged from CSV files)."""
+        return f"{self.num_images} images, {self.steps} steps" if self.num_images else ""
+
 
 class _Progress:
     """What the benchmark reports progress to (the CLI passes a tqdm bar)."""
@@ -682,14 +687,14 @@ def merge_results(paths: Sequence[Path], exclude: Sequence[str] = (), num_images
         for row in read_csv(path):
             if row.method in exclude:
                 continue
-            if row.method == "uncached":
-                if uncached is not None and dataclasses.astuple(row.quality) != dataclasses.astuple(uncached.quality):
+            if row.method == "uncached" and uncached is not None:
+                if row.quality != uncached.quality:
                     raise ValueError(
                         f"{path}: its uncached row ({row.quality}) differs from the first file's ({uncached.quality}); "
                         "only runs on the same images (seeds, conditions, steps) can be merged"
                     )
-                if uncached is not None:
-                    continue
+                continue
+            if row.method == "uncached":
                 uncached = row
             rows.append(row)
     return BenchResult(rows=rows, skipped={}, num_images=num_images, steps=steps, model=model,
@@ -709,7 +714,7 @@ def markdown_table(result: BenchResult) -> str:
     lines = [
         f"# Fidelity at matched compute: {result.model}",
         "",
-        (f"{result.num_images} images, {result.steps} steps. " if result.num_images else "")
+        (f"{result.counts}. " if result.counts else "")
         + "FLOPs ratio = uncached / method FLOPs of whole "
         "pipeline calls (torch FlopCounterMode), achieved on the evaluation images; `*` = more than 10% "
         "off the budget. PSNR / SSIM against the uncached image of the same seed."
@@ -774,8 +779,7 @@ def plot_speed_quality(result: BenchResult, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
-    counts = f": {result.num_images} images, {result.steps} steps" if result.num_images else ""
-    fig.suptitle(f"{result.model}{counts}", fontsize=10)
+    fig.suptitle(f"{result.model}: {result.counts}" if result.counts else result.model, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -302,7 +302,6 @@ register_subcommand("demo", "uncached vs DuCa / FORA / ToCa on the same seeds: s
                     _configure_demo, _run_demo)
 register_subcommand("bench", "fidelity benchmark at matched FLOPs budgets: CSV, markdown table, speed-quality plot",
                     _configure_bench, _run_bench)
-
 register_subcommand("report", "merge `dualcache bench` results (CSV) of runs on the same images: one table and plot",
                     _configure_report, _run_report)
 

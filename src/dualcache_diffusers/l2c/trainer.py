@@ -64,9 +64,9 @@ def step_weights(scheduler: Any, timesteps: torch.Tensor, loss_space: str) -> to
     """
     _check("loss_space", loss_space, loss_space in LOSS_SPACES, f"allowed: {', '.join(map(repr, LOSS_SPACES))}")
     ones = torch.ones(len(timesteps))
-    alphas = getattr(scheduler, "alphas_cumprod", None)
     if loss_space == "eps":
         return ones
+    alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is None:
         logger.warning("%s has no alphas_cumprod: loss_space='latent' falls back to 'eps'", type(scheduler).__name__)
         return ones
