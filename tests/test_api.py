@@ -18,6 +18,7 @@ from dualcache_diffusers import (
     supported_models,
 )
 from dualcache_diffusers.api import get_engine
+from dualcache_diffusers.plan import PlanLayout
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +90,7 @@ def test_unet_pipeline_and_unknown_transformer_are_refused():
 
 
 def test_plan_for_another_model_is_refused():
-    plan = DualCacheConfig("fora").build_plan(10, 5, ("attn1", "ff"), ("attn1",))
+    plan = DualCacheConfig("fora").build_plan(10, PlanLayout.uniform_layout(5, ("attn1", "ff")))
     pipe = tiny_dit_pipeline()
     with pytest.raises(ValueError, match="plan is for 5 blocks"):
         enable_dual_cache(pipe, plan=plan)
@@ -98,7 +99,7 @@ def test_plan_for_another_model_is_refused():
 
 def test_plan_with_another_step_count_is_an_explained_error():
     pipe = tiny_dit_pipeline()
-    plan = DualCacheConfig("fora").build_plan(10, 2, ("attn1", "ff"), ("attn1",))
+    plan = DualCacheConfig("fora").build_plan(10, PlanLayout.uniform_layout(2, ("attn1", "ff")))
     enable_dual_cache(pipe, plan=plan)
     assert generate(pipe, steps=10).shape[0] == 2
     with pytest.raises(ValueError, match="made for 10 denoiser calls but this generation makes 12"):

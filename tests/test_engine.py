@@ -156,7 +156,7 @@ def test_cfg_halves_share_the_token_selection(pipe):
 
     def spy(*args, **kwargs):
         index = original(*args, **kwargs)
-        picked.append((engine.current.paired, index))
+        picked.append((engine.current_call().branch.paired, index))
         return index
 
     engine._select = spy
@@ -209,7 +209,7 @@ def test_stats_report_step_kinds_tokens_and_memory(dit_pipe):
     enable_dual_cache(dit_pipe, "duca")
     generate(dit_pipe)
     stats = cache_stats(dit_pipe)
-    plan = get_engine(dit_pipe).plan_for(20)
+    plan = get_engine(dit_pipe).denoisers[0].plan(20)
     assert stats.step_kinds == plan.kinds()
     assert 0 < stats.token_fraction("ff") < 1
     assert stats.flops_speedup > 1.5

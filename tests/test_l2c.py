@@ -18,7 +18,7 @@ from dualcache_diffusers.l2c.data import generate_trajectories
 from dualcache_diffusers.l2c.mixing import Mixer
 from dualcache_diffusers.l2c.router import RouterSpec, probabilities
 from dualcache_diffusers.l2c.trainer import RouterTrainer
-from dualcache_diffusers.plan import fora_plan
+from dualcache_diffusers.plan import PlanLayout, fora_plan
 
 STEPS = 6
 
@@ -221,7 +221,7 @@ def test_resample_maps_by_nearest_normalized_time_and_keeps_the_first_step_full(
     # using a plan at another step count is an explained error that points to resample()
     cfg = DualCacheConfig(plan=plan)
     with pytest.raises(ValueError, match=r"plan\.resample\(12\)"):
-        cfg.build_plan(12, 2, ("attn1", "ff"), ("attn1",))
+        cfg.build_plan(12, PlanLayout.uniform_layout(2, ("attn1", "ff")))
 
 
 def test_plot_plan_writes_a_heatmap_png(tmp_path):

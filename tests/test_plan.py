@@ -11,6 +11,7 @@ from dualcache_diffusers.plan import (
     AGGRESSIVE,
     CONSERVATIVE,
     FULL,
+    PlanLayout,
     cycle_step_kinds,
     dit_duca_step_kinds,
     dit_ratio,
@@ -51,29 +52,31 @@ def test_dit_duca_schedule_follows_the_reference_rule():
 def test_dit_ratio_schedule_matches_published_factors():
     ratio = dit_ratio(0.05)
     # last step (countdown 0): step factor 3; first block layer factor 0.8; MLP x2.5
-    assert ratio(19, 20, 0, 28, "ff") == pytest.approx(0.05 * 3 * 0.8 * 2.5)
-    assert ratio(19, 20, 27, 28, "ff") == pytest.approx(min(1.0, 0.05 * 3 * 1.2 * 2.5))
-    assert ratio(19, 20, 0, 28, "attn1") == pytest.approx(0.05 * 3 * 0.8)
+    assert ratio(19, 20, 0, 28, "mlp") == pytest.approx(0.05 * 3 * 0.8 * 2.5)
+    assert ratio(19, 20, 27, 28, "mlp") == pytest.approx(min(1.0, 0.05 * 3 * 1.2 * 2.5))
+    assert ratio(19, 20, 0, 28, "self_attention") == pytest.approx(0.05 * 3 * 0.8)
     # early steps (countdown >= 3/4 of the run): step factor clamps at 0
-    assert ratio(0, 20, 5, 28, "ff") == 0.0
+    assert ratio(0, 20, 5, 28, "mlp") == 0.0
 
 
 def test_pixart_ratio_schedule_matches_published_factors():
     ratio = pixart_ratio(0.3)
-    assert ratio(0, 20, 0, 28, "ff") == pytest.approx(min(1.0, 0.3 * 1.9 * 1.6 * 1.6))
-    assert ratio(10, 20, 27, 28, "attn2") == pytest.approx(0.3 * (1.9 - 0.9) * 0.4 * 0.6)
-    assert 0.0 <= ratio(19, 20, 27, 28, "ff") <= 1.0
+    assert ratio(0, 20, 0, 28, "mlp") == pytest.approx(min(1.0, 0.3 * 1.9 * 1.6 * 1.6))
+    assert ratio(10, 20, 27, 28, "cross_attention") == pytest.approx(0.3 * (1.9 - 0.9) * 0.4 * 0.6)
+    assert 0.0 <= ratio(19, 20, 27, 28, "mlp") <= 1.0
 
 
 def test_duca_plan_reuses_self_attention_and_skips_the_stack():
-    plan = DualCacheConfig.from_preset("duca", "pixart").build_plan(9, 4, PIXART_MODULES, ("attn1",))
+    plan = DualCacheConfig.from_preset("duca", "pixart").build_plan(
+        9, PlanLayout.uniform_layout(4, PIXART_MODULES)
+    )
     assert plan.kinds() == [FULL, CONSERVATIVE, AGGRESSIVE] * 3
     conservative, aggressive = plan.steps[1], plan.steps[2]
     assert all(row[0] == 0.0 for row in conservative.fractions)  # attn1 reused whole
     assert all(0.0 < row[2] <= 1.0 for row in conservative.fractions)  # ff partially recomputed
     assert aggressive.skip_blocks and aggressive.action(0, 2).value == "reuse"
     reuse_variant = DualCacheConfig.from_preset("duca", "pixart", aggressive="reuse").build_plan(
-        9, 4, PIXART_MODULES, ("attn1",)
+        9, PlanLayout.uniform_layout(4, PIXART_MODULES)
     )
     assert not reuse_variant.steps[2].skip_blocks
     assert all(f == 0.0 for row in reuse_variant.steps[2].fractions for f in row)
@@ -81,7 +84,7 @@ def test_duca_plan_reuses_self_attention_and_skips_the_stack():
 
 def test_partial_self_attention_option_recomputes_a_fraction_of_queries():
     plan = DualCacheConfig("toca", fresh_ratio=0.25, self_attention="partial").build_plan(
-        4, 2, DIT_MODULES, ("attn1",)
+        4, PlanLayout.uniform_layout(2, DIT_MODULES)
     )
     assert plan.steps[1].fractions == [[0.25, 0.25], [0.25, 0.25]]
 
@@ -94,12 +97,12 @@ def test_fora_plan_reuses_every_module_between_full_steps():
 
 
 def test_interval_one_is_all_full():
-    plan = DualCacheConfig("duca", interval=1).build_plan(5, 2, DIT_MODULES, ("attn1",))
+    plan = DualCacheConfig("duca", interval=1).build_plan(5, PlanLayout.uniform_layout(2, DIT_MODULES))
     assert all(s.is_full for s in plan.steps)
 
 
 def test_json_round_trip(tmp_path):
-    plan = DualCacheConfig.from_preset("duca", "dit").build_plan(20, 4, DIT_MODULES, ("attn1",))
+    plan = DualCacheConfig.from_preset("duca", "dit").build_plan(20, PlanLayout.uniform_layout(4, DIT_MODULES))
     path = tmp_path / "plan.json"
     plan.to_json(path)
     again = CachePlan.from_json(path)
@@ -110,7 +113,7 @@ def test_json_round_trip(tmp_path):
 
 
 def test_summary_is_readable():
-    plan = DualCacheConfig.from_preset("duca", "pixart").build_plan(6, 2, PIXART_MODULES, ("attn1",))
+    plan = DualCacheConfig.from_preset("duca", "pixart").build_plan(6, PlanLayout.uniform_layout(2, PIXART_MODULES))
     text = plan.summary()
     assert "step pattern : FCAFCA" in text
     assert "aggressive=2" in text and "conservative=2" in text and "full=2" in text

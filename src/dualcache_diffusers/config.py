@@ -15,6 +15,7 @@ from .plan import (
     FULL,
     RATIO_SCHEDULES,
     CachePlan,
+    PlanLayout,
     cycle_step_kinds,
     dit_duca_step_kinds,
     plan_from_kinds,
@@ -69,6 +70,7 @@ class DualCacheConfig:
             scheduler (the engine then cannot read the step count).
         seed: seed of the random scorer (selection is deterministic given the seed).
         plan: a fixed :class:`CachePlan` (or a path to its JSON) overriding the schedule options.
+        family: the model family whose preset this config is (enabling it on another family is refused).
     """
 
     method: str = "duca"
@@ -86,6 +88,7 @@ class DualCacheConfig:
     num_inference_steps: int | None = None
     seed: int = 0
     plan: CachePlan | None = field(default=None, repr=False)
+    family: str | None = None  # the model family whose preset this is (set by from_preset)
 
     def __post_init__(self) -> None:
         if isinstance(self.plan, (str, Path)):
@@ -117,16 +120,16 @@ class DualCacheConfig:
         _choice("config", name, METHODS)
         values = dict(PRESETS.get(family, PRESETS["default"])[name])
         values.update(overrides)
+        if family in PRESETS and family != "default":
+            values.setdefault("family", family)
         return cls(**values)
 
     def replace(self, **overrides: Any) -> DualCacheConfig:
         check_override_names(overrides)
         return dataclasses.replace(self, **overrides)
 
-    def build_plan(
-        self, num_steps: int, num_blocks: int, modules: Sequence[str], self_attention_modules: Sequence[str]
-    ) -> CachePlan:
-        """The plan for one generation of ``num_steps`` denoiser calls."""
+    def build_plan(self, num_steps: int, layout: PlanLayout) -> CachePlan:
+        """The plan for one generation of ``num_steps`` denoiser calls of a model of ``layout``."""
         if self.plan is not None:
             if self.plan.num_steps != num_steps:
                 raise ValueError(
@@ -134,11 +137,7 @@ class DualCacheConfig:
                     f"{num_steps}; call the pipeline with num_inference_steps matching the plan, or resample it "
                     f"with plan.resample({num_steps}) (documented in docs/plans.md)"
                 )
-            if self.plan.num_blocks != num_blocks or tuple(self.plan.modules) != tuple(modules):
-                raise ValueError(
-                    f"the cache plan is for {self.plan.num_blocks} blocks x {tuple(self.plan.modules)} but the "
-                    f"model has {num_blocks} blocks x {tuple(modules)}"
-                )
+            check_plan_fits(self.plan, layout)
             return self.plan
         if self.method == "full":
             kinds = [FULL] * num_steps
@@ -150,12 +149,10 @@ class DualCacheConfig:
         aggressive = "reuse" if self.method == "fora" else self.aggressive
         plan = plan_from_kinds(
             kinds,
-            num_blocks,
-            modules,
+            layout,
             ratio_fn=RATIO_SCHEDULES[self.ratio_schedule](self.fresh_ratio),
             aggressive=aggressive,
             self_attention=self.self_attention,
-            self_attention_modules=self_attention_modules,
             interval=self.interval,
             method=self.method,
             metadata={"config": self.to_dict()},
@@ -173,6 +170,26 @@ def check_override_names(overrides: dict[str, Any]) -> None:
     unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
     if unknown:
         raise TypeError(f"unknown cache option(s) {unknown}; allowed: {', '.join(CONFIG_FIELDS)}")
+
+
+def check_plan_fits(plan: CachePlan, layout: PlanLayout) -> None:
+    """A ValueError unless ``plan`` describes a model of ``layout`` and only recomputes rows of modules
+    that can be recomputed row by row."""
+    if not plan.fits(layout):
+        mine = f"{layout.num_blocks} blocks x {layout.modules}"
+        if not layout.uniform:
+            mine += " (modules per block differ)"
+        raise ValueError(f"the cache plan is for {plan.describe_layout()} but the model has {mine}")
+    for i, step in enumerate(plan.steps):
+        for b, row in enumerate(step.fractions):
+            for m, fraction in enumerate(row):
+                name = plan.modules[m]
+                if 0.0 < fraction < 1.0 and plan.present(b, m) and name not in layout.partial:
+                    raise ValueError(
+                        f"the cache plan recomputes {fraction:.2f} of the rows of {name!r} (step {i}, block {b}), but "
+                        f"{name!r} can only be computed or reused whole on this model (role "
+                        f"{layout.roles.get(name, '?')}); partial modules here: {sorted(layout.partial)}"
+                    )
 
 
 def load_plan(path: str | Path) -> CachePlan:

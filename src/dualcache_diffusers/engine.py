@@ -1,32 +1,49 @@
-"""The caching engine: diffusers ``ModelHook``s on the denoiser, its blocks and token-wise modules.
+"""The caching engine: diffusers ``ModelHook``s on the denoisers, their blocks and cached modules.
 
-* The denoiser hook knows the step: it reads the step count from the pipeline's scheduler and
-  notices a new generation when the pipeline calls ``scheduler.set_timesteps`` (which replaces
-  ``scheduler.timesteps``), so every generation starts from empty caches and two calls with the
-  same seed give the same image. Pipelines that call the denoiser once per CFG branch under
-  diffusers' ``cache_context`` get one state per branch.
-* Block hooks implement the aggressive "skip the block stack" step (blocks pass their input
-  through, the last one returns the cached output of the stack).
-* Module hooks on ``attn1`` / ``attn2`` / ``ff`` compute, reuse, or recompute a selected subset of
-  tokens and scatter them into the module's cache. The block around them still applies its
-  current gates and shifts.
+One engine serves one pipeline (or one bare transformer) and every denoiser in it (Wan 2.2 A14B has
+two). What it needs to know about a model comes from the model's adapter, as data.
+
+State. Everything one generation keeps (step, caches, token scores, statistics) lives in a
+:class:`Generation` owned by the calling thread, so one pipeline can serve several threads at once.
+A generation starts when the pipeline's *current* scheduler is given new timesteps in this thread
+(``set_timesteps`` is instrumented), when the pipeline's scheduler is replaced, or, for a bare
+transformer, when the planned number of calls is used up. Within a generation, each CFG branch (the
+pipeline's ``cache_context`` name, the order of calls at one timestep for pipelines without one, and
+the batch size) has its own :class:`BranchState`, and each denoiser its own caches in it.
+
+Hooks. The denoiser hook opens a :class:`Call` (the step's plan, the branch and model state) in a
+thread-local slot; block and module hooks read it. Blocks: the aggressive step skips the stack (each
+block passes its streams through in the layout the model unpacks, the last returns the cached
+output). Modules: compute and store, reuse, or recompute selected image rows (plus all text rows)
+and scatter them into the cache; the block around them applies its current gates.
+
+FLOPs. The first call of a denoiser for an input shape is counted with the same formulas as
+``torch.utils.flop_counter.FlopCounterMode`` (a thread-local dispatch mode), attributed to the
+model, each block, and each cached module; later calls add those per-part costs up, scaling partial
+modules by the rows they compute.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import threading
+import weakref
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .adapters import ModelAdapter
+from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .config import DualCacheConfig
-from .plan import CachePlan, StepPlan, num_fresh_tokens
+from .plan import CachePlan, PlanLayout, StepPlan, num_fresh_tokens
 from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
-from .stats import CacheStats, ModuleCost, layer_flops
+from .stats import CacheStats, ModuleCost, flop_formulas
 
 logger = logging.getLogger(__name__)
 
@@ -35,182 +52,274 @@ HOOK_BLOCK = "dualcache_block"
 HOOK_MODULE = "dualcache_module"
 HOOK_RECORD = "dualcache_record"
 ALL_HOOKS = (HOOK_DENOISER, HOOK_BLOCK, HOOK_MODULE, HOOK_RECORD)
+#: name prefixes of diffusers' own cache hooks, which cannot share a model with this engine
+FOREIGN_CACHE_HOOKS = ("fbc_", "faster_cache", "mag_cache", "pyramid_attention_broadcast", "sea_cache",
+                       "taylorseer_cache", "text_kv_cache")
+
+# set_timesteps calls per scheduler, counted per thread (see Generation)
+_EPOCHS = threading.local()
 
 
+def _epoch(scheduler: Any) -> int:
+    return getattr(_EPOCHS, "counts", {}).get(id(scheduler), 0)
+
+
+def _bump_epoch(scheduler: Any) -> None:
+    counts = getattr(_EPOCHS, "counts", None)
+    if counts is None:
+        counts = _EPOCHS.counts = {}
+    counts[id(scheduler)] = counts.get(id(scheduler), 0) + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# What the engine knows about each denoiser (fixed at enable time)
+# ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CachedModule:
-    block: int
-    index: int  # position in the plan's module tuple
+    block: int  # position of the block in execution order
+    column: int  # the module's column in the plan
     name: str
-    self_attention: bool
+    spec: ModuleSpec
+    grid: str  # which token-grid axes the block's rows span
     cost: ModuleCost
+
+    def call_kind(self, call: int) -> str:
+        calls = self.spec.calls
+        return calls[min(call, len(calls) - 1)]
 
 
 @dataclass
-class GenerationState:
-    """Everything one generation (of one CFG branch) keeps between denoiser calls."""
+class Costs:
+    """FLOPs per call of one denoiser for one input shape, recorded at its first call."""
 
-    branch: str
-    plan: CachePlan
-    signature: tuple
-    paired: bool  # the batch is [uncond, cond] copies of the same latents: halves share a selection
-    grid: tuple[int, int] | None
-    generator: torch.Generator
-    step: int = -1
-    step_plan: StepPlan | None = None
-    module_cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    stack_cache: torch.Tensor | None = None
-    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # per block, from the last full step
-    staleness: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    query: dict[int, torch.Tensor] = field(default_factory=dict)  # attention scorer only
-    overhead_model: int = 0  # FLOPs per call outside the blocks
-    overhead_block: dict[int, int] = field(default_factory=dict)  # FLOPs per block outside cached modules
-    full_module_flops: int = 0
-    tokens_per_call: dict[str, int] = field(default_factory=dict)
-    stats: CacheStats = field(default_factory=CacheStats)
+    model: int = 0  # outside every block
+    blocks: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # inside a block, outside cached modules
+    modules: dict[tuple[int, int, int], int] = field(default_factory=lambda: defaultdict(int))  # full module calls
+    rows: dict[tuple[int, int, int], tuple[int, int]] = field(default_factory=dict)  # (query rows, kv rows)
 
     @property
-    def recording(self) -> bool:
-        return self.step_plan is not None and self.step_plan.is_full
-
-    def cache_bytes(self) -> int:
-        tensors = [*self.module_cache.values(), *self.scores.values(), *self.staleness.values()]
-        if self.stack_cache is not None:
-            tensors.append(self.stack_cache)
-        return sum(t.numel() * t.element_size() for t in tensors)
+    def per_call(self) -> int:
+        return self.model + sum(self.blocks.values()) + sum(self.modules.values())
 
 
-class _NoState(BaseState):
-    def reset(self, *args, **kwargs) -> None:
-        pass
+class Denoiser:
+    """One denoiser of the pipeline: its adapter, blocks, cached modules and plans."""
 
-
-class DualCacheEngine:
-    """Owns the hooks on one denoiser and the per-generation state they share."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        adapter: ModelAdapter,
-        config: DualCacheConfig,
-        scheduler: Any | None = None,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, config: DualCacheConfig) -> None:
         self.model = model
         self.adapter = adapter
         self.config = config
-        self.scheduler = scheduler
-        self.blocks = adapter.blocks(model)
-        self.module_names = adapter.module_names(model)
-        self.states: dict[str, GenerationState] = {}
-        self.current: GenerationState | None = None
-        self.last_stats: dict[str, CacheStats] = {}
-        self._timesteps_ref: Any = None
-        self._plans: dict[int, CachePlan] = {}
-        self._in_block: int | None = None
-        self._recorders: list[torch.utils.hooks.RemovableHandle] = []
-        self._cached_layers: set[int] = set()
-        self._denoiser_hook: DenoiserHook | None = None
-        self.cached_modules: list[CachedModule] = []
+        self.infos: list[BlockInfo] = adapter.block_infos(model)
+        self.layout: PlanLayout = adapter.layout(model)
+        columns = {name: i for i, name in enumerate(self.layout.modules)}
+        self.modules: list[tuple[torch.nn.Module, CachedModule]] = [
+            (getattr(info.block, spec.name),
+             CachedModule(info.index, columns[spec.name], spec.name, spec, info.spec.grid,
+                          ModuleCost.of(getattr(info.block, spec.name))))
+            for info in self.infos
+            for spec in info.modules
+        ]
+        self.plans: dict[int, CachePlan] = {}
+        self.costs: dict[tuple, Costs] = {}
+        self.value_modules: dict[int, tuple[torch.nn.Module, torch.nn.Module, str]] = {}  # block -> (to_v, attn, rows)
+        for info in self.infos:
+            if info.spec.value:
+                value = resolve(info.block, info.spec.value)
+                attn = resolve(info.block, info.spec.value.rsplit(".", 1)[0]) if "." in info.spec.value else None
+                if value is not None and attn is not None and hasattr(attn, "heads"):
+                    self.value_modules[info.index] = (value, attn, info.spec.value_text_rows)
 
-    # ---- hooks -----------------------------------------------------------------------------
+    def plan(self, num_steps: int) -> CachePlan:
+        if num_steps not in self.plans:
+            self.plans[num_steps] = self.config.build_plan(num_steps, self.layout)
+        return self.plans[num_steps]
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-generation state (owned by one thread)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ModelState:
+    """One denoiser's caches within one CFG branch of one generation."""
+
+    costs: Costs | None = None
+    primed: bool = False  # had a full step (a denoiser joining mid-generation starts with one)
+    module_cache: dict[tuple[int, int, int], Any] = field(default_factory=dict)
+    stack_cache: Any = None
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # per block, from the last full step
+    staleness: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
+    query: dict[int, torch.Tensor] = field(default_factory=dict)  # attention scorer only
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def cache_bytes(self) -> int:
+        tensors = [*self.scores.values(), *self.staleness.values()]
+        for value in [*self.module_cache.values(), self.stack_cache]:
+            tensors.extend(_tensors(value))
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class BranchState:
+    """One CFG branch of a generation: its step counter and each denoiser's caches."""
+
+    plan_steps: int
+    paired: bool  # the batch holds [uncond, cond] copies of the same latents: halves share a selection
+    grid: tuple[int, int, int]
+    generator: torch.Generator | None
+    step: int = -1
+    first_timestep: float | None = None
+    models: dict[int, ModelState] = field(default_factory=dict)
+
+
+@dataclass
+class Generation:
+    scheduler: Any
+    epoch: int
+    num_steps: int
+    branches: dict[tuple, BranchState] = field(default_factory=dict)
+    timestep: float | None = None  # branches told apart by call order: the current timestep
+    calls_at_timestep: int = 0
+
+
+@dataclass
+class Call:
+    """One denoiser call: what the block and module hooks act on."""
+
+    denoiser: Denoiser
+    branch: BranchState
+    state: ModelState
+    step_plan: StepPlan
+    recording: bool  # full step that records token scores
+    counting: bool  # first call for this input shape: FLOPs are being recorded
+    selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
+    block: int | None = None
+    block_calls: dict[int, int] = field(default_factory=dict)
+    bucket: tuple = ("model",)
+
+    def image_rows(self, grid: str) -> int:
+        frames, rows, cols = self.branch.grid
+        return {"all": frames * rows * cols, "space": rows * cols, "time": frames}[grid]
+
+
+# ------------------------------------------------------------------------------------------------
+class DualCacheEngine:
+    """Owns the hooks on the denoisers of one pipeline and the per-thread generations they share."""
+
+    def __init__(
+        self,
+        models: list[tuple[torch.nn.Module, ModelAdapter]],
+        config: DualCacheConfig,
+        pipeline: Any | None = None,
+    ) -> None:
+        self.config = config
+        self.denoisers = [Denoiser(model, adapter, config) for model, adapter in models]
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._instrumented: list[Any] = []  # schedulers whose set_timesteps we wrapped
+        self._wrapped_contexts: list[torch.nn.Module] = []
+        self.last_stats: dict[str, CacheStats] = {}
+        self.fallback_selection: str | None = None
+
+    # ---- hooks ----------------------------------------------------------------------------------
     def attach(self) -> None:
-        self._denoiser_hook = DenoiserHook(self)
-        HookRegistry.check_if_exists_or_initialize(self.model).register_hook(self._denoiser_hook, HOOK_DENOISER)
-        last = len(self.blocks) - 1
-        for b, block in enumerate(self.blocks):
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockHook(self, b, b == last), HOOK_BLOCK)
-            for i, name in enumerate(self.module_names):
-                module = getattr(block, name)
-                spec = CachedModule(b, i, name, name in self.adapter.self_attention_modules, ModuleCost.of(module))
-                self.cached_modules.append(spec)
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(ModuleHook(self, spec), HOOK_MODULE)
-                self._cached_layers.update(id(m) for m in module.modules())
-            to_q, to_k, to_v, heads = self.adapter.value_projection(block)
-            if self.config.selection == "attention":
-                HookRegistry.check_if_exists_or_initialize(to_q).register_hook(QueryRecorder(self, b), HOOK_RECORD)
-                HookRegistry.check_if_exists_or_initialize(to_k).register_hook(
-                    AttentionRecorder(self, b, heads), HOOK_RECORD
-                )
-            elif self.config.selection == "vnorm":
-                recorder = ValueRecorder(self, b, heads)
-                HookRegistry.check_if_exists_or_initialize(to_v).register_hook(recorder, HOOK_RECORD)
+        for d_index, den in enumerate(self.denoisers):
+            check_no_foreign_cache_hooks(den.model)
+            _registry(den.model).register_hook(DenoiserHook(self, d_index), HOOK_DENOISER)
+            self._wrap_cache_context(den.model)
+            last = len(den.infos) - 1
+            for info in den.infos:
+                _registry(info.block).register_hook(BlockHook(self, info, info.index == last), HOOK_BLOCK)
+            for module, cached in den.modules:
+                _registry(module).register_hook(ModuleHook(self, cached), HOOK_MODULE)
+            self._attach_recorders(den)
+
+    def _attach_recorders(self, den: Denoiser) -> None:
+        selection = self.selection
+        for block, (value, attn, rows) in den.value_modules.items():
+            if selection == "vnorm":
+                _registry(value).register_hook(ValueRecorder(self, block, attn.heads, rows), HOOK_RECORD)
+            elif selection == "attention":
+                _registry(attn.to_q).register_hook(QueryRecorder(self, block, rows), HOOK_RECORD)
+                _registry(attn.to_k).register_hook(KeyRecorder(self, block, attn.heads, rows), HOOK_RECORD)
+
+    @property
+    def selection(self) -> str:
+        return self.fallback_selection or self.config.selection
 
     def detach(self) -> None:
-        self._stop_recording_layers()
-        for module in self.model.modules():
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is None:
-                continue
-            for name in ALL_HOOKS:
-                registry.remove_hook(name, recurse=False)
-            if not registry.hooks:
-                del module._diffusers_hook
-                # HookRegistry leaves the original bound method as an instance attribute
-                if "forward" in vars(module) and getattr(module.forward, "__func__", None) is type(module).forward:
-                    del module.forward
+        for den in self.denoisers:
+            for module in den.model.modules():
+                registry = getattr(module, "_diffusers_hook", None)
+                if registry is None:
+                    continue
+                for name in ALL_HOOKS:
+                    remove_hook(registry, name)
+                if not registry.hooks:
+                    del module._diffusers_hook
+                    # HookRegistry leaves the original bound method as an instance attribute
+                    if "forward" in vars(module) and getattr(module.forward, "__func__", None) is type(module).forward:
+                        del module.forward
+        for model in self._wrapped_contexts:
+            vars(model).pop("cache_context", None)
+        for scheduler in self._instrumented:
+            if getattr(vars(scheduler).get("set_timesteps"), "_dualcache", False):
+                del scheduler.set_timesteps
+        self._wrapped_contexts.clear()
+        self._instrumented.clear()
         self.reset()
 
     def reset(self) -> None:
-        self.states.clear()
-        self.current = None
-        self._timesteps_ref = None
+        """Forget this thread's generation: the next call starts from empty caches."""
+        self._local.generation = None
 
-    # ---- per call --------------------------------------------------------------------------
-    def branch_name(self) -> str:
-        context = self._denoiser_hook.context_state._context if self._denoiser_hook else None
-        return context.name if context is not None else "default"
-
-    def begin_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        latents = self.adapter.hidden_states(args, kwargs)
-        if self.scheduler is not None and getattr(self.scheduler, "timesteps", None) is not self._timesteps_ref:
-            self._timesteps_ref = getattr(self.scheduler, "timesteps", None)
-            self._finish_generation()
-        branch = self.branch_name()
-        state = self.states.get(branch)
-        signature = (tuple(latents.shape), latents.dtype, latents.device)
-        if state is None or state.step + 1 >= state.plan.num_steps or state.signature != signature:
-            if state is not None:
-                self._finish_generation()
-            state = self._new_state(branch, latents, signature)
-            self.states[branch] = state
-        state.step += 1
-        state.step_plan = state.plan.steps[state.step]
-        self.current = state
-        state.stats.step_kinds.append(state.step_plan.kind)
-        state.stats.num_calls += 1
-        if state.step_plan.is_full:
-            state.staleness.clear()
-        if state.step == 0:
-            self._start_recording_layers()
-        else:
-            state.stats.flops += state.overhead_model
-            if not state.step_plan.skip_blocks:
-                state.stats.flops += sum(state.overhead_block.values())
-
-    def end_call(self) -> None:
-        state = self.current
-        if state is None:
+    def _wrap_cache_context(self, model: torch.nn.Module) -> None:
+        """Record the pipeline's ``cache_context`` name per thread (diffusers keeps it on the model)."""
+        original = getattr(model, "cache_context", None)
+        if original is None or "cache_context" in vars(model):
             return
-        if state.step == 0:
-            self._stop_recording_layers()
-            state.full_module_flops = state.stats.flops - state.stats.selection_flops
-            state.tokens_per_call = dict(state.stats.tokens_computed)
-            state.stats.flops += state.overhead_model + sum(state.overhead_block.values())
-        state.stats.flops_uncached = state.stats.num_calls * self._full_call_flops(state)
-        for name, tokens in state.tokens_per_call.items():
-            state.stats.tokens_total[name] = state.stats.num_calls * tokens
-        state.stats.cache_bytes = max(state.stats.cache_bytes, state.cache_bytes())
-        self.last_stats = {name: s.stats for name, s in self.states.items()}
+        local = self._local
 
-    def _full_call_flops(self, state: GenerationState) -> int:
-        return state.overhead_model + sum(state.overhead_block.values()) + state.full_module_flops
+        @contextlib.contextmanager
+        def cache_context(name: str, *args: Any, **kwargs: Any):
+            previous = getattr(local, "context", None)
+            local.context = name
+            try:
+                with original(name, *args, **kwargs):
+                    yield
+            finally:
+                local.context = previous
 
-    def _finish_generation(self) -> None:
-        self.states.clear()
+        model.cache_context = cache_context
+        self._wrapped_contexts.append(model)
 
-    def _num_steps(self) -> int:
-        if self.scheduler is not None and getattr(self.scheduler, "timesteps", None) is not None:
-            return len(self.scheduler.timesteps)
+    # ---- generations ----------------------------------------------------------------------------
+    def _scheduler(self) -> Any:
+        pipe = self._pipeline() if self._pipeline is not None else None
+        if pipe is None:
+            return None
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is not None and not getattr(vars(scheduler).get("set_timesteps"), "_dualcache", False):
+            self._instrument(scheduler)
+        return scheduler
+
+    def _instrument(self, scheduler: Any) -> None:
+        original = scheduler.set_timesteps
+
+        @functools.wraps(original)
+        def set_timesteps(*args: Any, **kwargs: Any):
+            _bump_epoch(scheduler)
+            return original(*args, **kwargs)
+
+        set_timesteps._dualcache = True
+        scheduler.set_timesteps = set_timesteps
+        with self._lock:
+            self._instrumented.append(scheduler)
+
+    def _num_steps(self, scheduler: Any) -> int:
+        timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
+        if timesteps is not None:
+            return len(timesteps)
         if self.config.plan is not None:
             return self.config.plan.num_steps
         if self.config.num_inference_steps is not None:
@@ -220,230 +329,482 @@ class DualCacheEngine:
             "read its scheduler), or pass num_inference_steps=... when caching a bare transformer"
         )
 
-    def plan_for(self, num_steps: int) -> CachePlan:
-        if num_steps not in self._plans:
-            self._plans[num_steps] = self.config.build_plan(
-                num_steps, len(self.blocks), self.module_names, self.adapter.self_attention_modules
-            )
-        return self._plans[num_steps]
+    def _generation(self) -> Generation:
+        scheduler = self._scheduler()
+        epoch = _epoch(scheduler)
+        gen = getattr(self._local, "generation", None)
+        if gen is None or gen.scheduler is not scheduler or gen.epoch != epoch:
+            gen = Generation(scheduler, epoch, self._num_steps(scheduler))
+            self._local.generation = gen
+        return gen
 
-    def _new_state(self, branch: str, latents: torch.Tensor, signature: tuple) -> GenerationState:
+    def _branch_key(self, den: Denoiser, gen: Generation, args: tuple, kwargs: dict, batch: int) -> tuple:
+        name = getattr(self._local, "context", None)
+        if name is None and den.adapter.branches_by_timestep:
+            value = _timestep_value(den.adapter.timestep(args, kwargs), sync=True)
+            if value != gen.timestep:
+                gen.timestep, gen.calls_at_timestep = value, 0
+            name = f"call{gen.calls_at_timestep}"
+            gen.calls_at_timestep += 1
+        return name, batch
+
+    def begin_call(self, d_index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        den = self.denoisers[d_index]
+        self._check_hooks(den)
+        latents = den.adapter.hidden_states(args, kwargs)
+        gen = self._generation()
+        key = self._branch_key(den, gen, args, kwargs, latents.shape[0])
+        branch = gen.branches.get(key)
+        timestep = _timestep_value(den.adapter.timestep(args, kwargs), sync=gen.scheduler is None)
+        if branch is not None:
+            self._check_alignment(branch, gen, timestep)
+        if branch is None or branch.step + 1 >= branch.plan_steps:
+            if branch is not None:  # a bare transformer: the planned calls are used up, a new generation starts
+                gen = Generation(gen.scheduler, gen.epoch, gen.num_steps)
+                self._local.generation = gen
+            branch = gen.branches[key] = self._new_branch(den, gen, args, kwargs, latents)
+            branch.first_timestep = timestep
+        branch.step += 1
+        state = branch.models.get(d_index)
+        if state is None:
+            state = branch.models[d_index] = ModelState()
+        signature = (tuple(latents.shape), latents.dtype, latents.device)
+        costs = den.costs.get(signature)
+        plan = den.plan(branch.plan_steps)
+        step_plan = plan.steps[branch.step] if state.primed else plan.steps[0]  # nothing cached yet: full
+        state.primed = True
+        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None)
+        state.costs = costs if costs is not None else Costs()
+        state.stats.step_kinds.append(step_plan.kind)
+        state.stats.num_calls += 1
+        if step_plan.is_full:
+            state.staleness.clear()
+        if not call.counting:
+            state.stats.flops += costs.model
+            if not step_plan.skip_blocks:
+                state.stats.flops += sum(costs.blocks.values())
+        self._local.call = call
+        return call
+
+    def end_call(self, call: Call, signature: tuple) -> None:
+        self._local.call = None
+        den, state = call.denoiser, call.state
+        if call.counting:
+            den.costs[signature] = state.costs
+            state.stats.flops += state.costs.per_call
+        state.stats.flops_uncached += state.costs.per_call
+        for (_, column, _), (rows, _) in state.costs.rows.items():
+            state.stats.tokens_total[den.layout.modules[column]] += rows
+        state.stats.cache_bytes = max(state.stats.cache_bytes, state.cache_bytes())
+        gen = self._local.generation
+        if gen is not None:
+            self.last_stats = {
+                f"{key[0]}/{key[1]}/{d}": s.stats for key, b in gen.branches.items() for d, s in b.models.items()
+            }
+
+    def _new_branch(
+        self, den: Denoiser, gen: Generation, args: tuple, kwargs: dict, latents: torch.Tensor
+    ) -> BranchState:
         batch = latents.shape[0]
-        paired = batch % 2 == 0 and torch.equal(latents[: batch // 2], latents[batch // 2 :])
-        generator = torch.Generator(device=latents.device)
-        generator.manual_seed(self.config.seed)
-        return GenerationState(
-            branch=branch,
-            plan=self.plan_for(self._num_steps()),
-            signature=signature,
-            paired=paired,
-            grid=self.adapter.token_grid(self.model, latents),
-            generator=generator,
-        )
+        # one host sync per generation and branch, never per step
+        paired = batch % 2 == 0 and bool(torch.equal(latents[: batch // 2], latents[batch // 2 :]))
+        generator = None
+        if self.selection == "random":
+            generator = torch.Generator(device=latents.device)
+            generator.manual_seed(self.config.seed)
+        return BranchState(gen.num_steps, paired, den.adapter.token_grid(den.model, args, kwargs), generator)
 
-    # ---- FLOPs of everything outside the cached modules, recorded at the first call ----------
-    def _start_recording_layers(self) -> None:
-        self._stop_recording_layers()
-        counted = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-        for layer in self.model.modules():
-            if isinstance(layer, counted) and id(layer) not in self._cached_layers:
-                self._recorders.append(layer.register_forward_hook(self._record_layer))
+    def _check_alignment(self, branch: BranchState, gen: Generation, timestep: float | None) -> None:
+        """A bare transformer (or a transformer shared with another pipeline) must follow the plan's steps."""
+        if timestep is None or branch.first_timestep is None or branch.step < 0:
+            return
+        restarted = timestep == branch.first_timestep and branch.step + 1 < branch.plan_steps
+        overrun = branch.step + 1 >= branch.plan_steps and timestep != branch.first_timestep
+        if gen.scheduler is not None and not restarted:
+            return
+        if restarted or overrun:
+            raise RuntimeError(
+                f"dual cache: the denoiser was called at timestep {timestep:g} as call {branch.step + 2} of a "
+                f"generation planned for {branch.plan_steps} calls, which {'restarts' if restarted else 'overruns'} "
+                "the plan: the transformer is driven with another number of steps than its cache was enabled for "
+                "(or is shared with another pipeline). Enable the cache on the pipeline that calls it, pass "
+                "num_inference_steps matching the calls, or call reset_dual_cache() between generations."
+            )
 
-    def _stop_recording_layers(self) -> None:
-        for handle in self._recorders:
-            handle.remove()
-        self._recorders.clear()
+    def _check_hooks(self, den: Denoiser) -> None:
+        registry = getattr(den.model, "_diffusers_hook", None)
+        if registry is not None and registry._hook_order and registry._hook_order[-1] != HOOK_DENOISER:
+            foreign = [n for n in registry._hook_order if n.startswith(FOREIGN_CACHE_HOOKS)]
+            if foreign:
+                raise RuntimeError(
+                    f"dual cache: diffusers cache hooks {foreign} were added to {type(den.model).__name__} after "
+                    "enable_dual_cache; two caches cannot share a model. Remove one of them first "
+                    "(disable_dual_cache(pipe) or transformer.disable_cache())."
+                )
 
-    def _record_layer(self, layer: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        state = self.current
-        flops = layer_flops(layer, inputs, output)
-        if self._in_block is None:
-            state.overhead_model += flops
-        else:
-            state.overhead_block[self._in_block] = state.overhead_block.get(self._in_block, 0) + flops
+    def current_call(self) -> Call | None:
+        return getattr(self._local, "call", None)
 
-    # ---- blocks ----------------------------------------------------------------------------
-    def run_block(self, index: int, is_last: bool, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        state = self.current
-        if state.step_plan.skip_blocks:
-            if is_last:
-                return state.stack_cache
-            return args[0] if args else kwargs["hidden_states"]
-        self._in_block = index
+    # ---- blocks -----------------------------------------------------------------------------------
+    def run_block(self, info: BlockInfo, is_last: bool, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        call = self.current_call()
+        if call is None:
+            return forward(*args, **kwargs)
+        if call.step_plan.skip_blocks:
+            return call.state.stack_cache if is_last else _pass_through(info.spec.outputs, args, kwargs)
+        call.block, call.block_calls, call.bucket = info.index, {}, ("block", info.index)
         try:
             output = forward(*args, **kwargs)
         finally:
-            self._in_block = None
+            call.block, call.bucket = None, ("model",)
         if is_last:
-            state.stack_cache = output
+            call.state.stack_cache = output
         return output
 
-    # ---- token-wise modules ------------------------------------------------------------------
-    def run_module(self, spec: CachedModule, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        state = self.current
-        key = (spec.block, spec.index)
-        fraction = state.step_plan.fractions[spec.block][spec.index]
-        hidden = args[0] if args else kwargs["hidden_states"]
-        batch, tokens = hidden.shape[0], hidden.shape[1]
-        kv_rows = self._kv_rows(spec, hidden, kwargs)
-        if fraction >= 1.0:
-            output = forward(*args, **kwargs)
-            state.module_cache[key] = output
-            self._count(state, spec, batch, tokens, tokens, kv_rows)
-            return output
+    # ---- cached modules ---------------------------------------------------------------------------
+    def run_module(self, cached: CachedModule, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        call = self.current_call()
+        if call is None or call.block != cached.block:
+            return forward(*args, **kwargs)
+        state = call.state
+        index = call.block_calls.get(cached.column, 0)
+        call.block_calls[cached.column] = index + 1
+        key = (cached.block, cached.column, index)
+        fraction = call.step_plan.fractions[cached.block][cached.column]
+        if call.step_plan.skip_blocks:
+            fraction = 0.0
         cache = state.module_cache.get(key)
-        if cache is None:
+        partial = 0.0 < fraction < 1.0 and cached.spec.can_partial and cached.call_kind(index) == "image"
+        if fraction >= 1.0 or cache is None or (0.0 < fraction < 1.0 and not partial):
+            return self._compute(call, cached, key, forward, args, kwargs)
+        if not partial:
+            return cache
+        return self._recompute_rows(call, cached, key, fraction, cache, forward, args, kwargs)
+
+    def _compute(self, call: Call, cached: CachedModule, key: tuple, forward, args: tuple, kwargs: dict):
+        state = call.state
+        if call.counting:
+            call.bucket = ("module", key)
+            try:
+                output = forward(*args, **kwargs)
+            finally:
+                call.bucket = ("block", cached.block)
+            hidden = _hidden(args, kwargs)
+            state.costs.rows[key] = (hidden.shape[1], _kv_rows(hidden, kwargs))
+        else:
+            output = forward(*args, **kwargs)
+            state.stats.flops += state.costs.modules.get(key, 0)
+        state.module_cache[key] = output
+        rows = state.costs.rows.get(key, (0, 0))[0]
+        state.stats.tokens_computed[cached.name] += rows
+        return output
+
+    def _recompute_rows(self, call: Call, cached: CachedModule, key: tuple, fraction: float, cache: torch.Tensor,
+                        forward, args: tuple, kwargs: dict):
+        state = call.state
+        hidden = _hidden(args, kwargs)
+        batch, rows = hidden.shape[0], hidden.shape[1]
+        image = call.image_rows(cached.grid)
+        text = rows - image
+        if text < 0 or (text > 0 and cached.spec.text_rows == "none"):
             raise RuntimeError(
-                f"block {spec.block} {spec.name}: nothing cached to reuse at step {state.step}; "
-                "a plan must compute every module before reusing it"
+                f"dual cache: {cached.name} of block {cached.block} sees {rows} rows but the token grid "
+                f"{call.branch.grid} ({cached.grid}) has {image} image tokens; the adapter's layout is wrong"
             )
-        k = num_fresh_tokens(fraction, tokens)
+        k = num_fresh_tokens(fraction, image)
         if k == 0:
             return cache
-        index = self._select(state, spec, k, batch, tokens, hidden.device)  # (batch, k)
-        gather_index = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        rows = hidden.gather(1, gather_index)
+        picked = self._select(call, cached, k, batch, image, hidden.device)  # (batch, k) image-row indices
+        if text:
+            text_index = torch.arange(text, device=hidden.device).expand(batch, text)
+            if cached.spec.text_rows == "first":
+                picked = torch.cat([text_index, picked + text], dim=1)
+            else:
+                picked = torch.cat([picked, text_index + image], dim=1)
+        gathered = hidden.gather(1, picked.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         rest, kwargs = (args[1:], dict(kwargs)) if args else ((), dict(kwargs))
-        if not args:
-            kwargs.pop("hidden_states")
-        if spec.self_attention:
+        kwargs.pop("hidden_states", None)
+        if cached.spec.role == "self_attention":
             kwargs["encoder_hidden_states"] = hidden  # selected queries against all keys / values
-        fresh = forward(rows, *rest, **kwargs)
-        cache.scatter_(1, index.unsqueeze(-1).expand(-1, -1, cache.shape[-1]), fresh.to(cache.dtype))
-        self._count(state, spec, batch, k, tokens, kv_rows)
+        fresh = forward(gathered, *rest, **kwargs)
+        scatter_index = picked.unsqueeze(-1).expand(-1, -1, cache.shape[-1])
+        if torch.is_grad_enabled():  # keep autograd's saved tensors intact
+            cache = cache.scatter(1, scatter_index, fresh.to(cache.dtype))
+            state.module_cache[key] = cache
+        else:
+            cache.scatter_(1, scatter_index, fresh.to(cache.dtype))
+        computed = picked.shape[1]
+        full_rows, kv_rows = state.costs.rows.get(key, (rows, 0))
+        full = cached.cost.flops(batch, full_rows, kv_rows)
+        if full:  # the measured full cost, scaled by the rows computed
+            share = cached.cost.flops(batch, computed, kv_rows) / full
+            state.stats.flops += round(state.costs.modules.get(key, 0) * share)
+        state.stats.tokens_computed[cached.name] += computed
         return cache
 
-    @staticmethod
-    def _kv_rows(spec: CachedModule, hidden: torch.Tensor, kwargs: dict[str, Any]) -> int:
-        if spec.cost.per_kv_row == 0 and spec.cost.per_pair == 0:
-            return 0
-        encoder = kwargs.get("encoder_hidden_states")
-        return hidden.shape[1] if encoder is None else encoder.shape[1]
-
-    @staticmethod
-    def _count(state: GenerationState, spec: CachedModule, batch: int, rows: int, tokens: int, kv_rows: int) -> None:
-        state.stats.flops += spec.cost.flops(batch, rows, kv_rows)
-        state.stats.tokens_computed[spec.name] += batch * rows
-
-    def _select(
-        self, state: GenerationState, spec: CachedModule, k: int, batch: int, tokens: int, device: torch.device
-    ) -> torch.Tensor:
-        groups = batch // 2 if state.paired else batch
-        if self.config.selection == "random":
-            base = random_base(groups, tokens, state.generator, device)
+    def _select(self, call: Call, cached: CachedModule, k: int, batch: int, tokens: int, device) -> torch.Tensor:
+        group_key = (cached.block, cached.spec.group or cached.column)
+        chosen = call.selections.get(group_key)
+        if chosen is not None and chosen.shape[1] == k:
+            return chosen
+        paired = call.branch.paired and batch % 2 == 0
+        groups = batch // 2 if paired else batch
+        state = call.state
+        if self.selection == "random":
+            base = random_base(groups, tokens, call.branch.generator, device)
         else:
-            base = state.scores.get(spec.block)
-            if base is None:
-                raise RuntimeError(f"block {spec.block}: no token scores recorded; the first step must be full")
-        key = (spec.block, spec.index)
-        staleness = state.staleness.get(key)
+            base = state.scores.get(cached.block)
+            if base is None or base.shape != (groups, tokens):
+                raise RuntimeError(
+                    f"dual cache: block {cached.block} has no token scores for {groups}x{tokens} tokens; the step "
+                    "before a partial step must be full (scores are recorded there)"
+                )
+        staleness = state.staleness.get(group_key)
         if staleness is None:
-            staleness = state.staleness[key] = torch.zeros((groups, tokens), device=device)
-        index = select_tokens(
-            base,
-            k,
-            staleness,
-            self.config.staleness_weight,
-            self.config.interval,
-            state.grid,
-            self.config.spatial_grid,
-            self.config.spatial_bonus,
-        )
+            staleness = state.staleness[group_key] = torch.zeros((groups, tokens), device=device)
+        frames, rows, cols = call.branch.grid
+        grid = (rows, cols) if cached.grid == "space" or (cached.grid == "all" and frames == 1) else None
+        if cached.grid == "all" and frames > 1:
+            grid = (frames * rows, cols)  # frames stacked: cells never straddle two frames when rows % cell == 0
+        index = select_tokens(base, k, staleness, self.config.staleness_weight, self.config.interval, grid,
+                              self.config.spatial_grid, self.config.spatial_bonus)
         staleness.add_(1.0).scatter_(1, index, 0.0)
-        return torch.cat([index, index]) if state.paired else index
+        chosen = torch.cat([index, index]) if paired else index
+        call.selections[group_key] = chosen
+        return chosen
 
-    # ---- score recording at full steps ---------------------------------------------------------
-    def record_value(self, block: int, value: torch.Tensor, heads: int) -> None:
-        state = self.current
-        if state is None or not state.recording:
+    # ---- score recording at full steps ------------------------------------------------------------
+    def _recording_call(self, block: int) -> Call | None:
+        call = self.current_call()
+        if call is None or not call.recording or call.block != block:
+            return None
+        return call
+
+    def record_value(self, block: int, value: torch.Tensor, heads: int, text_rows: str) -> None:
+        call = self._recording_call(block)
+        if call is not None:
+            value = _image_rows(value, call.image_rows(call.denoiser.infos[block].spec.grid), text_rows)
+            call.state.scores[block] = vnorm_score(value, heads, call.branch.paired and value.shape[0] % 2 == 0)
+
+    def record_query(self, block: int, query: torch.Tensor, text_rows: str) -> None:
+        call = self._recording_call(block)
+        if call is not None:
+            call.state.query[block] = _image_rows(query, call.image_rows(call.denoiser.infos[block].spec.grid),
+                                                  text_rows)
+
+    def record_key(self, block: int, key: torch.Tensor, heads: int, text_rows: str) -> None:
+        call = self._recording_call(block)
+        if call is None or block not in call.state.query:
             return
-        state.scores[block] = vnorm_score(value, heads, state.paired)
-
-    def record_query(self, block: int, query: torch.Tensor) -> None:
-        state = self.current
-        if state is not None and state.recording:
-            state.query[block] = query
-
-    def record_key(self, block: int, key: torch.Tensor, heads: int) -> None:
-        state = self.current
-        if state is None or not state.recording or block not in state.query:
-            return
-        query = state.query.pop(block)
-        state.scores[block] = attention_score(query, key, heads, state.paired)
+        query = call.state.query.pop(block)
+        key = _image_rows(key, call.image_rows(call.denoiser.infos[block].spec.grid), text_rows)
+        call.state.scores[block] = attention_score(query, key, heads, call.branch.paired and key.shape[0] % 2 == 0)
         extra = attention_score_flops(query.shape[0], query.shape[1], query.shape[2])
-        state.stats.flops += extra
-        state.stats.selection_flops += extra
+        call.state.stats.flops += extra
+        call.state.stats.selection_flops += extra
+
+    # ---- FLOPs of the counting call -----------------------------------------------------------------
+    def add_counted_flops(self, flops: int) -> None:
+        call = self.current_call()
+        if call is None or not call.counting:
+            return
+        costs, bucket = call.state.costs, call.bucket
+        if bucket[0] == "module":
+            costs.modules[bucket[1]] += flops
+        elif bucket[0] == "block":
+            costs.blocks[bucket[1]] += flops
+        else:
+            costs.model += flops
+
+    def stats(self) -> CacheStats:
+        if not self.last_stats:
+            return CacheStats()
+        return CacheStats.merge(list(self.last_stats.values()))
 
 
-class DenoiserHook(ModelHook):
-    """Step bookkeeping around every denoiser call."""
-
-    _is_stateful = True
+# ------------------------------------------------------------------------------------------------
+# Hooks
+# ------------------------------------------------------------------------------------------------
+class _FlopRecorder(TorchDispatchMode):
+    """Counts FLOPs with FlopCounterMode's formulas and hands them to the engine (thread-local)."""
 
     def __init__(self, engine: DualCacheEngine) -> None:
         super().__init__()
         self.engine = engine
-        # diffusers sets the pipeline's cache context (cond / uncond branch) on StateManagers
-        self.context_state = StateManager(_NoState)
+        self.formulas = flop_formulas()
 
-    def pre_forward(self, module, *args, **kwargs):
-        self.engine.begin_call(args, kwargs)
-        return args, kwargs
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is None and func is not torch.ops.prim.device.default:
+            # as FlopCounterMode does: composite ops (aten.linear under inference_mode) are decomposed
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        if formula is not None:
+            self.engine.add_counted_flops(formula(*args, **kwargs, out_val=out))
+        return out
 
-    def post_forward(self, module, output):
-        self.engine.end_call()
+
+class DenoiserHook(ModelHook):
+    """Opens a Call around every denoiser call (and counts FLOPs at the first call per input shape)."""
+
+    def __init__(self, engine: DualCacheEngine, d_index: int) -> None:
+        super().__init__()
+        self.engine, self.d_index = engine, d_index
+
+    def new_forward(self, module, *args, **kwargs):
+        call = self.engine.begin_call(self.d_index, args, kwargs)
+        latents = call.denoiser.adapter.hidden_states(args, kwargs)
+        signature = (tuple(latents.shape), latents.dtype, latents.device)
+        try:
+            if call.counting:
+                with _FlopRecorder(self.engine):
+                    output = self.fn_ref.original_forward(*args, **kwargs)
+            else:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self.engine._local.call = None
+            self.engine.reset()  # an interrupted generation leaves nothing half-done behind
+            raise
+        self.engine.end_call(call, signature)
         return output
-
-    def reset_state(self, module):
-        self.engine.reset()
-        return module
 
 
 class BlockHook(ModelHook):
-    def __init__(self, engine: DualCacheEngine, index: int, is_last: bool) -> None:
+    def __init__(self, engine: DualCacheEngine, info: BlockInfo, is_last: bool) -> None:
         super().__init__()
-        self.engine, self.index, self.is_last = engine, index, is_last
+        self.engine, self.info, self.is_last = engine, info, is_last
 
     def new_forward(self, module, *args, **kwargs):
-        return self.engine.run_block(self.index, self.is_last, self.fn_ref.original_forward, args, kwargs)
+        return self.engine.run_block(self.info, self.is_last, self.fn_ref.original_forward, args, kwargs)
 
 
 class ModuleHook(ModelHook):
-    def __init__(self, engine: DualCacheEngine, spec: CachedModule) -> None:
+    def __init__(self, engine: DualCacheEngine, cached: CachedModule) -> None:
         super().__init__()
-        self.engine, self.spec = engine, spec
+        self.engine, self.cached = engine, cached
 
     def new_forward(self, module, *args, **kwargs):
-        return self.engine.run_module(self.spec, self.fn_ref.original_forward, args, kwargs)
+        return self.engine.run_module(self.cached, self.fn_ref.original_forward, args, kwargs)
 
 
 class ValueRecorder(ModelHook):
     """Records value-vector norms of a block's self-attention at full steps (V-caching)."""
 
-    def __init__(self, engine: DualCacheEngine, block: int, heads: int) -> None:
+    def __init__(self, engine: DualCacheEngine, block: int, heads: int, text_rows: str) -> None:
         super().__init__()
-        self.engine, self.block, self.heads = engine, block, heads
+        self.engine, self.block, self.heads, self.text_rows = engine, block, heads, text_rows
 
     def post_forward(self, module, output):
-        self.engine.record_value(self.block, output, self.heads)
+        self.engine.record_value(self.block, output, self.heads, self.text_rows)
         return output
 
 
 class QueryRecorder(ModelHook):
-    def __init__(self, engine: DualCacheEngine, block: int) -> None:
+    def __init__(self, engine: DualCacheEngine, block: int, text_rows: str) -> None:
         super().__init__()
-        self.engine, self.block = engine, block
+        self.engine, self.block, self.text_rows = engine, block, text_rows
 
     def post_forward(self, module, output):
-        self.engine.record_query(self.block, output)
+        self.engine.record_query(self.block, output, self.text_rows)
         return output
 
 
-class AttentionRecorder(ModelHook):
-    def __init__(self, engine: DualCacheEngine, block: int, heads: int) -> None:
+class KeyRecorder(ModelHook):
+    def __init__(self, engine: DualCacheEngine, block: int, heads: int, text_rows: str) -> None:
         super().__init__()
-        self.engine, self.block, self.heads = engine, block, heads
+        self.engine, self.block, self.heads, self.text_rows = engine, block, heads, text_rows
 
     def post_forward(self, module, output):
-        self.engine.record_key(self.block, output, self.heads)
+        self.engine.record_key(self.block, output, self.heads, self.text_rows)
         return output
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+def _registry(module: torch.nn.Module) -> HookRegistry:
+    return HookRegistry.check_if_exists_or_initialize(module)
+
+
+def remove_hook(registry: HookRegistry, name: str) -> None:
+    """``registry.remove_hook(name)`` that keeps hooks registered after it working.
+
+    diffusers' own removal hands the removed hook's inner forward to the next hook's ``forward``
+    slot; for a hook with ``new_forward`` that replaces the hook itself and leaves its
+    ``original_forward`` pointing at the removed hook, which then keeps running.
+    """
+    if name not in registry.hooks:
+        return
+    index = registry._hook_order.index(name)
+    removed = registry._fn_refs[index]
+    inner = removed.original_forward if removed.original_forward is not None else removed.forward
+    successor = registry._fn_refs[index + 1] if index + 1 < len(registry._fn_refs) else None
+    successor_forward = successor.forward if successor is not None else None
+    registry.remove_hook(name, recurse=False)
+    if successor is not None and successor.original_forward is not None:
+        successor.forward = successor_forward
+        successor.original_forward = inner
+
+
+def check_no_foreign_cache_hooks(model: torch.nn.Module) -> None:
+    """Refuse a model that carries one of diffusers' own caches (they would fight over the blocks)."""
+    for name, module in model.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        foreign = [hook for hook in registry._hook_order if hook.startswith(FOREIGN_CACHE_HOOKS)]
+        if foreign:
+            where = name or type(model).__name__
+            raise ValueError(
+                f"{type(model).__name__} already has diffusers cache hooks {foreign} (on {where}); dual caching "
+                "cannot be combined with another feature cache. Remove it first (transformer.disable_cache() or "
+                "remove_baseline) and enable dual caching again."
+            )
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _kv_rows(hidden: torch.Tensor, kwargs: dict) -> int:
+    encoder = kwargs.get("encoder_hidden_states")
+    return hidden.shape[1] if encoder is None else encoder.shape[1]
+
+
+def _image_rows(tensor: torch.Tensor, image: int, text_rows: str) -> torch.Tensor:
+    if text_rows == "first":
+        return tensor[:, tensor.shape[1] - image :]
+    if text_rows == "last":
+        return tensor[:, :image]
+    return tensor
+
+
+def _pass_through(outputs: str, args: tuple, kwargs: dict) -> Any:
+    hidden = _hidden(args, kwargs)
+    if outputs == "h":
+        return hidden
+    encoder = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+    return (hidden, encoder) if outputs == "h,e" else (encoder, hidden)
+
+
+def _timestep_value(timestep: Any, sync: bool) -> float | None:
+    """The call's timestep as a float, read only where that costs no host sync (or ``sync`` allows it)."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, (int, float)):
+        return float(timestep)
+    if isinstance(timestep, torch.Tensor) and timestep.numel() and (sync or timestep.device.type == "cpu"):
+        return float(timestep.detach().reshape(-1)[0])
+    return None
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []

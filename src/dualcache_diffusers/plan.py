@@ -23,7 +23,45 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2  # 2 added block_modules / block_names (models whose blocks differ); 1 still loads
+
+
+@dataclass(frozen=True)
+class PlanLayout:
+    """The part of a model a plan describes: its blocks in execution order and their cached modules.
+
+    ``modules`` are the plan's columns (every module name of any block); ``block_modules[b]`` are the
+    ones block ``b`` has (a cell of a module a block lacks is ignored). ``roles`` maps a module name
+    to its role (see ``adapters.base.ROLES``) and ``partial`` names the modules whose rows can be
+    recomputed one by one.
+    """
+
+    modules: tuple[str, ...]
+    block_modules: tuple[tuple[str, ...], ...]
+    block_names: tuple[str, ...] = ()
+    roles: dict[str, str] = field(default_factory=dict)
+    partial: frozenset[str] = frozenset()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_modules)
+
+    @property
+    def uniform(self) -> bool:
+        return all(tuple(b) == tuple(self.modules) for b in self.block_modules)
+
+    @classmethod
+    def uniform_layout(
+        cls, num_blocks: int, modules: Sequence[str], self_attention_modules: Sequence[str] = ("attn1",),
+        partial_self_attention: bool = True,
+    ) -> PlanLayout:
+        """Every block has every module (DiT / PixArt style): attention modules named in
+        ``self_attention_modules``, the rest MLP or cross-attention, all recomputable row by row."""
+        roles = {m: "self_attention" if m in self_attention_modules else ("cross_attention" if m == "attn2" else "mlp")
+                 for m in modules}
+        partial = {m for m in modules if m not in self_attention_modules or partial_self_attention}
+        return cls(tuple(modules), tuple(tuple(modules) for _ in range(num_blocks)), roles=roles,
+                   partial=frozenset(partial))
 
 
 class Action(str, Enum):
@@ -78,10 +116,39 @@ class CachePlan:
     steps: list[StepPlan]
     method: str = "custom"
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: modules present in each block (None: every module in every block)
+    block_modules: tuple[tuple[str, ...], ...] | None = None
+    block_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self.modules = tuple(self.modules)
+        if self.block_modules is not None:
+            self.block_modules = tuple(tuple(b) for b in self.block_modules)
+            if all(b == self.modules for b in self.block_modules):
+                self.block_modules = None
+        if self.block_names is not None:
+            self.block_names = tuple(self.block_names)
         self.validate()
+        if self.block_modules is not None:  # cells of modules a block lacks are ignored: keep them neutral
+            for step in self.steps:
+                for b, row in enumerate(step.fractions):
+                    for m in range(len(row)):
+                        if not self.present(b, m):
+                            row[m] = 1.0
+
+    def present(self, block: int, module: int) -> bool:
+        """Whether block ``block`` has the plan's module column ``module``."""
+        return self.block_modules is None or self.modules[module] in self.block_modules[block]
+
+    def fits(self, layout: PlanLayout) -> bool:
+        """Whether this plan describes a model of ``layout`` (same blocks, modules and presence)."""
+        mine = self.block_modules or tuple(self.modules for _ in range(self.num_blocks))
+        return self.modules == tuple(layout.modules) and mine == tuple(tuple(b) for b in layout.block_modules)
+
+    def describe_layout(self) -> str:
+        if self.block_modules is None:
+            return f"{self.num_blocks} blocks x {self.modules}"
+        return f"{self.num_blocks} blocks (modules per block differ) x {self.modules}"
 
     def validate(self) -> None:
         if self.num_steps < 1 or len(self.steps) != self.num_steps:
@@ -100,6 +167,17 @@ class CachePlan:
                 for f in row:
                     if not (0.0 <= f <= 1.0) or math.isnan(f):
                         raise ValueError(f"plan step {i} block {b}: fraction {f!r} is outside [0, 1]")
+        if self.block_modules is not None:
+            if len(self.block_modules) != self.num_blocks:
+                raise ValueError(
+                    f"plan block_modules has {len(self.block_modules)} entries, expected {self.num_blocks}"
+                )
+            for b, names in enumerate(self.block_modules):
+                unknown = set(names) - set(self.modules)
+                if unknown:
+                    raise ValueError(f"plan block_modules[{b}] names modules {sorted(unknown)} not in {self.modules}")
+        if self.block_names is not None and len(self.block_names) != self.num_blocks:
+            raise ValueError(f"plan block_names has {len(self.block_names)} entries, expected {self.num_blocks}")
         if not self.steps[0].is_full:
             raise ValueError("the first step of a plan must be a full step: the caches start empty")
 
@@ -115,8 +193,10 @@ class CachePlan:
         weights = list(module_weights) if module_weights is not None else [1.0] * len(self.modules)
         total = done = 0.0
         for step in self.steps:
-            for row in step.fractions:
-                for w, f in zip(weights, row):
+            for b, row in enumerate(step.fractions):
+                for m, (w, f) in enumerate(zip(weights, row)):
+                    if not self.present(b, m):
+                        continue
                     total += w
                     done += 0.0 if step.skip_blocks else w * f
         return done / total if total else 1.0
@@ -147,7 +227,11 @@ class CachePlan:
         metadata["resampled"] = {"from_steps": old, "to_steps": num_steps, "rule": "nearest-normalized-time"}
         if "num_inference_steps" in metadata:
             metadata["num_inference_steps"] = num_steps
-        return CachePlan(num_steps, self.num_blocks, self.modules, steps, method=self.method, metadata=metadata)
+        return self._with_steps(num_steps, steps, metadata)
+
+    def _with_steps(self, num_steps: int, steps: list[StepPlan], metadata: dict[str, Any]) -> CachePlan:
+        return CachePlan(num_steps, self.num_blocks, self.modules, steps, method=self.method, metadata=metadata,
+                         block_modules=self.block_modules, block_names=self.block_names)
 
     # ---- text ----------------------------------------------------------------------------
     def summary(self) -> str:
@@ -155,7 +239,7 @@ class CachePlan:
         symbols = {"full": "F", "conservative": "C", "aggressive": "A", "reuse": "R", "learned": "L"}
         pattern = "".join(symbols.get(k, "?") if not s.skip_blocks else "A" for k, s in zip(self.kinds(), self.steps))
         lines = [
-            f"CachePlan[{self.method}]: {self.num_steps} steps x {self.num_blocks} blocks x modules {self.modules}",
+            f"CachePlan[{self.method}]: {self.num_steps} steps x {self.describe_layout()}",
             f"  step pattern : {pattern}",
             "  step kinds   : " + ", ".join(f"{k}={n}" for k, n in sorted(counts.items())),
             f"  compute done : {self.compute_fraction():.1%} of block-module work (unweighted)",
@@ -166,7 +250,7 @@ class CachePlan:
             else:
                 per_module = []
                 for m, name in enumerate(self.modules):
-                    col = [row[m] for row in step.fractions]
+                    col = [row[m] for b, row in enumerate(step.fractions) if self.present(b, m)]
                     acts = {action_of(f).symbol for f in col}
                     mean = sum(col) / len(col)
                     per_module.append(f"{name}:{''.join(sorted(acts))}({mean:.2f})")
@@ -179,13 +263,19 @@ class CachePlan:
 
     # ---- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        layout: dict[str, Any] = {}
+        if self.block_modules is not None:
+            layout["block_modules"] = [list(b) for b in self.block_modules]
+        if self.block_names is not None:
+            layout["block_names"] = list(self.block_names)
         return {
             "format": "dualcache-plan",
-            "version": PLAN_FORMAT_VERSION,
+            "version": PLAN_FORMAT_VERSION if layout else 1,  # plans every version-1 reader understands stay 1
             "method": self.method,
             "num_steps": self.num_steps,
             "num_blocks": self.num_blocks,
             "modules": list(self.modules),
+            **layout,
             "metadata": self.metadata,
             "steps": [
                 {
@@ -220,6 +310,8 @@ class CachePlan:
             steps=steps,
             method=str(data.get("method", "custom")),
             metadata=dict(data.get("metadata", {})),
+            block_modules=data.get("block_modules"),
+            block_names=data.get("block_names"),
         )
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -242,7 +334,7 @@ class CachePlan:
 # ---------------------------------------------------------------------------------------------
 # Per-token recompute ratio schedules (ToCa's scheduler: fresh x step x layer x module factors)
 # ---------------------------------------------------------------------------------------------
-RatioFn = Callable[[int, int, int, int, str], float]
+RatioFn = Callable[[int, int, int, int, str], float]  # (step, num_steps, block, num_blocks, module role)
 
 
 def _lerp(a: float, b: float, t: float) -> float:
@@ -250,7 +342,7 @@ def _lerp(a: float, b: float, t: float) -> float:
 
 
 def constant_ratio(fresh_ratio: float) -> RatioFn:
-    def ratio(step: int, num_steps: int, block: int, num_blocks: int, module: str) -> float:
+    def ratio(step: int, num_steps: int, block: int, num_blocks: int, role: str) -> float:
         return fresh_ratio
 
     return ratio
@@ -264,27 +356,27 @@ def dit_ratio(fresh_ratio: float) -> RatioFn:
     partially recomputed on DiT).
     """
 
-    def ratio(step: int, num_steps: int, block: int, num_blocks: int, module: str) -> float:
+    def ratio(step: int, num_steps: int, block: int, num_blocks: int, role: str) -> float:
         countdown = num_steps - 1 - step
         step_factor = 3.0 - 4.0 * countdown / num_steps
         layer_factor = _lerp(0.8, 1.2, block / max(1, num_blocks - 1))
-        module_factor = {"ff": 2.5}.get(module, 1.0)
+        module_factor = {"mlp": 2.5, "single": 2.5}.get(role, 1.0)
         return min(1.0, max(0.0, fresh_ratio * step_factor * layer_factor * module_factor))
 
     return ratio
 
 
-def _pixart_layer_module_factor(block: int, num_blocks: int, module: str) -> float:
+def _pixart_layer_module_factor(block: int, num_blocks: int, role: str) -> float:
     layer_factor = _lerp(1.6, 0.4, block / max(1, num_blocks - 1))
-    return layer_factor * {"attn2": 0.6, "ff": 1.6}.get(module, 1.0)
+    return layer_factor * {"cross_attention": 0.6, "mlp": 1.6, "single": 1.6}.get(role, 1.0)
 
 
 def pixart_ratio(fresh_ratio: float) -> RatioFn:
     """DuCa PixArt (DPM-Solver) scheduler: step 1.9 - 1.8 s/steps, layers 1.6 -> 0.4, cross-attn 0.6, MLP 1.6."""
 
-    def ratio(step: int, num_steps: int, block: int, num_blocks: int, module: str) -> float:
+    def ratio(step: int, num_steps: int, block: int, num_blocks: int, role: str) -> float:
         step_factor = 1.9 - 1.8 * step / num_steps
-        value = fresh_ratio * step_factor * _pixart_layer_module_factor(block, num_blocks, module)
+        value = fresh_ratio * step_factor * _pixart_layer_module_factor(block, num_blocks, role)
         return min(1.0, max(0.0, value))
 
     return ratio
@@ -293,9 +385,9 @@ def pixart_ratio(fresh_ratio: float) -> RatioFn:
 def pixart_toca_ratio(fresh_ratio: float) -> RatioFn:
     """ToCa PixArt scheduler: step 0.8 + 0.4 s/steps, same layer and module factors as DuCa's."""
 
-    def ratio(step: int, num_steps: int, block: int, num_blocks: int, module: str) -> float:
+    def ratio(step: int, num_steps: int, block: int, num_blocks: int, role: str) -> float:
         step_factor = 0.8 + 0.4 * step / num_steps
-        value = fresh_ratio * step_factor * _pixart_layer_module_factor(block, num_blocks, module)
+        value = fresh_ratio * step_factor * _pixart_layer_module_factor(block, num_blocks, role)
         return min(1.0, max(0.0, value))
 
     return ratio
@@ -362,41 +454,52 @@ def _rows(num_blocks: int, num_modules: int, value: float) -> list[list[float]]:
     return [[value] * num_modules for _ in range(num_blocks)]
 
 
+def conservative_fraction(
+    layout: PlanLayout, module: str, ratio: float, self_attention: str = "reuse"
+) -> float:
+    """What a conservative step does with ``module``: recompute ``ratio`` of its rows where it can,
+    reuse it where it cannot (joint attention, Sana's conv MLP; self-attention unless "partial"),
+    compute it whole for the text stream's MLP (text rows are few)."""
+    role = layout.roles.get(module, "mlp")
+    if role == "text_mlp":
+        return 1.0
+    if module not in layout.partial or (role == "self_attention" and self_attention != "partial"):
+        return 0.0
+    return ratio
+
+
 def plan_from_kinds(
     kinds: Sequence[str],
-    num_blocks: int,
-    modules: Sequence[str],
+    layout: PlanLayout,
     ratio_fn: RatioFn | None = None,
     aggressive: str = "skip",
     self_attention: str = "reuse",
-    self_attention_modules: Sequence[str] = ("attn1",),
     interval: int = 1,
     method: str = "custom",
     metadata: dict[str, Any] | None = None,
 ) -> CachePlan:
-    """Turn a list of step kinds into a plan.
+    """Turn a list of step kinds into a plan for a model of ``layout``.
 
-    conservative: self-attention reused whole (``self_attention="reuse"``, as DuCa does) or
-    recomputed for the selected queries (``"partial"``); other modules recompute
-    ``ratio_fn(...)`` of their tokens. aggressive: ``"skip"`` the block stack or ``"reuse"``
-    every module's cached output.
+    conservative: each module does what :func:`conservative_fraction` says with the fraction
+    ``ratio_fn(step, steps, block, blocks, role)``; aggressive: ``"skip"`` the block stack or
+    ``"reuse"`` every module's cached output.
     """
-    num_steps, num_modules = len(kinds), len(modules)
+    num_steps, modules, num_blocks = len(kinds), layout.modules, layout.num_blocks
     steps = []
     for step, kind in enumerate(kinds):
         if kind == FULL:
-            steps.append(StepPlan(FULL, _rows(num_blocks, num_modules, 1.0), interval=interval))
+            steps.append(StepPlan(FULL, _rows(num_blocks, len(modules), 1.0), interval=interval))
         elif kind == AGGRESSIVE:
-            rows = _rows(num_blocks, num_modules, 0.0)
+            rows = _rows(num_blocks, len(modules), 0.0)
             steps.append(StepPlan(AGGRESSIVE, rows, skip_blocks=aggressive == "skip", interval=interval))
         elif kind == CONSERVATIVE:
             if ratio_fn is None:
                 raise ValueError("conservative steps need a ratio_fn")
             rows = [
                 [
-                    0.0
-                    if (m in self_attention_modules and self_attention == "reuse")
-                    else ratio_fn(step, num_steps, b, num_blocks, m)
+                    conservative_fraction(
+                        layout, m, ratio_fn(step, num_steps, b, num_blocks, layout.roles.get(m, "mlp")), self_attention
+                    )
                     for m in modules
                 ]
                 for b in range(num_blocks)
@@ -404,17 +507,29 @@ def plan_from_kinds(
             steps.append(StepPlan(CONSERVATIVE, rows, interval=interval))
         else:
             raise ValueError(f"unknown step kind {kind!r}; allowed: full, conservative, aggressive")
-    return CachePlan(num_steps, num_blocks, tuple(modules), steps, method=method, metadata=dict(metadata or {}))
+    return CachePlan(
+        num_steps, num_blocks, modules, steps, method=method, metadata=dict(metadata or {}),
+        block_modules=layout.block_modules, block_names=layout.block_names or None,
+    )
 
 
-def full_plan(num_steps: int, num_blocks: int, modules: Sequence[str]) -> CachePlan:
-    return plan_from_kinds([FULL] * num_steps, num_blocks, modules, method="full")
+def _layout(num_blocks: int | PlanLayout, modules: Sequence[str] | None) -> PlanLayout:
+    if isinstance(num_blocks, PlanLayout):
+        return num_blocks
+    return PlanLayout.uniform_layout(num_blocks, modules or ())
 
 
-def fora_plan(num_steps: int, num_blocks: int, modules: Sequence[str], interval: int = 3) -> CachePlan:
-    """FORA: a full step every ``interval`` steps; every module's output is reused in between."""
+def full_plan(num_steps: int, num_blocks: int | PlanLayout, modules: Sequence[str] | None = None) -> CachePlan:
+    return plan_from_kinds([FULL] * num_steps, _layout(num_blocks, modules), method="full")
+
+
+def fora_plan(
+    num_steps: int, num_blocks: int | PlanLayout, modules: Sequence[str] | None = None, interval: int = 3
+) -> CachePlan:
+    """FORA: a full step every ``interval`` steps; every module's output is reused in between.
+    Pass a model's :class:`PlanLayout`, or ``num_blocks`` and ``modules`` for uniform blocks."""
     kinds = cycle_step_kinds(num_steps, interval, "fora")
     return plan_from_kinds(
-        kinds, num_blocks, modules, aggressive="reuse", interval=interval, method="fora",
+        kinds, _layout(num_blocks, modules), aggressive="reuse", interval=interval, method="fora",
         metadata={"interval": interval},
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop, shape_wrapper
 
 _KV_PROJECTIONS = ("to_k", "to_v", "add_k_proj", "add_v_proj")
 
@@ -132,6 +132,15 @@ class CacheStats:
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop(query_shape, key_shape, value_shape)
+
+
+def flop_formulas() -> dict[Any, Any]:
+    """FlopCounterMode's per-op formulas (op packet -> fn(*args, out_val=..., **kwargs)), plus CPU fused attention."""
+    formulas = dict(flop_registry)
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        formulas[cpu_sdpa] = shape_wrapper(_cpu_sdpa_flop)
+    return formulas
 
 
 def flop_counter() -> FlopCounterMode:

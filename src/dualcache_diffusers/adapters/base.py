@@ -1,19 +1,135 @@
-"""What an adapter tells the engine about one model family."""
+"""What an adapter tells the engine about one model family, declared as data.
+
+An adapter lists the model's block lists in execution order and, for each, the cached modules of
+a block with their role, where text rows sit among their rows, and how the block's input and
+output are laid out. The engine derives everything else (hooks, plan layout, skipping the stack,
+partial recompute) from these declarations; code in an adapter is only needed where data cannot
+say it (how to read the token grid from a call's inputs).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..plan import PlanLayout
+
+#: module roles; see ModuleSpec.role
+ROLES = ("self_attention", "joint_attention", "cross_attention", "mlp", "text_mlp", "single")
+#: roles whose rows can be recomputed independently (given a token-wise module)
+_ROW_WISE_ROLES = ("cross_attention", "mlp", "single")
+TEXT_ROWS = ("none", "first", "last")
+LAYOUTS = ("h", "h,e", "e,h")
+GRIDS = ("all", "space", "time")
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One cached module of a block.
+
+    Attributes:
+        name: attribute of the block (``"attn1"``, ``"ff"``, ``"proj_mlp"``, ...).
+        role: ``"self_attention"`` (image tokens attend to each other), ``"joint_attention"`` (text
+            and image tokens attend together; returns a tuple or covers text rows), ``"cross_attention"``
+            (image queries against text keys), ``"mlp"``, ``"text_mlp"`` (the text stream's MLP),
+            ``"single"`` (a projection of a single-stream block, over text and image rows).
+        token_wise: each output row depends on its input row only (False for Sana's conv MLP).
+        text_rows: where text rows sit among the module's rows: ``"none"``, ``"first"`` ([T; N]),
+            ``"last"`` ([N; T]). Partial recompute always recomputes text rows.
+        group: modules of one block that recompute the same rows (single-stream blocks).
+        calls: what each call of the module within one block sees, when a block calls it more than
+            once (CogView4 runs ``ff`` on image rows, then on text rows): ``"image"`` or ``"text"``.
+        partial_attention: for self-attention, the processor accepts selected queries with
+            ``encoder_hidden_states`` = all rows (plain processors without rotary embeddings).
+    """
+
+    name: str
+    role: str
+    token_wise: bool = True
+    text_rows: str = "none"
+    group: str | None = None
+    calls: tuple[str, ...] = ("image",)
+    partial_attention: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"module {self.name!r}: role={self.role!r}; allowed: {', '.join(ROLES)}")
+        if self.text_rows not in TEXT_ROWS:
+            raise ValueError(f"module {self.name!r}: text_rows={self.text_rows!r}; allowed: {', '.join(TEXT_ROWS)}")
+
+    @property
+    def can_partial(self) -> bool:
+        """Whether a conservative step may recompute a subset of this module's rows."""
+        if not self.token_wise:
+            return False
+        if self.role == "self_attention":
+            return self.partial_attention
+        return self.role in _ROW_WISE_ROLES
+
+
+@dataclass(frozen=True)
+class BlockListSpec:
+    """One ``nn.ModuleList`` of blocks.
+
+    Attributes:
+        attr: the model attribute holding the blocks.
+        modules: the cached modules of its blocks (a block may lack some, e.g. SD3.5's ``attn2``).
+        inputs / outputs: ``"h"`` (a tensor), ``"h,e"`` or ``"e,h"`` (image and text streams): how a
+            block receives its streams (positionally or as ``hidden_states`` /
+            ``encoder_hidden_states``) and returns them, so a skipped block can pass them through.
+        value: dotted path, inside a block, of the module whose output is the self-attention value
+            projection (V-caching scores); None when the block has none.
+        value_text_rows: where text rows sit in that output.
+        grid: which axes of the (frames, rows, cols) token grid a block's rows span: ``"all"``,
+            ``"space"`` (frames folded into the batch), ``"time"`` (positions folded into the batch).
+    """
+
+    attr: str
+    modules: tuple[ModuleSpec, ...]
+    inputs: str = "h"
+    outputs: str = "h"
+    value: str | None = None
+    value_text_rows: str = "none"
+    grid: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.inputs not in ("h", "h,e") or self.outputs not in LAYOUTS:
+            raise ValueError(f"block list {self.attr!r}: inputs={self.inputs!r}, outputs={self.outputs!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"block list {self.attr!r}: grid={self.grid!r}; allowed: {', '.join(GRIDS)}")
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One block in execution order, as the engine sees it."""
+
+    index: int  # position in execution order over all lists
+    name: str  # "transformer_blocks.3"
+    block: torch.nn.Module
+    spec: BlockListSpec
+    modules: tuple[ModuleSpec, ...]  # the specs of the modules this block has
+
 
 class ModelAdapter:
-    """Subclass per model family; the engine only talks to this interface."""
+    """Subclass per model family and fill in the class attributes; override methods only if data can't say it."""
 
     #: class names of the denoisers this adapter handles, mapped to their preset family
     model_classes: dict[str, str] = {}
-    #: cached module names inside each block whose attention mixes tokens (partial = query subset)
-    self_attention_modules: tuple[str, ...] = ()
+    #: block lists, in execution order (or interleaved, see below)
+    block_lists: tuple[BlockListSpec, ...] = ()
+    #: run the i-th block of every list in turn (Latte: spatial 0, temporal 0, spatial 1, ...)
+    interleaved: bool = False
+    #: the pipeline calls the denoiser once per CFG branch without a ``cache_context``: tell the
+    #: branches apart by the order of calls at the same timestep
+    branches_by_timestep: bool = False
+    #: patch size of the token grid: (frames, rows, cols)
+    patch_attrs: tuple[str | None, str, str] = (None, "patch_size", "patch_size")
+    #: keyword (or position) of the timestep in the denoiser call
+    timestep_arg: tuple[str, int] = ("timestep", 2)
+    #: preset and capability notes shown in docs
+    notes: str = ""
 
     def supports(self, model: torch.nn.Module) -> bool:
         return type(model).__name__ in self.model_classes
@@ -21,21 +137,94 @@ class ModelAdapter:
     def family(self, model: torch.nn.Module) -> str:
         return self.model_classes[type(model).__name__]
 
+    # ---- structure -----------------------------------------------------------------------------
+    def block_infos(self, model: torch.nn.Module) -> list[BlockInfo]:
+        """Every cached block in execution order, with the modules it has."""
+        lists = [(spec, list(getattr(model, spec.attr, None) or ())) for spec in self.block_lists]
+        order: list[tuple[BlockListSpec, int, torch.nn.Module]] = []
+        if self.interleaved:
+            for i in range(max(len(blocks) for _, blocks in lists)):
+                order.extend((spec, i, blocks[i]) for spec, blocks in lists if i < len(blocks))
+        else:
+            order = [(spec, i, block) for spec, blocks in lists for i, block in enumerate(blocks)]
+        infos = []
+        for index, (spec, i, block) in enumerate(order):
+            present = tuple(m for m in spec.modules if isinstance(getattr(block, m.name, None), torch.nn.Module))
+            infos.append(BlockInfo(index, f"{spec.attr}.{i}", block, spec, present))
+        return infos
+
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
-        raise NotImplementedError
+        return [info.block for info in self.block_infos(model)]
+
+    def module_specs(self, model: torch.nn.Module) -> dict[str, ModuleSpec]:
+        """One spec per module name (the first list's, where lists share a name), in plan column order."""
+        specs: dict[str, ModuleSpec] = {}
+        for info in self.block_infos(model):
+            for spec in info.modules:
+                if spec.name in specs and specs[spec.name].can_partial != spec.can_partial:
+                    # the plan keeps one column per name: the weaker capability wins
+                    weaker = spec if not spec.can_partial else specs[spec.name]
+                    specs[spec.name] = weaker
+                specs.setdefault(spec.name, spec)
+        return specs
 
     def module_names(self, model: torch.nn.Module) -> tuple[str, ...]:
-        """Names of the token-wise cached submodules of every block, in execution order."""
-        raise NotImplementedError
+        """Names of the cached modules (the plan's columns), in order of first appearance."""
+        return tuple(self.module_specs(model))
 
-    def value_projection(self, block: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, int]:
-        """(to_q, to_k, to_v, heads) of the block's self-attention, recorded at full steps for scoring."""
-        raise NotImplementedError
+    def layout(self, model: torch.nn.Module) -> PlanLayout:
+        """What a plan for this model describes: blocks, their modules, each module's role."""
+        infos = self.block_infos(model)
+        specs = self.module_specs(model)
+        return PlanLayout(
+            modules=tuple(specs),
+            block_modules=tuple(tuple(m.name for m in info.modules) for info in infos),
+            block_names=tuple(info.name for info in infos),
+            roles={name: spec.role for name, spec in specs.items()},
+            partial=frozenset(name for name, spec in specs.items() if spec.can_partial),
+        )
 
+    def value_projection(self, block: torch.nn.Module):
+        """(to_q, to_k, to_v, heads) of the block's self-attention (the L2C trainer reads V norms from it)."""
+        for spec in self.block_lists:
+            if spec.value and resolve(block, spec.value) is not None:
+                attn = resolve(block, spec.value.rsplit(".", 1)[0])
+                return attn.to_q, attn.to_k, attn.to_v, attn.heads
+        raise TypeError(f"{type(block).__name__} has no value projection to record")
+
+    # ---- per call -----------------------------------------------------------------------------
     def hidden_states(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         """The denoiser's latent input, for detecting new generations and CFG pairing."""
         return args[0] if args else kwargs["hidden_states"]
 
-    def token_grid(self, model: torch.nn.Module, latents: torch.Tensor) -> tuple[int, int] | None:
-        """(rows, cols) of the image-token grid, for the spatial bonus; None if not a 2D grid."""
-        return None
+    def timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name, position = self.timestep_arg
+        if name in kwargs:
+            return kwargs[name]
+        return args[position] if len(args) > position else None
+
+    def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
+        """(frames, rows, cols) of image tokens. Default: latents (B, C, H, W) or (B, C, F, H, W)."""
+        latents = self.hidden_states(args, kwargs)
+        config = model.config
+        pt, ph, pw = (_patch(config, attr) for attr in self.patch_attrs)
+        if latents.ndim == 5:
+            return latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw
+        return 1, latents.shape[-2] // ph, latents.shape[-1] // pw
+
+
+def _patch(config: Any, attr: str | None) -> int:
+    if attr is None:
+        return 1
+    value = getattr(config, attr, 1) or 1
+    return int(value[0] if isinstance(value, (tuple, list)) else value)
+
+
+def resolve(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    """The submodule at dotted ``path`` under ``root``, or None."""
+    module: Any = root
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module if isinstance(module, torch.nn.Module) else None

@@ -135,7 +135,8 @@ class RouterTrainer:
         )
         rows = data.cond_rows[:1]
         hidden, kwargs = data.call_kwargs(torch.zeros(1, dtype=torch.long), rows)
-        self.grid = self.adapter.token_grid(self.model, hidden)
+        frames, rows, cols = self.adapter.token_grid(self.model, (hidden,), {})
+        self.grid = (rows, cols) if frames == 1 else None
         self.cost: PlanCost = measure_plan_cost(
             self.model, self.adapter, lambda: self.model(hidden, **kwargs, return_dict=False)
         )
