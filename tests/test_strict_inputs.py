@@ -320,3 +320,129 @@ def test_property_configs_construct_cleanly_or_name_the_field(fields):
     assert 0 <= config.fresh_ratio <= 1 and 1 <= config.interval <= 1000 and 0 <= config.seed < 2**63
     plan = config.build_plan(8, 2, MODULES, ("attn1",))
     assert plan.num_steps == 8 and plan.steps[0].is_full
+
+
+# ------------------------------------------------------------------------------- router / checkpoint files
+
+
+def _router_file(path: Path, routers: dict) -> Path:
+    import argparse
+
+    import torch
+
+    torch.save({"routers": {f"{k}.prob": v for k, v in routers.items()}, "args": argparse.Namespace(lr=1e-3)}, path)
+    return path
+
+
+def _broken_router_files(tmp_path: Path) -> dict[str, Path]:
+    import torch
+
+    good = _router_file(tmp_path / "good.pt", {k: torch.zeros(4) for k in range(4)})
+    raw = good.read_bytes()
+    files = {}
+    for name, data in {"empty": b"", "truncated": raw[: len(raw) // 2], "head": raw[:10], "text": b"hello\n",
+                       "garbage": bytes(range(256)) * 3}.items():
+        files[name] = tmp_path / f"{name}.pt"
+        files[name].write_bytes(data)
+    for name, routers in {
+        "nan": {0: torch.tensor([0.0, float("nan"), 0.0, 0.0])},
+        "inf": {0: torch.tensor([0.0, float("inf"), 0.0, 0.0])},
+        "complex": {0: torch.zeros(4, dtype=torch.complex64)},
+        "empty_logits": {0: torch.zeros(0)},
+        "integer": {0: torch.zeros(4, dtype=torch.int64)},
+        "odd_size": {0: torch.zeros(3)},
+        "mixed_sizes": {0: torch.zeros(4), 1: torch.zeros(6)},
+        "2d": {0: torch.zeros(2, 2)},
+        "gap": {0: torch.zeros(4), 2: torch.zeros(4)},
+        "overflow": {0: torch.tensor([1e300, 0.0], dtype=torch.float64)},
+    }.items():
+        files[name] = _router_file(tmp_path / f"{name}.pt", routers)
+    files["list"] = tmp_path / "list.pt"
+    torch.save([1, 2, 3], files["list"])
+    return files
+
+
+def test_broken_router_files_give_one_value_error_naming_the_file(tmp_path):
+    from dualcache_diffusers.l2c.published import load_published_router
+
+    for name, path in _broken_router_files(tmp_path).items():
+        with pytest.raises(ValueError) as info:
+            load_published_router(path)
+        assert path.name in str(info.value), (name, str(info.value))
+    assert load_published_router(tmp_path / "good.pt").num_steps == 4
+
+
+@pytest.mark.parametrize(
+    "logits, words",
+    [
+        ("torch.full((2, 2, 2), float('nan'))", "NaN"),
+        ("torch.zeros((2, 2, 2), dtype=torch.complex64)", "real floating"),
+        ("torch.zeros((0,))", "empty"),
+        ("torch.zeros((2, 3, 2))", "shape"),
+        ("[[0.0]]", "tensor"),
+    ],
+)
+def test_router_export_rejects_bad_logits(logits, words):
+    import torch  # noqa: F401 (used by eval)
+
+    from dualcache_diffusers.l2c.router import RouterSpec, export_l2c
+
+    spec = RouterSpec("l2c", 4, 2, MODULES, interval=2)
+    with pytest.raises((ValueError, TypeError), match=words):
+        export_l2c(spec, eval(logits), threshold=0.1)
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    save_file({"logits": torch.zeros(2, 2, 2), "rng": torch.Generator().manual_seed(0).get_state()},
+              str(path / "router.safetensors"))
+    state = {"format": "dualcache-router-checkpoint", "version": 1, "spec": {"kind": "l2c"}, "iteration": 2,
+             "budget": 0.5, "lr": 0.01, "l1": 0.1, "lambda": 1.0, "ref": float("nan"), "losses": [1.0],
+             "metadata": {"learned": {"loss_space": "eps"}}}
+    (path / "state.json").write_text(json.dumps(state))
+    return path
+
+
+@pytest.mark.parametrize(
+    "breakage, words",
+    [
+        (lambda p: (p / "router.safetensors").write_bytes((p / "router.safetensors").read_bytes()[:40]),
+         "router.safetensors is truncated"),
+        (lambda p: (p / "router.safetensors").write_bytes(b""), "router.safetensors is truncated"),
+        (lambda p: (p / "router.safetensors").unlink(), "router.safetensors is missing"),
+        (lambda p: (p / "state.json").write_text("{"), "state.json is not valid JSON"),
+        (lambda p: (p / "state.json").write_bytes(b"\xff\xfe"), "state.json is not valid JSON"),
+        (lambda p: (p / "state.json").write_text("[]"), "dualcache-router-checkpoint"),
+        (lambda p: (p / "state.json").write_text(
+            (p / "state.json").read_text().replace('"iteration": 2', '"iteration": "2"')), "'iteration'"),
+        (lambda p: (p / "state.json").write_text(
+            (p / "state.json").read_text().replace('"lambda": 1.0', '"lambda": Infinity')), "'lambda'"),
+    ],
+)
+def test_broken_checkpoints_give_one_value_error(tmp_path, breakage, words):
+    from dualcache_diffusers.l2c.trainer import read_checkpoint
+
+    path = _checkpoint(tmp_path)
+    info, tensors = read_checkpoint(path)
+    assert info["iteration"] == 2 and tensors["logits"].shape == (2, 2, 2)
+    breakage(path)
+    with pytest.raises(ValueError) as error:
+        read_checkpoint(path)
+    assert str(path) in str(error.value) and words in str(error.value)
+
+
+def test_checkpoint_with_nan_logits_is_refused(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from dualcache_diffusers.l2c.trainer import read_checkpoint
+
+    path = _checkpoint(tmp_path)
+    save_file({"logits": torch.full((2, 2, 2), float("nan")), "rng": torch.Generator().get_state()},
+              str(path / "router.safetensors"))
+    with pytest.raises(ValueError, match="NaN"):
+        read_checkpoint(path)
