@@ -248,3 +248,11 @@ def test_dualcache_pipeline_offline_hub_id_fails_as_fast_as_stock():
     with pytest.raises(OSError):
         DualCachePipeline.from_pretrained("dualcache-test/surely-not-a-repo-4f1c")
     assert time.perf_counter() - start < 10  # was 23 s of retries in the pre-check alone
+
+
+def test_quickstart_runs_on_the_shipped_pixart_and_writes_to_its_out_folder(tmp_path):
+    done = _run(str(ROOT / "examples" / "quickstart.py"), "--model", "pixart", "--steps", "2",
+                "--out", str(tmp_path / "q"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "q" / "stock_0.png").is_file() and (tmp_path / "q" / "duca_0.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # nothing written into the working directory
