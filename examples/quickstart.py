@@ -1,33 +1,41 @@
 """Quickstart: one line turns dual caching on for a stock diffusers pipeline.
 
     python examples/quickstart.py                       # the shipped digits DiT, offline, CPU
+    python examples/quickstart.py --model pixart        # the shipped digits PixArt-alpha (text to image)
     python examples/quickstart.py --model PixArt-alpha/PixArt-XL-2-512x512 --device cuda --dtype float16 \
         --prompt "an astronaut riding a horse"
+
+Images go to ``--out`` (default: ./outputs/quickstart).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
 
 from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
-from dualcache_diffusers.reference.digits import DIT_DIGITS_DIR
+from dualcache_diffusers.bench import resolve_model, text_call_kwargs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default=str(DIT_DIGITS_DIR))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--prompt", default="a thick seven", help="PixArt pipelines only")
-    parser.add_argument("--steps", type=int, default=20)
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="dit", help="'dit' / 'pixart' (shipped), a pipeline directory or Hub id")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="dtype")
+    parser.add_argument("--prompt", default="a thick seven", help="text-to-image pipelines only")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--out", type=Path, default=Path("outputs") / "quickstart", help="folder for the PNGs")
     args = parser.parse_args()
 
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(args.device)
+    pipe = DiffusionPipeline.from_pretrained(resolve_model(args.model), torch_dtype=getattr(torch, args.dtype))
+    pipe = pipe.to(args.device)
     is_dit = hasattr(pipe, "get_label_ids")
-    inputs = dict(class_labels=[3, 7]) if is_dit else dict(prompt=[args.prompt])
+    # text_call_kwargs: the shipped PixArt's native size (32 px) is not one of PixArt's resolution bins, so it is
+    # called with use_resolution_binning=False (and its 16-token prompts); empty for other pipelines' defaults
+    inputs = dict(class_labels=[3, 7]) if is_dit else dict(prompt=[args.prompt], **text_call_kwargs(pipe))
 
     def run():
         return pipe(**inputs, num_inference_steps=args.steps, generator=torch.manual_seed(0)).images
@@ -37,10 +45,11 @@ def main() -> None:
     cached = run()
     print(cache_stats(pipe).summary())
     disable_dual_cache(pipe)  # back to stock diffusers, bit for bit
+    args.out.mkdir(parents=True, exist_ok=True)
     for i, (a, b) in enumerate(zip(stock, cached)):
-        a.save(f"stock_{i}.png")
-        b.save(f"duca_{i}.png")
-    print("wrote stock_*.png and duca_*.png")
+        a.save(args.out / f"stock_{i}.png")
+        b.save(args.out / f"duca_{i}.png")
+    print(f"wrote {args.out}/stock_*.png and {args.out}/duca_*.png")
 
 
 if __name__ == "__main__":

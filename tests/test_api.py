@@ -54,7 +54,7 @@ def _has_hooks(pipe) -> bool:
         (dict(fresh_ratio=1.5), ValueError, ["fresh_ratio=1.5", "[0.0, 1.0]"]),
         (dict(fresh_ratio=-0.1), ValueError, ["fresh_ratio=-0.1", "[0.0, 1.0]"]),
         (dict(fresh_ratio=float("nan")), TypeError, ["fresh_ratio", "nan"]),
-        (dict(interval=0), ValueError, ["interval=0", ">= 1"]),
+        (dict(interval=0), ValueError, ["interval=0", "[1, 1000]"]),
         (dict(interval=2.5), TypeError, ["interval", "integer", "2.5"]),
         (dict(aggressive="everything"), ValueError, ["aggressive='everything'", "'skip'", "'reuse'"]),
         (dict(self_attention="x"), ValueError, ["self_attention='x'", "'reuse'", "'partial'"]),

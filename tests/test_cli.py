@@ -87,7 +87,10 @@ def test_train_router_end_to_end_writes_a_loadable_plan(dit_dir, tmp_path, capsy
     assert "FLOPs fraction" in capsys.readouterr().out
     plan = CachePlan.from_json(out)
     assert plan.num_steps == 6 and plan.steps[0].is_full
-    assert (tmp_path / "plan.png").is_file() and (tmp_path / "plan.ckpt").is_dir()
+    assert (tmp_path / "plan.png").is_file()
+    assert not (tmp_path / "plan.ckpt").exists()  # checkpoints are removed after a successful run
+    assert cli.main([*args, "--keep-checkpoints"]) == 0
+    assert (tmp_path / "plan.ckpt" / "state.json").is_file()
 
 
 def test_demo_text_to_image_with_prompts(pixart_dir, tmp_path, capsys):
@@ -212,7 +215,7 @@ def test_report_merges_runs_on_the_same_images(tmp_path, capsys):
         (["bench", "--plan", "fora=plan.json"], "built-in method name"),
         (["bench", "--budgets", "0.5"], "FLOPs reduction factor >= 1"),
         (["report", "/no/such/results.csv", "--out", "merged"], "no such file"),
-        (["demo", "--steps", "0"], "--steps=0 must be > 0"),
+        (["demo", "--steps", "0"], "argument --steps: 0 is not allowed; it must be an integer >= 1"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(args, message, capsys):

@@ -247,10 +247,11 @@ def test_cli_commands_register_and_plan_command_runs(tmp_path, capsys):
     assert (args.kind, args.steps, args.budget, args.iterations, args.seed) == ("dual", 10, 0.4, 5, 3)
     plan_path = tmp_path / "p.json"
     fora_plan(6, 2, ("attn1", "ff")).to_json(plan_path)
-    args = parser.parse_args(["plan", str(plan_path)])
+    args = parser.parse_args(["plan", str(plan_path), "--out", str(tmp_path / "out")])
     assert args.func(args) == 0
-    assert "step pattern" in capsys.readouterr().out
-    assert (tmp_path / "p.png").is_file()
+    printed = capsys.readouterr().out
+    assert "step pattern" in printed and "legend: step pattern: one letter per denoising step: F = full" in printed
+    assert (tmp_path / "out" / "p.png").is_file() and not (tmp_path / "p.png").exists()
 
 
 def test_training_on_user_latents_noises_them_to_the_full_steps(dit_pipe):

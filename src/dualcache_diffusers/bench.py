@@ -31,6 +31,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from . import metrics
+from ._names import METHOD_ORDER, MODEL_ALIASES, STEP_PATTERN_LEGEND
 from .api import cache_stats, disable_dual_cache, enable_dual_cache, get_engine
 from .plan import CachePlan
 from .stats import count_flops
@@ -45,9 +46,7 @@ Undo = Callable[[], None]
 
 def model_aliases() -> dict[str, Path]:
     """Short names for the shipped reference pipelines."""
-    from .reference import digits
-
-    return {"dit": digits.DIT_DIGITS_DIR, "pixart": digits.PIXART_DIGITS_DIR}
+    return dict(MODEL_ALIASES)
 
 
 def resolve_model(model: str) -> str:
@@ -334,10 +333,6 @@ def unavailable_methods() -> dict[str, str]:
     }
 
 
-METHOD_ORDER = (
-    "uncached", "steps", "fora", "toca", "duca", "duca-reuse", "duca-random", "duca-attention",
-    "fbcache", "taylorseer", "magcache", "pab", "fastercache", "seacache", "dbcache",
-)
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -661,18 +656,37 @@ def _optional_float(text: str) -> float | None:
 
 
 def read_csv(path: Path) -> list[BenchRow]:
-    """The rows of a ``results.csv`` written by :func:`write_csv`."""
-    with Path(path).open(newline="") as handle:
-        return [
-            BenchRow(
-                method=row["method"], budget=_optional_float(row["budget"]), setting=json.loads(row["setting"]),
-                flops_ratio=float(row["flops_ratio"]), calibration_ratio=float(row["calibration_ratio"]),
-                quality=Quality(psnr=float(row["psnr"]), ssim=float(row["ssim"]), fd=_optional_float(row["fd"]),
-                                accuracy=_optional_float(row["accuracy"])),
-                pattern=row["pattern"], description=row["description"], family=_family(row["method"]),
-            )
-            for row in csv.DictReader(handle)
-        ]
+    """The rows of a ``results.csv`` written by :func:`write_csv`; anything else is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [name for name in CSV_FIELDS if name not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"it has no column(s) {', '.join(missing)}")
+            rows = [_row_from_csv(row) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{str(path)!r} is not a `dualcache bench` results.csv: {error}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+        raise ValueError(f"{str(path)!r} is not a `dualcache bench` results.csv: {error}") from None
+    if not rows:
+        raise ValueError(f"{str(path)!r} has no result rows")
+    return rows
+
+
+def _row_from_csv(row: dict[str, Any]) -> BenchRow:
+    if None in row or any(value is None for value in row.values()):
+        raise ValueError(f"row of method {row.get('method')!r} does not have one value per column")
+    setting = json.loads(row["setting"])
+    if not isinstance(setting, dict):
+        raise ValueError(f"the setting of method {row['method']!r} is not a JSON object")
+    return BenchRow(
+        method=row["method"], budget=_optional_float(row["budget"]), setting=setting,
+        flops_ratio=float(row["flops_ratio"]), calibration_ratio=float(row["calibration_ratio"]),
+        quality=Quality(psnr=float(row["psnr"]), ssim=float(row["ssim"]), fd=_optional_float(row["fd"]),
+                        accuracy=_optional_float(row["accuracy"])),
+        pattern=row["pattern"], description=row["description"], family=_family(row["method"]),
+    )
 
 
 def merge_results(paths: Sequence[Path], exclude: Sequence[str] = (), num_images: int = 0, steps: int = 0,
@@ -709,6 +723,10 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
+# Below this many images the Frechet distance (64 classifier features, a 64 x 64 covariance) is noise.
+MIN_FD_IMAGES = 100
+
+
 def markdown_table(result: BenchResult) -> str:
     """The results as a markdown document: a header, one table sorted by budget, and skipped methods."""
     lines = [
@@ -725,6 +743,7 @@ def markdown_table(result: BenchResult) -> str:
         "| budget | method | setting | FLOPs ratio | PSNR dB | SSIM | FD | acc | step pattern |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    few = result.has_classifier and 0 < result.num_images < MIN_FD_IMAGES
     ordered = sorted(result.rows, key=lambda r: (r.budget or 0.0, METHOD_INDEX.get(r.method, 99), r.method))
     for r in ordered:
         budget = "-" if r.budget is None else f"{r.budget:g}x"
@@ -732,8 +751,13 @@ def markdown_table(result: BenchResult) -> str:
         mark = "" if r.reached else " *"
         lines.append(
             f"| {budget} | {r.method} | {setting} | {r.flops_ratio:.2f}x{mark} | {_fmt(r.quality.psnr)} "
-            f"| {_fmt(r.quality.ssim, 3)} | {_fmt(r.quality.fd)} | {_fmt(r.quality.accuracy, 3)} | `{r.pattern}` |"
+            f"| {_fmt(r.quality.ssim, 3)} | {_fmt(r.quality.fd)}{' (n/m)' if few and r.quality.fd is not None else ''} "
+            f"| {_fmt(r.quality.accuracy, 3)} | `{r.pattern}` |"
         )
+    if few:
+        lines += ["", f"FD (n/m) = not meaningful: computed from only {result.num_images} images; the Frechet distance "
+                      f"needs at least {MIN_FD_IMAGES} (the classifier has 64 features) and is only noise here."]
+    lines += ["", STEP_PATTERN_LEGEND + "."]
     if result.skipped:
         lines += ["", "Skipped:", ""] + [f"- {name}: {why}" for name, why in result.skipped.items()]
     lines += [""] + [f"- {note}" for note in result.notes]

@@ -1,4 +1,4 @@
-"""``dualcache``: the command line.
+"""dualcache: feature caching (DuCa, ToCa, FORA, Learning-to-Cache) for diffusers transformer pipelines.
 
     dualcache demo                      # the shipped digits DiT: uncached vs DuCa / FORA / ToCa, offline, CPU
     dualcache demo --model pixart       # the shipped PixArt digits model (or any local dir / Hub id)
@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
+
+from ._names import CLASS_CONDITIONAL_PIPELINES, METHOD_ORDER, MODEL_ALIASES
 
 logger = logging.getLogger(__name__)
 
@@ -61,63 +65,266 @@ def _import_plugins() -> None:
                 raise
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help with every option's default; an option whose help already says its default is left as is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2), like every other user mistake of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        version = metadata.version("dualcache-diffusers")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        from . import __version__ as version
+    return f"dualcache {version} (python -m dualcache_diffusers)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dualcache", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    description = __doc__.split("\n\n")[0] + "\n\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()[:5])
+    parser = _Parser(prog="dualcache", description=description, formatter_class=_Formatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v info, -vv debug and full tracebacks)")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in _SUBCOMMANDS.values():
-        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        child = sub.add_parser(command.name, help=command.help, description=command.help, formatter_class=_Formatter)
         command.configure(child)
         child.set_defaults(_run=command.run)
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{text}: {error.filename}"
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _import_plugins()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help / --version (0) or a one-line argument error (2)
+        return done.code if isinstance(done.code, int) else 2
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+    except (ValueError, TypeError, OSError, ImportError, UserError) as error:
         if args.verbose >= 2:
             raise
-        print(f"dualcache {args.command}: error: {error}", file=sys.stderr)
+        print(f"dualcache {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dualcache {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+class UserError(Exception):
+    """A mistake in the command line; printed as one line, exit status 2."""
 
 
 # ------------------------------------------------------------------------------------------- shared
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
-    parser.add_argument("--model", default="dit",
-                        help="'dit' / 'pixart' (the shipped digits models), a local pipeline dir or a Hub id "
-                             "(default: dit)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {steps})")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
-    parser.add_argument("--prompt", nargs="+", default=None,
-                        help="prompts for text-to-image pipelines (default: digit captions)")
-    parser.add_argument("--threads", type=int, default=None,
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be an integer >= 1")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be an integer >= 0")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; it must be a finite number")
+    return value
+
+
+DEVICE_HELP = "torch device: cpu, cuda, cuda:N or mps"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, steps: int, dtype: bool = True, prompt: bool = True,
+                        model_default: str | None = "dit") -> None:
+    """--model, --device, --dtype, --steps, --guidance, --prompt, --threads (shared by every command)."""
+    model_help = ("'dit' / 'pixart' (the digits models shipped with the package), a local pipeline directory "
+                  "(with model_index.json) or a Hugging Face Hub repo id (owner/name)")
+    if model_default is None:
+        parser.add_argument("--model", required=True, help=model_help)
+    else:
+        parser.add_argument("--model", default=model_default, help=model_help)
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                            help="weights and compute dtype")
+    parser.add_argument("--steps", type=positive_int, default=steps, help="denoising steps")
+    if prompt:
+        parser.add_argument("--guidance", type=finite_float, default=None,
+                            help="CFG scale (default: the pipeline's own)")
+        parser.add_argument("--prompt", nargs="+", default=None,
+                            help="prompts for text-to-image pipelines (default: digit captions); class-conditional "
+                                 "pipelines (DiT) take no prompt")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: 1 for small models on CPU, else torch's default)")
 
 
-def _positive(name: str, value: float) -> None:
-    if value is None or value <= 0:
-        raise ValueError(f"{name}={value} must be > 0")
+_add_model_arguments = add_model_arguments  # the old private name
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+MODEL_ALLOWED = ("allowed: 'dit', 'pixart' (the shipped digits models), a local pipeline directory "
+                 "(with model_index.json) or a Hugging Face Hub repo id (owner/name)")
 
 
-def _load(args: argparse.Namespace):
+@dataclass(frozen=True)
+class ModelRef:
+    """What --model names, checked before anything is loaded."""
+
+    name: str  # as given
+    source: str  # what from_pretrained gets
+    where: str  # "shipped", "local" or "hub"
+    pipeline_class: str | None = None  # from model_index.json where it can be read without loading
+
+    @property
+    def class_conditional(self) -> bool | None:
+        if self.pipeline_class is None:
+            return None
+        return self.pipeline_class in CLASS_CONDITIONAL_PIPELINES
+
+
+def _pipeline_class(directory: Path) -> str | None:
+    import json
+
+    try:
+        index = json.loads((directory / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"--model {str(directory)!r}: its model_index.json cannot be read ({error})") from None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(name, str):
+        raise UserError(f"--model {str(directory)!r}: its model_index.json names no pipeline class")
+    return name
+
+
+def check_model(model: str) -> ModelRef:
+    """Resolve --model without loading anything: an alias, an existing pipeline directory or a Hub repo id."""
+    if model in MODEL_ALIASES:
+        path = MODEL_ALIASES[model]
+        return ModelRef(model, str(path), "shipped", _pipeline_class(path))
+    if model.lower() in MODEL_ALIASES:
+        raise UserError(f"--model {model!r} is unknown; did you mean {model.lower()!r}? {MODEL_ALLOWED}")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"--model {model!r}: the directory has no model_index.json, so it is not a diffusers "
+                            f"pipeline; {MODEL_ALLOWED}")
+        return ModelRef(model, str(path), "local", _pipeline_class(path))
+    if path.exists():
+        raise UserError(f"--model {model!r} is a file, not a pipeline directory; {MODEL_ALLOWED}")
+    looks_like_path = model.startswith((".", "~", "/")) or "\\" in model or model.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(model):
+        what = "no such directory" if looks_like_path or "/" in model else "not a shipped model, directory or Hub id"
+        raise UserError(f"--model {model!r}: {what}; {MODEL_ALLOWED}")
+    return ModelRef(model, model, "hub")
+
+
+def check_device(device: str) -> None:
+    """Fail on a device name torch does not know, or one this machine does not have, before loading a model."""
+    if not _DEVICE.match(device):
+        raise UserError(f"--device {device!r} is not a torch device; allowed: cpu, cuda, cuda:N (N = GPU index), mps")
+    if device == "cpu":
+        return
     import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"--device {device}: CUDA is not available here ({build}); use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                            f"allowed: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu")
+
+
+def check_model_arguments(args: argparse.Namespace) -> ModelRef:
+    """Every check of the shared model arguments that needs no model: run before anything is loaded."""
+    ref = check_model(args.model)
+    check_device(args.device)
+    if getattr(args, "prompt", None) and ref.class_conditional:
+        raise UserError(f"--prompt: {ref.name} is a class-conditional {ref.pipeline_class}; it takes class labels, "
+                        "not prompts (the digits 0-9 for 'dit'); drop --prompt, or use a text-to-image model "
+                        "such as --model pixart")
+    return ref
+
+
+def load_model(ref: ModelRef, device: str, dtype: str = "float32") -> Any:
+    """Load the pipeline; a Hub id that cannot be fetched is one clear error, not diffusers' traceback."""
+    from diffusers.utils import logging as diffusers_logging
 
     from .bench import load_pipeline
 
-    _positive("--steps", args.steps)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    verbosity = diffusers_logging.get_verbosity()
+    if ref.where == "hub" and not logger.isEnabledFor(logging.INFO):
+        diffusers_logging.set_verbosity_error()  # "Couldn't connect to the Hub ..." lines: the error below says it
+    try:
+        return load_pipeline(ref.source, device, dtype)
+    except OSError as error:
+        if ref.where != "hub":
+            raise
+        raise UserError(
+            f"--model {ref.name}: could not load it from the Hugging Face Hub: it is not in the local cache and "
+            f"the Hub could not be reached or has no such public repo ({type(error).__name__}); connect to the "
+            f"network or download it first, or use --model dit / pixart (shipped, offline)"
+        ) from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def _load(args: argparse.Namespace, ref: ModelRef | None = None):
+    ref = ref or check_model_arguments(args)
+    logger.info("loading %s ...", args.model)
+    pipe = load_model(ref, args.device, args.dtype)
+    from .bench import is_class_conditional
+
+    if getattr(args, "prompt", None) and is_class_conditional(pipe):
+        raise UserError(f"--prompt: {args.model} is a class-conditional {type(pipe).__name__}; it takes class "
+                        "labels, not prompts; drop --prompt")
+    import torch
+
     threads = args.threads
     if threads is None and str(args.device).startswith("cpu"):
         params = sum(p.numel() for p in pipe.transformer.parameters())
@@ -137,20 +344,19 @@ def _progress(total: int, desc: str):
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
-    _add_model_arguments(parser, steps=20)
-    parser.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default: 0)")
-    parser.add_argument("--num-images", type=int, default=8, help="images per method (default: 8)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default: 3)")
+    add_model_arguments(parser, steps=20)
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="first seed; image i uses seed + i")
+    parser.add_argument("--num-images", type=positive_int, default=8, help="images per method")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="interleaved timing rounds")
     parser.add_argument("--out", type=Path, default=Path("dualcache-demo"),
                         help="folder for grid.png and results.md (default: ./dualcache-demo)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    ref = check_model_arguments(args)
     from .demo import DEMO_METHODS, image_grid, run_demo
 
-    _positive("--num-images", args.num_images)
-    _positive("--repeats", args.repeats)
-    pipe = _load(args)
+    pipe = _load(args, ref)
     with _progress(len(DEMO_METHODS) * (1 + args.repeats), "demo") as bar:
         result = run_demo(pipe, steps=args.steps, seed=args.seed, num_images=args.num_images, repeats=args.repeats,
                           conditions=args.prompt, guidance_scale=args.guidance, progress=bar)
@@ -169,12 +375,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _configure_bench(parser: argparse.ArgumentParser) -> None:
-    from .bench import METHOD_ORDER
-
-    _add_model_arguments(parser, steps=20)
-    parser.add_argument("--seeds", type=int, default=10,
-                        help="seeds per class / prompt; images = seeds x conditions (default: 10)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=None,
+    add_model_arguments(parser, steps=20)
+    parser.add_argument("--seeds", type=positive_int, default=10,
+                        help="seeds per class / prompt; images = seeds x conditions")
+    parser.add_argument("--budgets", type=finite_float, nargs="+", default=None,
                         help="target FLOPs reductions (default: 1.5 2 2.5 3 4)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help=f"subset of: {', '.join(METHOD_ORDER)} (default: all that can run)")
@@ -182,20 +386,19 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
                         help="add a learned cache plan (JSON) as a method; repeatable")
     parser.add_argument("--classifier", type=Path, default=None,
                         help="digits classifier dir (default: the shipped one; missing -> no FD / accuracy)")
-    parser.add_argument("--calibration-seeds", type=int, default=2, help="seeds of the knob search (default: 2)")
-    parser.add_argument("--batch-size", type=int, default=50, help="images per pipeline call (default: 50)")
+    parser.add_argument("--calibration-seeds", type=positive_int, default=2, help="seeds of the knob search")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="images per pipeline call")
     parser.add_argument("--out", type=Path, default=Path("dualcache-bench"),
                         help="output folder (default: ./dualcache-bench)")
     parser.add_argument("--quick", action="store_true",
-                        help="reduced setting: 6 steps, 1 seed, 2 conditions, budget 2x, 5 methods")
+                        help="reduced setting: 6 steps, 1 seed, 2 conditions, budget 2x, 5 methods (FD is then "
+                             "marked not meaningful: too few images)")
 
 
 QUICK_METHODS = ("uncached", "steps", "fora", "duca", "fbcache")
 
 
 def _parse_plans(items: Sequence[str]) -> dict[str, Path]:
-    from .bench import METHOD_ORDER
-
     plans = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -217,8 +420,6 @@ def _apply_quick(args: argparse.Namespace) -> None:
 
 
 def _selected_methods(args: argparse.Namespace) -> list[str]:
-    from .bench import METHOD_ORDER
-
     wanted = args.methods or (list(QUICK_METHODS) if args.quick else list(METHOD_ORDER))
     unknown = [m for m in wanted if m not in METHOD_ORDER]
     if unknown:
@@ -235,6 +436,10 @@ def _budgets(args: argparse.Namespace) -> list[float]:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    _apply_quick(args)
+    plans = _parse_plans(args.plan)
+    wanted, budgets = _selected_methods(args), _budgets(args)
+    ref = check_model_arguments(args)
     from . import metrics
     from .bench import (
         BenchConfig,
@@ -248,15 +453,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         write_reports,
     )
 
-    _apply_quick(args)
-    _positive("--seeds", args.seeds)
-    plans = _parse_plans(args.plan)
     check_plan_steps(plans, args.steps)
-    wanted, budgets = _selected_methods(args), _budgets(args)
     available = build_methods(args.steps, plans)
     methods = {name: available[name] for name in [*wanted, *plans] if name in available}
 
-    pipe = _load(args)
+    pipe = _load(args, ref)
     conditions = args.prompt or default_conditions(pipe, 2 if args.quick else 10)
     workload = Workload(pipe, args.steps, list(range(args.seeds)), conditions, guidance_scale=args.guidance,
                         batch_size=args.batch_size)
@@ -277,19 +478,22 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _configure_report(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("csv", nargs="+", type=Path, help="results.csv files of `dualcache bench` runs")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--exclude", nargs="+", default=[], metavar="METHOD", help="leave these methods out")
-    parser.add_argument("--title", default="", help="the table's and plot's title (e.g. the model)")
-    parser.add_argument("--images", type=int, default=0, help="images per row, for the header")
-    parser.add_argument("--steps", type=int, default=0, help="denoising steps, for the header")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (required)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="METHOD",
+                        help="leave these methods out (default: none)")
+    parser.add_argument("--title", default="", help="the table's and plot's title, e.g. the model (default: none)")
+    parser.add_argument("--images", type=nonnegative_int, default=0,
+                        help="images per row, for the header (default: 0 = not stated)")
+    parser.add_argument("--steps", type=nonnegative_int, default=0,
+                        help="denoising steps, for the header (default: 0 = not stated)")
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .bench import merge_results, write_reports
-
     for path in args.csv:
         if not path.is_file():
             raise FileNotFoundError(f"report: no such file {str(path)!r}")
+    from .bench import merge_results, write_reports
+
     result = merge_results(args.csv, exclude=args.exclude, num_images=args.images, steps=args.steps,
                            model=args.title)
     paths = write_reports(result, args.out)

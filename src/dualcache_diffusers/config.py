@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .plan import (
     AGGRESSIVE,
     CONSERVATIVE,
@@ -28,18 +30,57 @@ SELF_ATTENTION_MODES = ("reuse", "partial")
 SCHEDULES = ("cycle", "dit-duca")
 
 
-def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+MAX_SEED = 2**63 - 1
+MAX_INTERVAL = 1000
+MAX_WEIGHT = 100.0  # staleness_weight, spatial_bonus: multiples of a token score; far beyond any useful value
+MAX_SPATIAL_GRID = 64
+MAX_FIRST_FULL_STEPS = 1000
+MAX_INFERENCE_STEPS = 10_000
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed`` (a string; numpy strings become ``str``), else a clear error."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {', '.join(map(repr, allowed))}; got {_describe(value)}")
+    value = str(value)
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+    return value
 
 
-def _number(name: str, value: Any, low: float, high: float | None = None, integer: bool = False) -> None:
+def _number(name: str, value: Any, low: float, high: float | None = None, integer: bool = False) -> int | float:
+    """``value`` as a Python int / float if it is a finite number in [low, high], else a clear error.
+
+    numpy scalars (``np.int64``, ``np.float32``, ...) are accepted and converted; bools, strings, arrays,
+    NaN and infinities are not."""
+    if isinstance(value, np.generic) and not isinstance(value, np.bool_):
+        if integer and isinstance(value, np.integer):
+            value = int(value)
+        elif not integer and isinstance(value, (np.integer, np.floating)):
+            value = value.item()
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or (not integer and math.isnan(value)):
-        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name}={value!r} is out of range; allowed: {bounds}")
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if integer else "a number"
+        raise TypeError(f"{name} must be {what} in {_bounds(low, high)}, got {_describe(value)}")
+    if isinstance(value, float) and math.isnan(value):
+        raise TypeError(f"{name} must be a number in {_bounds(low, high)}, got nan")
+    if isinstance(value, float) and math.isinf(value):
+        raise ValueError(f"{name}={value!r} is not allowed; it must be a finite number in {_bounds(low, high)}")
+    if value < low or (high is not None and value > high):  # exact for huge ints (no float conversion)
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({len(repr(value))} digits)"
+        raise ValueError(f"{name}={shown} is out of range; allowed: {_bounds(low, high)}")
+    return int(value) if integer else (float(value) if isinstance(value, float) else value)
+
+
+def _bounds(low: float, high: float | None) -> str:
+    return f"[{low}, {high}]" if high is not None else f">= {low}"
 
 
 @dataclass
@@ -93,24 +134,29 @@ class DualCacheConfig:
     def __post_init__(self) -> None:
         if isinstance(self.plan, (str, Path)):
             self.plan = load_plan(self.plan)
-        _choice("method", self.method, (*METHODS, "plan"))
-        _number("interval", self.interval, 1, integer=True)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _number("fresh_ratio", self.fresh_ratio, 0.0, 1.0)
-        _choice("ratio_schedule", self.ratio_schedule, tuple(RATIO_SCHEDULES))
-        _choice("selection", self.selection, SELECTIONS)
-        _choice("aggressive", self.aggressive, AGGRESSIVE_VARIANTS)
-        _choice("self_attention", self.self_attention, SELF_ATTENTION_MODES)
-        _number("staleness_weight", self.staleness_weight, 0.0)
-        _number("spatial_bonus", self.spatial_bonus, 0.0)
-        _number("spatial_grid", self.spatial_grid, 1, integer=True)
-        _number("first_full_steps", self.first_full_steps, 1, integer=True)
+        if self.plan is not None and not isinstance(self.plan, CachePlan):
+            raise TypeError(f"plan must be a CachePlan or a path to a plan JSON, got {type(self.plan).__name__}")
+        self.method = _choice("method", self.method, (*METHODS, "plan"))
+        if self.method == "plan" and self.plan is None:
+            raise ValueError("method='plan' needs plan=... (a CachePlan or a path to a plan JSON); "
+                             f"without a plan use one of {', '.join(map(repr, METHODS))}")
+        self.interval = _number("interval", self.interval, 1, MAX_INTERVAL, integer=True)
+        self.schedule = _choice("schedule", self.schedule, SCHEDULES)
+        self.fresh_ratio = _number("fresh_ratio", self.fresh_ratio, 0.0, 1.0)
+        self.ratio_schedule = _choice("ratio_schedule", self.ratio_schedule, tuple(RATIO_SCHEDULES))
+        self.selection = _choice("selection", self.selection, SELECTIONS)
+        self.aggressive = _choice("aggressive", self.aggressive, AGGRESSIVE_VARIANTS)
+        self.self_attention = _choice("self_attention", self.self_attention, SELF_ATTENTION_MODES)
+        self.staleness_weight = _number("staleness_weight", self.staleness_weight, 0.0, MAX_WEIGHT)
+        self.spatial_bonus = _number("spatial_bonus", self.spatial_bonus, 0.0, MAX_WEIGHT)
+        self.spatial_grid = _number("spatial_grid", self.spatial_grid, 1, MAX_SPATIAL_GRID, integer=True)
+        self.first_full_steps = _number("first_full_steps", self.first_full_steps, 1, MAX_FIRST_FULL_STEPS,
+                                        integer=True)
         if self.num_inference_steps is not None:
-            _number("num_inference_steps", self.num_inference_steps, 1, integer=True)
-        _number("seed", self.seed, 0, integer=True)
+            self.num_inference_steps = _number("num_inference_steps", self.num_inference_steps, 1,
+                                               MAX_INFERENCE_STEPS, integer=True)
+        self.seed = _number("seed", self.seed, 0, MAX_SEED, integer=True)
         if self.plan is not None:
-            if not isinstance(self.plan, CachePlan):
-                raise TypeError(f"plan must be a CachePlan or a path to a plan JSON, got {type(self.plan).__name__}")
             self.method = "plan"
 
     # ------------------------------------------------------------------------------------------

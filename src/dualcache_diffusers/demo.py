@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ from diffusers import DiffusionPipeline
 from PIL import Image, ImageDraw
 
 from . import metrics
+from ._names import STEP_PATTERN_LEGEND
 from .api import cache_stats, disable_dual_cache, enable_dual_cache
 from .bench import Workload, default_conditions
+from .reference.digits import DIGIT_WORDS
 from .stats import count_flops
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class DemoResult:
     steps: int
     num_images: int
     conditions: list[Any]
+    seeds: list[int] = field(default_factory=list)
+    labels: dict[int, str] = field(default_factory=dict)  # class id -> name, for class-conditional pipelines
 
     def table(self) -> str:
         """A markdown table of the results."""
@@ -70,7 +75,21 @@ class DemoResult:
                 f"| {r.method} | `{r.pattern}` | {r.flops_speedup:.2f}x | {r.wall_speedup:.2f}x | {r.median_s:.3f} "
                 f"| {psnr} | {r.ssim:.4f} |"
             )
+        lines += ["", STEP_PATTERN_LEGEND + "."]
         return "\n".join(lines) + "\n"
+
+    def column_header(self, index: int) -> str:
+        """What column ``index`` of the grid shows: the digit (class) or the prompt, and the seed."""
+        condition = self.conditions[index]
+        seed = f"seed {self.seeds[index]}" if index < len(self.seeds) else ""
+        if isinstance(condition, str):
+            return f"{condition}\n{seed}".strip()
+        name = self.labels.get(int(condition))
+        if name in DIGIT_WORDS:
+            what = f"digit {DIGIT_WORDS.index(name)}"
+        else:
+            what = f"class {condition}" + (f" ({name})" if name else "")
+        return f"{what}\n{seed}".strip()
 
 
 def _use(pipe: DiffusionPipeline, method: str) -> None:
@@ -137,7 +156,8 @@ def run_demo(
     finally:
         disable_dual_cache(pipe)
     _score(rows)
-    return DemoResult(rows, steps, num_images, picked)
+    labels = {v: k for k, v in (getattr(pipe, "labels", None) or {}).items()}  # pipe.labels: name -> id
+    return DemoResult(rows, steps, num_images, picked, seeds, labels)
 
 
 def _score(rows: list[DemoRow]) -> None:
@@ -149,18 +169,30 @@ def _score(rows: list[DemoRow]) -> None:
         row.ssim = float(metrics.ssim(row.images, base.images).mean())
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters (words are kept whole where they fit)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        lines += textwrap.wrap(paragraph, max(1, width), break_long_words=True) or [""]
+    return lines
+
+
 def image_grid(result: DemoResult, scale: int | None = None, pad: int = 2) -> Image.Image:
-    """One row per method (labelled on the left), one column per seed (its class / prompt on top)."""
+    """One row per method (labelled on the left), one column per image; each column's header says what it
+    shows (the digit or the whole prompt) and its seed."""
     first = result.rows[0].images
     height, width = first.shape[1:3]
     scale = scale or max(1, 96 // max(height, width))
     cell_w, cell_h = width * scale, height * scale
-    label_w, header_h = 90, 14
+    char_w, line_h = 6, 11  # PIL's default bitmap font
+    headers = [_wrap(result.column_header(c), cell_w // char_w) for c in range(len(first))]
+    label_w, header_h = 90, 4 + line_h * max((len(h) for h in headers), default=1)
     size = (label_w + len(first) * (cell_w + pad) + pad, header_h + len(result.rows) * (cell_h + pad) + pad)
     grid = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for c, condition in enumerate(result.conditions):
-        draw.text((label_w + pad + c * (cell_w + pad), 2), str(condition)[: cell_w // 6], fill=(0, 0, 0))
+    for c, lines in enumerate(headers):
+        for i, line in enumerate(lines):
+            draw.text((label_w + pad + c * (cell_w + pad), 2 + i * line_h), line, fill=(0, 0, 0))
     for r, row in enumerate(result.rows):
         top = header_h + pad + r * (cell_h + pad)
         draw.text((4, top + cell_h // 2 - 12), row.method, fill=(0, 0, 0))

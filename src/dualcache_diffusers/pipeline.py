@@ -40,12 +40,14 @@ class DualCachePipeline:
 
 
 def _check_transformer_class(path: str | Path, kwargs: dict[str, Any]) -> None:
-    """Fail before loading weights when model_index.json names no supported transformer."""
+    """Fail before loading weights when model_index.json names no supported transformer.
+
+    The check reads only a local directory or the local Hub cache (``local_files_only=True``): it never goes
+    to the network, so a Hub id that is not cached costs nothing here and diffusers' own loader reports it
+    (at once when offline) exactly as stock diffusers does."""
     try:
-        index = DiffusionPipeline.load_config(
-            path, cache_dir=kwargs.get("cache_dir"), local_files_only=kwargs.get("local_files_only", False)
-        )
-    except Exception:  # let diffusers' own loader report unreadable repos
+        index = DiffusionPipeline.load_config(path, cache_dir=kwargs.get("cache_dir"), local_files_only=True)
+    except Exception:  # not cached / unreadable: let diffusers' own loader report it
         return
     entry = index.get("transformer")
     if kwargs.get("transformer") is not None:

@@ -23,6 +23,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from .plan_schema import loads_plan_json, validate_plan_dict
+
 PLAN_FORMAT_VERSION = 2  # 2 added block_modules / block_names (models whose blocks differ); 1 still loads
 
 
@@ -289,26 +291,29 @@ class CachePlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CachePlan:
-        if data.get("format") != "dualcache-plan":
-            raise ValueError("not a dualcache plan: the JSON has no 'format': 'dualcache-plan' entry")
-        if int(data.get("version", 0)) > PLAN_FORMAT_VERSION:
-            raise ValueError(f"plan format version {data['version']} is newer than this library supports")
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> CachePlan:
+        """A plan from its JSON dict, checked field by field first (:mod:`.plan_schema`); nothing is coerced.
+
+        ``source`` names the file in error messages."""
+        validate_plan_dict(data, source)
+        if data["version"] > PLAN_FORMAT_VERSION:
+            raise ValueError(f"plan {source}: plan format version {data['version']} is newer than this library "
+                             f"supports ({PLAN_FORMAT_VERSION})")
         steps = [
             StepPlan(
-                kind=str(s["kind"]),
-                fractions=[[float(f) for f in row] for row in s["fractions"]],
-                skip_blocks=bool(s.get("skip_blocks", False)),
-                interval=int(s.get("interval", 1)),
+                kind=s["kind"],
+                fractions=[[float(f) for f in row] for row in s["fractions"]],  # ints 0 / 1 -> 0.0 / 1.0
+                skip_blocks=s.get("skip_blocks", False),
+                interval=s.get("interval", 1),
             )
             for s in data["steps"]
         ]
         return cls(
-            num_steps=int(data["num_steps"]),
-            num_blocks=int(data["num_blocks"]),
+            num_steps=data["num_steps"],
+            num_blocks=data["num_blocks"],
             modules=tuple(data["modules"]),
             steps=steps,
-            method=str(data.get("method", "custom")),
+            method=data["method"],
             metadata=dict(data.get("metadata", {})),
             block_modules=data.get("block_modules"),
             block_names=data.get("block_names"),
@@ -322,13 +327,22 @@ class CachePlan:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> CachePlan:
+        """A plan from a JSON file (or JSON text starting with ``{``); every error names the file and field."""
         text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
+        source = "<json text>"
+        if isinstance(path_or_text, Path) or not text.lstrip().startswith("{"):
             path = Path(path_or_text)
+            source = repr(str(path))
             if not path.is_file():
                 raise FileNotFoundError(f"plan file {str(path)!r} does not exist")
-            text = path.read_text()
-        return cls.from_dict(json.loads(text))
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"plan {source}: not a UTF-8 text file ({error.reason} at byte {error.start}); "
+                                 "a plan is a JSON file") from None
+            except OSError as error:
+                raise ValueError(f"plan {source}: cannot be read: {error.strerror or error}") from None
+        return cls.from_dict(loads_plan_json(text, source), source)
 
 
 # ---------------------------------------------------------------------------------------------

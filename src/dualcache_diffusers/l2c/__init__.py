@@ -4,19 +4,36 @@
     plan = train_router(pipe, num_inference_steps=20, budget=0.5)       # learned, exported plan
     enable_dual_cache(pipe, plan=plan)                                   # inference uses the engine
 
-See docs/plans.md for the method, the file formats and the timestep mappings.
+See docs/plans.md for the method, the file formats and the timestep mappings. The names below are
+imported on first use, so that the command line (``l2c.cli``) starts without torch.
 """
 
-from .costs import PlanCost, measure_plan_cost
-from .plot import plot_plan
-from .published import load_published_router, read_router_file
-from .router import RouterSpec, TrainedRouter, export_dual, export_l2c
-from .trainer import train_router
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "PlanCost": "costs",
+    "measure_plan_cost": "costs",
+    "plot_plan": "plot",
+    "load_published_router": "published",
+    "read_router_file": "published",
+    "RouterSpec": "router",
+    "TrainedRouter": "router",
+    "export_dual": "router",
+    "export_l2c": "router",
+    "train_router": "trainer",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .costs import PlanCost
 
 
 def plan_cost(pipe, **call_kwargs) -> PlanCost:
     """The cost model of ``pipe``'s denoiser, measured from one probe pipeline call's first denoiser call."""
     from ..adapters import find_adapter
+    from .costs import measure_plan_cost
     from .data import _Recorder
 
     model = pipe.transformer
@@ -34,7 +51,16 @@ def _slice(tree):
     return map_tree(tree, lambda t: t[:1])
 
 
-__all__ = [
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [  # names resolved on first use by __getattr__
     "PlanCost",
     "RouterSpec",
     "TrainedRouter",

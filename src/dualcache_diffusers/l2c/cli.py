@@ -9,7 +9,7 @@ Importing this module also registers both with the main CLI's ``register_subcomm
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 TRAIN_HELP = "learn a static cache schedule (Learning-to-Cache or the dual compute/partial/reuse router)"
@@ -27,90 +27,150 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def configure_train(train: argparse.ArgumentParser) -> None:
-    train.add_argument("--model", required=True,
-                       help="'dit' / 'pixart' (the shipped reference models), a pipeline directory or a Hub repo id")
-    train.add_argument("--steps", type=int, default=20, help="num_inference_steps the plan is for (default 20)")
-    train.add_argument("--budget", type=float, default=0.5,
-                       help="target FLOPs fraction of the plan, in (0, 1] (default 0.5); "
-                            "for --kind l2c pass 0 to export by the published threshold instead")
-    train.add_argument("--out", required=True, help="where to write the plan JSON")
-    train.add_argument("--kind", choices=("l2c", "dual"), default="l2c")
-    train.add_argument("--iterations", type=int, default=600)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--checkpoint", default=None, help="checkpoint directory (default: OUT.ckpt)")
-    train.add_argument("--resume", default=None, help="continue from this checkpoint directory")
-    train.add_argument("--threshold", type=float, default=None, help="L2C export threshold (with --budget 0)")
-    train.add_argument("--interval", type=int, default=None, help="cycle length: 1 full step + interval-1 cache")
-    train.add_argument("--partial-ratio", type=float, default=0.25, help="tokens a partial choice recomputes")
+    from ..cli import add_model_arguments, finite_float, positive_int
+
+    add_model_arguments(train, steps=20, dtype=False, prompt=False, model_default=None)
+    train.add_argument("--budget", type=finite_float, default=0.5,
+                       help="target FLOPs fraction of the plan, in (0, 1]; for --kind l2c pass 0 to export by the "
+                            "published threshold instead")
+    train.add_argument("--out", required=True, help="where to write the plan JSON (required)")
+    train.add_argument("--kind", choices=("l2c", "dual"), default="l2c",
+                       help="l2c: compute / reuse per branch (published); dual: compute / partial / reuse per module")
+    train.add_argument("--iterations", type=positive_int, default=600, help="optimizer steps")
+    train.add_argument("--seed", type=int, default=0, help="seed of trajectories, batches and initialisation")
+    train.add_argument("--checkpoint", default=None,
+                       help="checkpoint directory, written every 100 iterations (default: OUT with .ckpt, deleted "
+                            "after a successful run unless --keep-checkpoints; a directory named here is kept)")
+    train.add_argument("--keep-checkpoints", action="store_true",
+                       help="keep the default checkpoint directory after a successful run (default: delete it)")
+    train.add_argument("--resume", default=None, help="continue from this checkpoint directory (default: start anew)")
+    train.add_argument("--threshold", type=finite_float, default=None,
+                       help="L2C export threshold with --budget 0 (default: 0.1, the published DiT value)")
+    train.add_argument("--interval", type=positive_int, default=None,
+                       help="cycle length: 1 full step + interval-1 cache steps (default: 2 for l2c, from the budget "
+                            "for dual)")
+    train.add_argument("--partial-ratio", type=finite_float, default=0.25,
+                       help="fraction of tokens a partial choice recomputes (dual)")
     train.add_argument("--loss-space", choices=["eps", "latent"], default="eps",
                        help="eps: error of the model output (published); latent: weighted by where the "
-                            "sampler puts it in the next latent (default: eps)")
-    train.add_argument("--lr", type=float, default=1e-2)
-    train.add_argument("--num-images", type=int, default=32, help="data-free trajectories to generate")
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--prompts", default=None, help="PixArt: a text file with one prompt per line")
-    train.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    train.add_argument("--png", default=None, help="also write the plan's heatmap here")
+                            "sampler puts it in the next latent")
+    train.add_argument("--lr", type=finite_float, default=1e-2, help="AdamW learning rate on the router logits")
+    train.add_argument("--num-images", type=positive_int, default=32, help="data-free trajectories to generate")
+    train.add_argument("--batch-size", type=positive_int, default=16, help="trajectory rows per optimizer step")
+    train.add_argument("--prompts", default=None,
+                       help="text-to-image models: a text file with one prompt per line (default: digit captions)")
+    train.add_argument("--png", default=None, help="also write the plan's heatmap to this PNG (default: none)")
 
 
 def configure_plan(plan: argparse.ArgumentParser) -> None:
-    plan.add_argument("path", help="plan JSON, or a published L2C router file")
-    plan.add_argument("--png", default=None, help="heatmap path (default: PATH with .png)")
-    plan.add_argument("--steps", type=int, default=None, help="router files: check the step count")
-    plan.add_argument("--threshold", type=float, default=0.1, help="router files: compute threshold (default 0.1)")
-    plan.add_argument("--out", default=None, help="router files: also write the plan JSON here")
+    from ..cli import finite_float, positive_int
+
+    plan.add_argument("path", help="plan JSON, or a published L2C router file (.pt / .pth / .bin / .pkl)")
+    plan.add_argument("--out", default="dualcache-plan",
+                      help="folder for the heatmap PNG (and, for router files, the converted plan JSON), named "
+                           "after PATH")
+    plan.add_argument("--png", default=None, help="write the heatmap to this path instead (default: OUT/NAME.png)")
+    plan.add_argument("--steps", type=positive_int, default=None,
+                      help="router files: check the step count (default: no check)")
+    plan.add_argument("--threshold", type=finite_float, default=0.1, help="router files: compute threshold")
+
+
+def print_plan(plan) -> None:
+    """A plan's summary with the legend of its letters and symbols."""
+    from .._names import PLAN_SUMMARY_LEGEND, STEP_PATTERN_LEGEND
+
+    print(plan.summary())
+    print(f"legend: {STEP_PATTERN_LEGEND}.")
+    print(f"        {PLAN_SUMMARY_LEGEND}.")
+
+
+def _remove_checkpoint(directory: Path) -> bool:
+    """Delete a checkpoint directory written by the trainer (only its own files; other files keep it)."""
+    names = ("router.safetensors", "data.safetensors", "data.json", "state.json", "state.json.tmp")
+    if not (directory / "state.json").is_file():
+        return False
+    for name in names:
+        (directory / name).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:  # the user put something else there: leave it
+        return False
+    return True
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-    from diffusers import DiffusionPipeline
+    from ..cli import UserError, check_model_arguments
 
-    from ..bench import resolve_model
+    ref = check_model_arguments(args)
+    if not (0 <= args.budget <= 1):
+        raise UserError(f"--budget {args.budget} is not allowed; it must be in (0, 1] (or 0 for the threshold export)")
+    prompts = None
+    if args.prompts:
+        try:
+            text = Path(args.prompts).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"--prompts {args.prompts!r}: cannot be read as text ({error})") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompts {args.prompts!r}: the file has no prompts (one per line)")
+    if args.resume and not (Path(args.resume) / "state.json").is_file():
+        raise FileNotFoundError(f"--resume {args.resume!r}: no router checkpoint (state.json) there")
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise UserError(f"--out {args.out!r}: the plan is JSON; name the file *.json")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_suffix(".ckpt")
+
+    from ..cli import load_model
     from .plot import plot_plan
     from .trainer import train_router
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = DiffusionPipeline.from_pretrained(resolve_model(args.model)).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    prompts = None
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    logging.getLogger(__name__).info("loading %s ...", args.model)
+    pipe = load_model(ref, args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     budget = args.budget if args.budget > 0 else None
-    out = Path(args.out)
-    checkpoint = args.checkpoint or str(out.with_suffix(".ckpt"))
     plan = train_router(
         pipe, num_inference_steps=args.steps, budget=budget, kind=args.kind, iterations=args.iterations,
         seed=args.seed, checkpoint=checkpoint, resume=args.resume, threshold=args.threshold,
         interval=args.interval, partial_ratio=args.partial_ratio, loss_space=args.loss_space, lr=args.lr,
         num_images=args.num_images, batch_size=args.batch_size, prompts=prompts, progress=True,
     )
+    out.parent.mkdir(parents=True, exist_ok=True)
     plan.to_json(out)
-    print(plan.summary())
+    print_plan(plan)
     print(f"FLOPs fraction: {plan.metadata.get('flops_fraction', float('nan')):.3f}")
-    print(f"plan written to {out} (checkpoint: {checkpoint})")
+    if args.checkpoint or args.keep_checkpoints:
+        print(f"plan written to {out} (checkpoint kept: {checkpoint})")
+    else:
+        removed = _remove_checkpoint(checkpoint)
+        print(f"plan written to {out}" + ("" if removed else f" (checkpoint left in {checkpoint})"))
     if args.png:
         print(f"heatmap written to {plot_plan(plan, args.png)}")
     return 0
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist" if not path.exists() else
+                                f"{str(path)!r} is not a file")
     from ..plan import CachePlan
     from .plot import plot_plan
     from .published import load_published_router
 
-    path = Path(args.path)
-    if not path.is_file():
-        print(f"error: {path} does not exist", file=sys.stderr)
-        return 2
+    out = Path(args.out)
     if path.suffix in (".pt", ".pth", ".bin", ".pkl"):
         plan = load_published_router(path, num_inference_steps=args.steps, threshold=args.threshold)
-        if args.out:
-            plan.to_json(args.out)
-            print(f"plan written to {args.out}")
+        out.mkdir(parents=True, exist_ok=True)
+        plan.to_json(out / f"{path.stem}.json")
+        print(f"plan written to {out / f'{path.stem}.json'}")
     else:
         plan = CachePlan.from_json(path)
-    print(plan.summary())
-    png = Path(args.png) if args.png else path.with_suffix(".png")
+    print_plan(plan)
+    png = Path(args.png) if args.png else out / f"{path.stem}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
     print(f"heatmap written to {plot_plan(plan, png)}")
     return 0
 

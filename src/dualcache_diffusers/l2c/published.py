@@ -24,45 +24,69 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import pickle
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..plan import FULL, CachePlan, StepPlan
-from .router import LEARNED
+from .router import LEARNED, check_logits
 
 _KEY = re.compile(r"^(\d+)\.prob$")
 SAFE_GLOBALS = [argparse.Namespace]
 
 
-def read_router_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``{k: logits}`` state dict of a published router file, loaded without executing code."""
+def read_router_file(path: str | Path) -> dict[int, torch.Tensor]:
+    """The ``{k: logits}`` routers of a published router file, loaded without executing code.
+
+    Every way the file can be wrong (empty, truncated, not a torch file, a pickle with other globals, no
+    routers, logits that are NaN / complex / empty / of different sizes) is one ``ValueError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"router file {str(path)!r} does not exist")
+    name = f"router file {str(path)!r}"
+    if path.stat().st_size == 0:
+        raise ValueError(f"{name} is empty; expected a torch checkpoint of '<k>.prob' router logits")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {str(path)!r}: it is not a plain tensor checkpoint (the restricted unpickler "
-            f"rejected it; nothing in it was executed): {str(err).splitlines()[0]}"
+            f"rejected it; nothing in it was executed): {str(err).splitlines()[0] if str(err) else 'unpickling error'}"
         ) from None
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as err:  # truncated / corrupted archives fail in many ways (EOFError, RuntimeError, ...)
+        detail = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+        raise ValueError(f"{name} is not a readable torch checkpoint (truncated or corrupted?): {detail}") from None
     if isinstance(data, dict) and "routers" in data:
         data = data["routers"]
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{str(path)!r} has no 'routers' state dict of '<k>.prob' tensors")
+        raise ValueError(f"{name} has no 'routers' state dict of '<k>.prob' tensors")
     routers: dict[int, torch.Tensor] = {}
     for key, value in data.items():
         match = _KEY.match(str(key))
         if match is None or not isinstance(value, torch.Tensor) or value.ndim != 1:
-            raise ValueError(f"{str(path)!r}: unexpected router entry {key!r}; expected '<k>.prob' 1-D tensors")
+            shown = str(key)[:60]
+            raise ValueError(f"{name}: unexpected router entry {shown!r}; expected '<k>.prob' 1-D tensors")
+        check_logits(value, source=f"{name}, entry {key!r}")
         routers[int(match.group(1))] = value.float()
     if sorted(routers) != list(range(len(routers))):
-        raise ValueError(f"{str(path)!r}: router indices {sorted(routers)} are not 0..{len(routers) - 1}")
+        shown = sorted(routers)[:10]
+        raise ValueError(f"{name}: router indices {shown}{'...' if len(routers) > 10 else ''} are not "
+                         f"0..{len(routers) - 1}")
+    sizes = sorted({int(v.numel()) for v in routers.values()})
+    if len(sizes) != 1 or sizes[0] % 2:
+        raise ValueError(f"{name}: routers must all hold 2 x depth logits (attention, MLP per block), got sizes "
+                         f"{sizes[:10]}")
+    if not all(math.isfinite(float(v.abs().max())) for v in routers.values()):  # float64 -> float32 overflow
+        raise ValueError(f"{name}: some logits overflow float32")
     return {k: routers[k] for k in range(len(routers))}
 
 

@@ -60,6 +60,24 @@ class RouterSpec:
         return cls(**data)
 
 
+def check_logits(logits: Any, shape: tuple[int, ...] | None = None, source: str = "router logits") -> torch.Tensor:
+    """``logits`` if it is a non-empty, finite, real floating tensor (of ``shape`` when given), else a ValueError
+    / TypeError that names ``source``."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{source}: logits must be a tensor, got {type(logits).__name__}")
+    if logits.is_complex() or not logits.is_floating_point():
+        raise ValueError(f"{source}: logits must be real floating-point numbers, got dtype {logits.dtype}")
+    if logits.numel() == 0:
+        raise ValueError(f"{source}: logits are empty (shape {tuple(logits.shape)})")
+    if shape is not None and tuple(logits.shape) != tuple(shape):
+        raise ValueError(f"{source}: logits have shape {tuple(logits.shape)}, expected {tuple(shape)}")
+    finite = torch.isfinite(logits.detach())
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{source}: {bad} of {logits.numel()} logits are NaN or infinite")
+    return logits
+
+
 def probabilities(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
     """L2C: sigmoid (probability of computing); dual: softmax over (compute, partial, reuse)."""
     return torch.softmax(logits, dim=-1) if spec.kind == "dual" else torch.sigmoid(logits)
@@ -112,6 +130,7 @@ def export_l2c(
     """Static schedule from L2C logits: a branch is computed where ``sigmoid(logit) > threshold``
     (as published, DiT threshold 0.1), or the threshold is chosen so that the plan's FLOPs fraction
     (from ``cost``) is nearest ``budget``."""
+    check_logits(logits, spec.logit_shape)
     scores = torch.sigmoid(logits.detach().double())
     meta = dict(metadata or {})
     if budget is not None:
@@ -145,6 +164,7 @@ def export_dual(
     least log-probability per FLOP saved. Under budget: upgrade the choice that gains the most
     log-probability per FLOP while staying within the budget.
     """
+    check_logits(logits, spec.logit_shape)
     logp = torch.log_softmax(logits.detach().double(), dim=-1)
     choice = logp.argmax(dim=-1)  # (cache steps, blocks, modules)
     ratios = torch.tensor([1.0, spec.partial_ratio, 0.0], dtype=torch.float64)

@@ -34,7 +34,7 @@ from ..config import DualCacheConfig
 from .costs import PlanCost, measure_plan_cost
 from .data import TrajectoryData, _first_output, generate_trajectories, trajectories_from_latents
 from .mixing import Mixer
-from .router import RouterSpec, TrainedRouter, expected_fraction, probabilities
+from .router import RouterSpec, TrainedRouter, check_logits, expected_fraction, probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -335,19 +335,20 @@ class RouterTrainer:
 
     def load_state(self, path: Path) -> None:
         path = Path(path)
-        info = json.loads((path / "state.json").read_text())
-        if info.get("format") != "dualcache-router-checkpoint":
-            raise ValueError(f"resume={str(path)!r} is not a router checkpoint (no state.json of that format)")
+        info, tensors = read_checkpoint(path)
         if info["spec"] != self.spec.to_dict():
             raise ValueError(f"resume={str(path)!r} was trained with {info['spec']}, not {self.spec.to_dict()}")
         saved_space = info["metadata"]["learned"].get("loss_space", "eps")
         if saved_space != self.loss_space:
             raise ValueError(f"resume={str(path)!r} was trained with loss_space={saved_space!r}, "
                              f"not {self.loss_space!r}")
-        tensors = load_file(str(path / "router.safetensors"))
+        check_logits(tensors["logits"], self.spec.logit_shape, f"checkpoint {str(path / 'router.safetensors')!r}")
         with torch.no_grad():
             self.logits.copy_(tensors["logits"])
-        self.generator.set_state(tensors["rng"])
+        try:
+            self.generator.set_state(tensors["rng"])
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"checkpoint {str(path)!r}: its random generator state is invalid: {error}") from None
         if "adam.exp_avg" in tensors:
             self.optimizer.state[self.logits] = {
                 "step": tensors["adam.step"],
@@ -359,6 +360,71 @@ class RouterTrainer:
         self.lam = float(info["lambda"])
         self.ref = float(info["ref"]) if info["ref"] is not None else float("nan")
         self.losses = list(info["losses"])
+
+
+def _checkpoint_error(path: Path, what: str) -> ValueError:
+    return ValueError(f"resume={str(path)!r} is not a usable router checkpoint: {what}")
+
+
+def _read_json(path: Path, checkpoint: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise _checkpoint_error(checkpoint, f"{path.name} is missing") from None
+    except RecursionError:
+        raise _checkpoint_error(checkpoint, f"{path.name} is nested too deeply") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
+        raise _checkpoint_error(checkpoint, f"{path.name} is not valid JSON ({error})") from None
+
+
+def _read_safetensors(path: Path, checkpoint: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise _checkpoint_error(checkpoint, f"{path.name} is missing")
+    try:
+        return load_file(str(path))
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as error:  # safetensors raises its own SafetensorError on truncated / corrupted files
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise _checkpoint_error(checkpoint, f"{path.name} is truncated or corrupted ({detail})") from None
+
+
+_STATE_TYPES = {"spec": dict, "iteration": int, "lambda": (int, float), "losses": list, "metadata": dict}
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``state.json`` and the tensors of ``router.safetensors`` of a checkpoint directory, checked: anything
+    missing, truncated, corrupted or of another format is one ``ValueError`` naming the directory and file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume={str(path)!r}: no router checkpoint directory there")
+    info = _read_json(path / "state.json", path)
+    if not isinstance(info, dict) or info.get("format") != "dualcache-router-checkpoint":
+        raise _checkpoint_error(path, "state.json is not of the format 'dualcache-router-checkpoint'")
+    if info.get("version") != CHECKPOINT_VERSION:
+        raise _checkpoint_error(path, f"state.json has version {info.get('version')!r}; this library reads "
+                                      f"version {CHECKPOINT_VERSION}")
+    for key, kind in _STATE_TYPES.items():
+        if isinstance(info.get(key), bool) or not isinstance(info.get(key), kind):
+            raise _checkpoint_error(path, f"state.json entry {key!r} is missing or of the wrong type")
+    if not all(k in info for k in ("l1", "ref")) or not isinstance(info["metadata"].get("learned"), dict):
+        raise _checkpoint_error(path, "state.json lacks 'l1', 'ref' or 'metadata.learned'")
+    for key in ("lambda", "l1", "ref"):  # ref is NaN until the dual router calibrates it
+        value = info[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or math.isinf(value) or (math.isnan(value) and key != "ref")):
+            raise _checkpoint_error(path, f"state.json entry {key!r} is not a finite number")
+    tensors = _read_safetensors(path / "router.safetensors", path)
+    for key in ("logits", "rng"):
+        if key not in tensors:
+            raise _checkpoint_error(path, f"router.safetensors has no {key!r} tensor")
+    check_logits(tensors["logits"], source=f"checkpoint {str(path / 'router.safetensors')!r}")
+    adam = [k for k in ("adam.exp_avg", "adam.exp_avg_sq", "adam.step") if k in tensors]
+    if adam and len(adam) != 3:
+        raise _checkpoint_error(path, "router.safetensors holds only part of the optimizer state")
+    if adam and any(tensors[k].shape != tensors["logits"].shape for k in adam[:2]):
+        raise _checkpoint_error(path, "router.safetensors: the optimizer state does not match the logits' shape")
+    return info, tensors
 
 
 def _l1_for_budget(spec: RouterSpec, importance: torch.Tensor, cost: PlanCost, budget: float) -> float:
@@ -384,9 +450,13 @@ def _l1_for_budget(spec: RouterSpec, importance: torch.Tensor, cost: PlanCost, b
 
 
 def _load_data(path: Path) -> TrajectoryData:
-    tensors = load_file(str(Path(path) / "data.safetensors"))
-    meta = json.loads((Path(path) / "data.json").read_text())
-    return TrajectoryData.from_tensors(tensors, meta)
+    path = Path(path)
+    tensors = _read_safetensors(path / "data.safetensors", path)
+    meta = _read_json(path / "data.json", path)
+    try:
+        return TrajectoryData.from_tensors(tensors, meta)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        raise _checkpoint_error(path, f"data.safetensors / data.json do not hold trajectories ({error!r})") from None
 
 
 def train_router(
@@ -478,6 +548,7 @@ def train_router(
         resume = Path(resume)
         if not (resume / "state.json").is_file():
             raise FileNotFoundError(f"resume={str(resume)!r}: no router checkpoint (state.json) there")
+        read_checkpoint(resume)  # fail on a broken checkpoint before anything else is loaded
         data = _load_data(resume).to(next(model.parameters()).device)
     elif latents is not None:
         if conditions is None:
