@@ -29,7 +29,7 @@ import torch
 
 from dualcache_diffusers.config import DualCacheConfig
 from dualcache_diffusers.l2c.published import load_published_router
-from dualcache_diffusers.plan import CachePlan, fora_plan
+from dualcache_diffusers.plan import CachePlan, PlanLayout, fora_plan
 
 FIELDS = ["method", "interval", "schedule", "fresh_ratio", "ratio_schedule", "selection", "aggressive",
           "self_attention", "staleness_weight", "spatial_bonus", "spatial_grid", "first_full_steps",
@@ -69,7 +69,7 @@ def fuzz_configs(rng: random.Random, count: int, counts: Counter, examples: dict
         good &= all(math.isfinite(v) for v in values.values() if isinstance(v, float))
         good &= 0 <= config.fresh_ratio <= 1 and 1 <= config.interval <= 1000 and 0 <= config.seed < 2**63
         try:
-            config.build_plan(8, 2, ("attn1", "ff"), ("attn1",))
+            config.build_plan(8, PlanLayout.uniform_layout(2, ("attn1", "ff")))
         except Exception as error:
             good = False
             examples.setdefault("configs wrong", repr((fields, error)))

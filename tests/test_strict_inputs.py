@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dualcache_diffusers.config import DualCacheConfig
-from dualcache_diffusers.plan import CachePlan, fora_plan
+from dualcache_diffusers.plan import CachePlan, PlanLayout, fora_plan
 from dualcache_diffusers.plan_schema import validate_plan_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,7 +318,7 @@ def test_property_configs_construct_cleanly_or_name_the_field(fields):
         if isinstance(value, float):
             assert math.isfinite(value)
     assert 0 <= config.fresh_ratio <= 1 and 1 <= config.interval <= 1000 and 0 <= config.seed < 2**63
-    plan = config.build_plan(8, 2, MODULES, ("attn1",))
+    plan = config.build_plan(8, PlanLayout.uniform_layout(2, MODULES))
     assert plan.num_steps == 8 and plan.steps[0].is_full
 
 
