@@ -495,7 +495,13 @@ def _bench_methods(steps: int) -> dict[str, Any]:
     from .bench import build_methods
 
     if steps not in _METHODS_BY_STEPS:
-        _METHODS_BY_STEPS[steps] = build_methods(steps)
+        bench_logger = logging.getLogger("dualcache_diffusers.bench")
+        level = bench_logger.level
+        bench_logger.setLevel(logging.ERROR)  # its warnings about baselines the Space does not offer
+        try:
+            _METHODS_BY_STEPS[steps] = build_methods(steps)
+        finally:
+            bench_logger.setLevel(level)
     return _METHODS_BY_STEPS[steps]
 
 
