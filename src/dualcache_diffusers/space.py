@@ -124,6 +124,7 @@ def resolve_model(model: str, hub_id: str = "") -> tuple[str, ModelSpec]:
 
 _PIPES: OrderedDict[str, Any] = OrderedDict()
 _MAX_HUB_PIPES = 1  # big pipelines: keep only the last one in memory
+_LOCK = threading.RLock()  # one generation at a time: the pipelines are shared and the cache hooks live on them
 
 
 def device_and_dtype(spec: ModelSpec) -> tuple[str, str]:
@@ -274,15 +275,16 @@ def method_choices(model: str = "dit", steps: int = 20, hub_id: str = "") -> lis
     """(label, value) of every method for a model and step count; learned plans only where they fit."""
     choices = [(CALIBRATED_LABELS[name], f"calibrated:{name}") for name in CALIBRATED_LABELS]
     choices += [(PRESET_LABELS[name], name) for name in available_presets()]
-    try:
-        key, spec = resolve_model(model, hub_id)
-        pipe = _PIPES.get(key) if model == HUB else load_model(key, spec)  # Hub models: only once loaded
-    except SpaceInputError:
-        pipe = None
-    if pipe is not None:
-        for name, path in find_plans().items():
-            if plan_fits(pipe, key, path, steps):
-                choices.append((f"Learned plan {name} ({steps} steps)", f"plan:{name}"))
+    with _LOCK:  # plan_fits hooks the shared pipeline for a moment
+        try:
+            key, spec = resolve_model(model, hub_id)
+            pipe = _PIPES.get(key) if model == HUB else load_model(key, spec)  # Hub models: only once loaded
+        except SpaceInputError:
+            pipe = None
+        if pipe is not None:
+            for name, path in find_plans().items():
+                if plan_fits(pipe, key, path, steps):
+                    choices.append((f"Learned plan {name} ({steps} steps)", f"plan:{name}"))
     return choices
 
 
@@ -312,7 +314,6 @@ class SpaceResult:
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
-_LOCK = threading.Lock()  # one generation at a time: the pipelines are shared and the cache hooks live on them
 _REFERENCES: OrderedDict[tuple, Reference] = OrderedDict()
 _CALIBRATIONS: dict[tuple, tuple[dict[str, Any], float]] = {}
 _MAX_REFERENCES = 64
