@@ -41,6 +41,7 @@ _SUBCOMMANDS: dict[str, Subcommand] = {}
 # Modules imported by ``main`` so that they can register their subcommands (missing ones are ignored).
 SUBCOMMAND_MODULES: list[str] = [
     "dualcache_diffusers.l2c.cli",  # train-router, plan
+    "dualcache_diffusers.space",  # app
 ]
 
 
