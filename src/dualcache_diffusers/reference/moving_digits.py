@@ -37,8 +37,15 @@ DIRECTIONS = ("left", "right", "up", "down")
 DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 MOTION_WORDS = ("moving", *DIRECTIONS)
 # Recommended keyword arguments for ``LattePipeline.__call__`` on the shipped model: the transformer's
-# temporal position embedding is built for 8 frames, so ``video_length`` must be 8.
-LATTE_CALL_KWARGS = {"video_length": NUM_FRAMES, "height": CANVAS, "width": CANVAS, "clean_caption": False}
+# temporal position embedding is built for 8 frames, so ``video_length`` must be 8; the model was trained on
+# unmasked T5 outputs (``mask_feature=False``, any batch size) and on one-prompt calls with the default masking.
+LATTE_CALL_KWARGS = {
+    "video_length": NUM_FRAMES,
+    "height": CANVAS,
+    "width": CANVAS,
+    "clean_caption": False,
+    "mask_feature": False,
+}
 
 
 # ------------------------------------------------------------------------------------------- captions
