@@ -7,7 +7,8 @@ The data of the shipped video reference pipeline (``assets/video-digits``, a ``L
   VAE encodes every frame as usual (4x16x16 latents, 64 tokens per frame with patch size 2);
 * the digit is an 8x8 scikit-learn digit upsampled to ``DIGIT_SIZE`` (20x20) pixels, slightly
   rotated/rescaled, and drifts in a straight line ``left``, ``right``, ``up`` or ``down`` by
-  ``TRAVEL`` pixels over the clip (about 1.3-1.7 px per frame), always fully inside the canvas;
+  ``TRAVEL`` pixels over the clip (about 1.4-1.7 px per frame) from one side of the canvas to the
+  other, near its centre line (``ACROSS_JITTER``), always fully inside the canvas;
 * the caption says the digit and the motion: "a seven moving left", "an eight moving up".
 
 Everything is deterministic given a ``torch.Generator``. The module also holds what evaluation
@@ -31,7 +32,9 @@ NUM_FRAMES = 8
 CANVAS = digits.IMAGE_SIZE  # 32: the digits VAE's training size
 DIGIT_SIZE = 20
 # Distance the digit moves between the first and the last frame, in pixels (sampled per clip).
-TRAVEL = (9.0, 12.0)
+TRAVEL = (10.0, 12.0)
+# Largest offset of the path from the canvas centre line, across the motion, in pixels (sampled per clip).
+ACROSS_JITTER = 2.0
 DIRECTIONS = ("left", "right", "up", "down")
 # Unit displacement of each direction in image coordinates (x to the right, y downwards).
 DIRECTION_VECTORS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
@@ -111,12 +114,14 @@ def render_clips(
     num_frames: int = NUM_FRAMES,
     canvas: int = CANVAS,
     travel: tuple[float, float] = TRAVEL,
+    across_jitter: float = ACROSS_JITTER,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Let each digit image [N, 1, s, s] (in [-1, 1]) drift in its direction across a ``canvas``-sized frame.
 
     Per clip the travel distance is uniform in ``travel``, the start along the motion axis is uniform
     over the positions that keep the whole path inside the canvas, and the position across the axis is
-    uniform over the canvas. Frames are sampled bilinearly (sub-pixel motion). Returns the clips
+    within ``across_jitter`` pixels of the canvas centre (so the caption fixes the path up to a few pixels).
+    Frames are sampled bilinearly (sub-pixel motion). Returns the clips
     [N, F, 1, canvas, canvas] and the digit-box centres [N, F, 2] in pixels.
     """
     n, _, size, _ = images.shape
@@ -125,7 +130,8 @@ def render_clips(
         raise ValueError(f"a {size}px digit cannot travel {travel[1]}px on a {canvas}px canvas")
     dist = torch.rand(n, generator=generator) * (travel[1] - travel[0]) + travel[0]
     start_along = torch.rand(n, generator=generator) * (free - dist)
-    across = torch.rand(n, generator=generator) * free
+    jitter = min(across_jitter, free / 2.0)
+    across = free / 2.0 + (torch.rand(n, generator=generator) * 2.0 - 1.0) * jitter
     vectors = torch.tensor([DIRECTION_VECTORS[d] for d in DIRECTIONS])[directions]  # [N, 2]
     half = size / 2.0
     # Box centre at the first frame: along the axis it starts at the side the digit moves away from.
