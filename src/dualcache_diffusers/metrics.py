@@ -1,4 +1,4 @@
-"""Fidelity metrics: PSNR / SSIM between image batches, and digits-classifier metrics.
+"""Fidelity metrics: PSNR / SSIM between image batches, temporal consistency of clips, and digits-classifier metrics.
 
 Images may be given as a list of PIL images, a numpy array ``[N, H, W, C]`` (uint8, or float in
 [0, 1], what ``output_type="np"`` returns) or a tensor ``[N, C, H, W]`` in [0, 1]
@@ -7,6 +7,11 @@ Images may be given as a list of PIL images, a numpy array ``[N, H, W, C]`` (uin
 SSIM is scikit-image's ``structural_similarity`` (Wang et al. 2004, 7x7 uniform window, or the
 largest odd window that fits a smaller image), computed per image and per channel, then averaged
 over channels. PSNR is ``10 log10(data_range^2 / MSE)`` per image; identical images give ``inf``.
+
+Clips (video pipelines) are given as lists of PIL frame lists, numpy ``[N, F, H, W, C]`` or tensors
+``[N, F, C, H, W]``. ``frame_psnr`` compares them frame by frame; ``temporal_psnr`` compares their
+consecutive-frame differences, so it measures temporal consistency (flicker, jerky or missing motion)
+against a reference clip, and ignores an error that stays the same in every frame.
 
 The classifier metrics use the digits classifier shipped with the reference models
 (``reference/digits.py``): Frechet distance in its penultimate feature space to the held-out test
@@ -185,3 +190,73 @@ def digit_of_text(text: str) -> int | None:
     found = {_DIGIT_WORDS.index(w) for w in words if w in _DIGIT_WORDS}
     found |= {int(w) for w in words if len(w) == 1 and w.isdigit()}
     return found.pop() if len(found) == 1 else None
+
+
+# ------------------------------------------------------------------------------------------------- video
+
+ClipBatch = Any  # list[list[PIL.Image]] | np.ndarray [N, F, H, W, C] | torch.Tensor [N, F, C, H, W]
+
+
+def as_float_clips(clips: ClipBatch) -> np.ndarray:
+    """A batch of clips as float64 ``[N, F, H, W, C]`` in [0, 1].
+
+    Accepts what video pipelines return: a list of clips that are lists of PIL images (``output_type="pil"``),
+    a numpy array ``[N, F, H, W, C]`` (``"np"``) or a tensor ``[N, F, C, H, W]`` in [0, 1] (``"pt"``).
+    """
+    if isinstance(clips, torch.Tensor):
+        if clips.ndim != 5:
+            raise ValueError(f"clips tensor must be [N, F, C, H, W], got shape {tuple(clips.shape)}")
+        return np.stack([as_float_images(clip) for clip in clips])
+    if isinstance(clips, np.ndarray):
+        if clips.ndim != 5:
+            raise ValueError(f"clips array must be [N, F, H, W, C], got shape {clips.shape}")
+        return np.stack([as_float_images(clip) for clip in clips])
+    if isinstance(clips, Sequence) and clips and all(isinstance(c, Sequence) and c for c in clips):
+        return np.stack([as_float_images(list(clip)) for clip in clips])
+    raise TypeError(f"clips must be lists of PIL frames, a numpy array or a torch tensor, got {type(clips).__name__}")
+
+
+def _clip_pair(a: ClipBatch, b: ClipBatch) -> tuple[np.ndarray, np.ndarray]:
+    x, y = as_float_clips(a), as_float_clips(b)
+    if x.shape != y.shape:
+        raise ValueError(f"clip batches differ in shape: {x.shape} vs {y.shape}")
+    return x, y
+
+
+def _psnr_of_errors(errors: np.ndarray, data_range: float) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(errors > 0, 10.0 * np.log10(data_range**2 / np.maximum(errors, 1e-300)), np.inf)
+
+
+def frame_psnr(a: ClipBatch, b: ClipBatch, data_range: float = 1.0) -> np.ndarray:
+    """PSNR in dB of every frame of ``a`` against the same frame of ``b``, shape [N, F]."""
+    x, y = _clip_pair(a, b)
+    return _psnr_of_errors(((x - y) ** 2).mean(axis=(2, 3, 4)), data_range)
+
+
+def temporal_psnr(a: ClipBatch, b: ClipBatch, data_range: float = 1.0) -> np.ndarray:
+    """PSNR in dB between the consecutive-frame differences of ``a`` and those of ``b``, shape [N, F - 1].
+
+    Entry ``t`` compares ``a[t + 1] - a[t]`` with ``b[t + 1] - b[t]``: it measures whether a clip changes
+    from frame to frame the way the reference does (flicker, jerky or missing motion). An error that is the
+    same in every frame (a static artifact) does not lower it; frame-to-frame variation of the error does.
+    ``data_range`` is the pixel range (1.0), as for :func:`frame_psnr`, so the two are on the same scale.
+    """
+    x, y = _clip_pair(a, b)
+    if x.shape[1] < 2:
+        raise ValueError("temporal PSNR needs clips of at least 2 frames")
+    dx, dy = np.diff(x, axis=1), np.diff(y, axis=1)
+    return _psnr_of_errors(((dx - dy) ** 2).mean(axis=(2, 3, 4)), data_range)
+
+
+def temporal_consistency(a: ClipBatch, b: ClipBatch, data_range: float = 1.0) -> dict[str, float]:
+    """Fidelity of clips ``a`` (e.g. cached) to reference clips ``b`` (uncached), averaged over clips and frames:
+    ``frame_psnr`` (per-frame PSNR), ``temporal_psnr`` (PSNR of consecutive-frame differences) and
+    ``temporal_psnr_min`` (the worst frame transition of any clip, capped like :func:`mean_psnr`)."""
+    per_frame = frame_psnr(a, b, data_range)
+    per_step = temporal_psnr(a, b, data_range)
+    return {
+        "frame_psnr": mean_psnr(per_frame.ravel()),
+        "temporal_psnr": mean_psnr(per_step.ravel()),
+        "temporal_psnr_min": float(np.minimum(per_step, PSNR_CAP_DB).min()),
+    }
