@@ -270,7 +270,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "duca": dict(method="duca", interval=3, fresh_ratio=0.3, ratio_schedule="constant", selection="vnorm",
                      aggressive="skip"),
-        "toca": dict(method="toca", interval=3, fresh_ratio=0.3, ratio_schedule="constant", selection="vnorm"),
+        # ToCa's FLUX setting (ToCa5 in RESEARCH.md) is N=5; 4 keeps more full steps on short runs
+        "toca": dict(method="toca", interval=4, fresh_ratio=0.3, ratio_schedule="constant", selection="vnorm"),
         "fora": dict(method="fora", interval=3),
         "full": dict(method="full"),
     },

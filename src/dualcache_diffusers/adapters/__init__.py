@@ -1,13 +1,48 @@
-"""Model adapters: everything model-specific the engine needs, one file per model family."""
+"""Model adapters: everything model-specific the engine needs, one file per model family.
+
+Every module in this package is imported and every :class:`ModelAdapter` subclass with
+``model_classes`` is registered, so adding a family is adding one file.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import torch
 
-from .base import ModelAdapter
-from .basic_transformer import BasicTransformerAdapter
+from .base import BlockListSpec, ModelAdapter, ModuleSpec
 
-ADAPTERS: list[ModelAdapter] = [BasicTransformerAdapter()]
+
+def _discover() -> list[ModelAdapter]:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+    found, seen = [], set()
+    stack = list(ModelAdapter.__subclasses__())
+    while stack:
+        cls = stack.pop(0)
+        stack.extend(cls.__subclasses__())
+        if cls.model_classes and cls not in seen:
+            seen.add(cls)
+            found.append(cls())
+    return found
+
+
+ADAPTERS: list[ModelAdapter] = _discover()
+
+
+def _register_presets() -> None:
+    """Families whose adapter declares ``presets`` get them in ``config.PRESETS`` (policy stays data)."""
+    from ..config import PRESETS
+
+    for adapter in ADAPTERS:
+        for family in set(adapter.model_classes.values()):
+            if adapter.presets and family not in PRESETS:
+                PRESETS[family] = {**PRESETS["default"], **adapter.presets}
+
+
+_register_presets()
 
 
 def supported_models() -> list[str]:
@@ -25,4 +60,4 @@ def find_adapter(model: torch.nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "find_adapter", "supported_models"]
+__all__ = ["ADAPTERS", "BlockListSpec", "ModelAdapter", "ModuleSpec", "find_adapter", "supported_models"]

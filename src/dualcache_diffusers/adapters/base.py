@@ -128,8 +128,9 @@ class ModelAdapter:
     patch_attrs: tuple[str | None, str, str] = (None, "patch_size", "patch_size")
     #: keyword (or position) of the timestep in the denoiser call
     timestep_arg: tuple[str, int] = ("timestep", 2)
-    #: preset and capability notes shown in docs
-    notes: str = ""
+    #: presets of this family by method name ("duca", "toca", "fora"), DualCacheConfig fields; methods
+    #: left out take the default presets. Say in docs/methods.md whether each is published or ours.
+    presets: dict[str, dict[str, Any]] = {}
 
     def supports(self, model: torch.nn.Module) -> bool:
         return type(model).__name__ in self.model_classes

@@ -1,0 +1,112 @@
+"""The checks every supported family passes (issue 10), run on a tiny pipeline built from configs.
+
+A family's test file builds its tiny pipeline and a :class:`FamilyCase`, then calls
+:func:`check_family` (or the single checks). Nothing is downloaded.
+
+    CASE = FamilyCase("latte", build=tiny_latte_pipeline, call_kwargs={...})
+    def test_latte(): check_family(CASE)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dualcache_diffusers import cache_stats, count_flops, disable_dual_cache, enable_dual_cache
+from dualcache_diffusers.api import get_engine
+
+STEPS = 20
+
+
+@dataclass
+class FamilyCase:
+    name: str
+    build: Callable[[], Any]  # a tiny pipeline (progress bar off)
+    call_kwargs: dict[str, Any]  # everything but generator / num_inference_steps / output_type
+    two_call_cfg: bool = False  # the pipeline calls the denoiser once per CFG branch
+    presets: tuple[str, ...] = ("duca", "toca", "fora")
+    min_speedup: float = 2.0
+    output_type: str = "np"
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # preset -> extra enable arguments
+    atol: float = 1e-5  # interval=1 vs stock
+
+
+def run(pipe: Any, case: FamilyCase, steps: int = STEPS, seed: int = 0) -> np.ndarray:
+    out = pipe(
+        **case.call_kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+        output_type=case.output_type,
+    )
+    frames = getattr(out, "frames", None)
+    images = frames if frames is not None else out.images
+    if isinstance(images, torch.Tensor):
+        images = images.float().cpu().numpy()
+    return np.asarray(images, dtype=np.float32)
+
+
+def check_interval_one_is_stock(pipe: Any, case: FamilyCase, stock: np.ndarray) -> None:
+    enable_dual_cache(pipe, "duca", interval=1)
+    try:
+        cached = run(pipe, case)
+    finally:
+        disable_dual_cache(pipe)
+    np.testing.assert_allclose(cached, stock, atol=case.atol, rtol=0)
+
+
+def check_disable_is_bit_identical(pipe: Any, case: FamilyCase, stock: np.ndarray) -> None:
+    enable_dual_cache(pipe)
+    run(pipe, case, steps=6)
+    disable_dual_cache(pipe)
+    assert np.array_equal(run(pipe, case), stock)
+    for module in pipe.transformer.modules():  # (diffusers' cache_context itself leaves empty registries)
+        registry = getattr(module, "_diffusers_hook", None)
+        assert registry is None or not any(name.startswith("dualcache") for name in registry.hooks)
+
+
+def check_preset_cuts_flops(pipe: Any, case: FamilyCase, preset: str, uncached_flops: int) -> None:
+    enable_dual_cache(pipe, preset, **case.overrides.get(preset, {}))
+    try:
+        with count_flops() as counter:
+            first = run(pipe, case)
+        stats = cache_stats(pipe)
+        second = run(pipe, case)
+    finally:
+        disable_dual_cache(pipe)
+    measured = counter.get_total_flops()
+    assert uncached_flops / measured >= case.min_speedup, (preset, uncached_flops / measured, stats.step_kinds)
+    # the engine's own count of the denoiser, plus what runs outside it, matches the counter
+    engine_total = uncached_flops - stats.flops_uncached + stats.flops
+    assert abs(engine_total / measured - 1) < 0.05, (preset, engine_total, measured)
+    assert np.array_equal(first, second), f"{preset}: the same seed twice gave different outputs"
+    assert np.isfinite(first).all()
+
+
+def check_two_call_branches_are_separate(pipe: Any, case: FamilyCase) -> None:
+    """Pipelines that call the denoiser per CFG branch: each branch keeps its own caches."""
+    enable_dual_cache(pipe, "fora")
+    try:
+        run(pipe, case, steps=6)
+        engine = get_engine(pipe)
+        branches = {key.split("/")[0] for key in engine.last_stats}
+        assert len(branches) >= 2, f"cond and uncond share one cache state: {sorted(engine.last_stats)}"
+        assert all(s.num_calls == 6 for s in engine.last_stats.values())
+    finally:
+        disable_dual_cache(pipe)
+
+
+def check_family(case: FamilyCase) -> None:
+    pipe = case.build()
+    stock = run(pipe, case)
+    assert np.isfinite(stock).all()
+    check_interval_one_is_stock(pipe, case, stock)
+    check_disable_is_bit_identical(pipe, case, stock)
+    with count_flops() as counter:
+        run(pipe, case)
+    uncached = counter.get_total_flops()
+    for preset in case.presets:
+        check_preset_cuts_flops(pipe, case, preset, uncached)
+    if case.two_call_cfg:
+        check_two_call_branches_are_separate(pipe, case)

@@ -1,0 +1,43 @@
+"""Latte (interleaved spatial / temporal block lists) through the public API."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, LattePipeline, LatteTransformer3DModel
+from family_harness import FamilyCase, check_family
+from tiny_pipelines import tiny_t5_tokenizer, tiny_vae
+from transformers import T5Config, T5EncoderModel
+
+
+def tiny_latte_pipeline(seed: int = 0) -> LattePipeline:
+    """16x16 latents, patch 2 -> 64 tokens per frame, 3 frames, 3 spatial + 3 temporal blocks."""
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
+                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                 decoder_start_token_id=0)
+    ).eval()
+    transformer = LatteTransformer3DModel(
+        sample_size=16, num_layers=3, patch_size=2, num_attention_heads=2, attention_head_dim=16, in_channels=4,
+        out_channels=8, caption_channels=16, cross_attention_dim=32, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, video_length=3,
+    ).eval()
+    pipe = LattePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(seed),
+                         transformer=transformer, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASE = FamilyCase(
+    "latte",
+    build=tiny_latte_pipeline,
+    call_kwargs=dict(prompt="a red car", video_length=3, height=16, width=16, guidance_scale=4.0,
+                     clean_caption=False, mask_feature=False),
+    output_type="pt",
+)
+
+
+def test_latte_family_contract():
+    check_family(CASE)
