@@ -124,7 +124,8 @@ def _choose_selection(engine: DualCacheEngine) -> None:
         return
     for den in engine.denoisers:
         partial_blocks = {info.index for info in den.infos if any(m.can_partial for m in info.modules)}
-        missing = sorted(partial_blocks - set(den.value_modules))
+        readable = {b for b, (_, attn, _) in den.value_modules.items() if not getattr(attn, "fused_projections", False)}
+        missing = sorted(partial_blocks - readable)
         if missing and cfg.method != "fora" and cfg.method != "full":
             fused = any(getattr(resolve_attn, "to_qkv", None) is not None
                         for resolve_attn in den.model.modules() if hasattr(resolve_attn, "heads"))

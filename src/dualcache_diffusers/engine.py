@@ -165,7 +165,7 @@ class BranchState:
     plan_steps: int
     paired: bool  # the batch holds [uncond, cond] copies of the same latents: halves share a selection
     grid: tuple[int, int, int]
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # random selection only, made at first use
     step: int = -1
     first_timestep: float | None = None
     models: dict[int, ModelState] = field(default_factory=dict)
@@ -220,6 +220,7 @@ class DualCacheEngine:
         self._wrapped_contexts: list[torch.nn.Module] = []
         self.last_stats: dict[str, CacheStats] = {}
         self.fallback_selection: str | None = None
+        self._warned_fused = False
 
     # ---- hooks ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -350,7 +351,6 @@ class DualCacheEngine:
 
     def begin_call(self, d_index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         den = self.denoisers[d_index]
-        self._check_hooks(den)
         latents = den.adapter.hidden_states(args, kwargs)
         gen = self._generation()
         key = self._branch_key(den, gen, args, kwargs, latents.shape[0])
@@ -359,6 +359,7 @@ class DualCacheEngine:
         if branch is not None:
             self._check_alignment(branch, gen, timestep)
         if branch is None or branch.step + 1 >= branch.plan_steps:
+            self._check_hooks(den)
             if branch is not None:  # a bare transformer: the planned calls are used up, a new generation starts
                 gen = Generation(gen.scheduler, gen.epoch, gen.num_steps)
                 self._local.generation = gen
@@ -408,11 +409,7 @@ class DualCacheEngine:
         batch = latents.shape[0]
         # one host sync per generation and branch, never per step
         paired = batch % 2 == 0 and bool(torch.equal(latents[: batch // 2], latents[batch // 2 :]))
-        generator = None
-        if self.selection == "random":
-            generator = torch.Generator(device=latents.device)
-            generator.manual_seed(self.config.seed)
-        return BranchState(gen.num_steps, paired, den.adapter.token_grid(den.model, args, kwargs), generator)
+        return BranchState(gen.num_steps, paired, den.adapter.token_grid(den.model, args, kwargs), generator=None)
 
     def _check_alignment(self, branch: BranchState, gen: Generation, timestep: float | None) -> None:
         """A bare transformer (or a transformer shared with another pipeline) must follow the plan's steps."""
@@ -432,14 +429,15 @@ class DualCacheEngine:
             )
 
     def _check_hooks(self, den: Denoiser) -> None:
-        registry = getattr(den.model, "_diffusers_hook", None)
-        if registry is not None and registry._hook_order and registry._hook_order[-1] != HOOK_DENOISER:
-            foreign = [n for n in registry._hook_order if n.startswith(FOREIGN_CACHE_HOOKS)]
+        """Once per generation: refuse diffusers cache hooks added after enable_dual_cache."""
+        for module in (den.model, *(info.block for info in den.infos)):
+            registry = getattr(module, "_diffusers_hook", None)
+            foreign = [n for n in (registry._hook_order if registry else ()) if n.startswith(FOREIGN_CACHE_HOOKS)]
             if foreign:
                 raise RuntimeError(
                     f"dual cache: diffusers cache hooks {foreign} were added to {type(den.model).__name__} after "
-                    "enable_dual_cache; two caches cannot share a model. Remove one of them first "
-                    "(disable_dual_cache(pipe) or transformer.disable_cache())."
+                    "enable_dual_cache; two feature caches cannot share a model. Remove one of them first "
+                    "(disable_dual_cache(pipe), transformer.disable_cache() or remove_baseline)."
                 )
 
     def current_call(self) -> Call | None:
@@ -550,15 +548,14 @@ class DualCacheEngine:
         paired = call.branch.paired and batch % 2 == 0
         groups = batch // 2 if paired else batch
         state = call.state
-        if self.selection == "random":
-            base = random_base(groups, tokens, call.branch.generator, device)
-        else:
-            base = state.scores.get(cached.block)
-            if base is None or base.shape != (groups, tokens):
-                raise RuntimeError(
-                    f"dual cache: block {cached.block} has no token scores for {groups}x{tokens} tokens; the step "
-                    "before a partial step must be full (scores are recorded there)"
-                )
+        base = None if self.selection == "random" else state.scores.get(cached.block)
+        if base is None and (self.selection == "random" or self._fused(call, cached.block)):
+            base = self._random_scores(call, groups, tokens, device)
+        elif base is None or base.shape != (groups, tokens):
+            raise RuntimeError(
+                f"dual cache: block {cached.block} has no token scores for {groups}x{tokens} tokens; the step "
+                "before a partial step must be full (scores are recorded there)"
+            )
         staleness = state.staleness.get(group_key)
         if staleness is None:
             staleness = state.staleness[group_key] = torch.zeros((groups, tokens), device=device)
@@ -572,6 +569,23 @@ class DualCacheEngine:
         chosen = torch.cat([index, index]) if paired else index
         call.selections[group_key] = chosen
         return chosen
+
+    def _random_scores(self, call: Call, groups: int, tokens: int, device) -> torch.Tensor:
+        if call.branch.generator is None:
+            call.branch.generator = torch.Generator(device=device)
+            call.branch.generator.manual_seed(self.config.seed)
+        return random_base(groups, tokens, call.branch.generator, device)
+
+    def _fused(self, call: Call, block: int) -> bool:
+        """QKV projections fused after enabling (``pipe.fuse_qkv_projections()``): no value norms to read."""
+        entry = call.denoiser.value_modules.get(block)
+        if entry is None or not getattr(entry[1], "fused_projections", False):
+            return False
+        if not self._warned_fused:
+            self._warned_fused = True
+            logger.warning("dual cache: QKV projections are fused, so %s selection has no value norms to read; "
+                           "selecting tokens at random (pipe.unfuse_qkv_projections() restores it)", self.selection)
+        return True
 
     # ---- score recording at full steps ------------------------------------------------------------
     def _recording_call(self, block: int) -> Call | None:
