@@ -146,3 +146,12 @@ def test_missing_plan_file_is_a_clear_error(tmp_path):
 def test_step_plan_action_symbols():
     step = StepPlan("custom", [[1.0, 0.5, 0.0]])
     assert [step.action(0, m).symbol for m in range(3)] == ["C", "P", "R"]
+
+
+def test_toca_pixart_ratio_uses_the_ratio_scheduler_not_the_interval_one():
+    from dualcache_diffusers.plan import pixart_toca_ratio
+
+    ratio = pixart_toca_ratio(0.1)
+    # first step, first block, cross-attention: 0.1 x 1.9 (step) x 1.6 (layer) x 0.6 (module)
+    assert ratio(0, 20, 0, 28, "cross_attention") == pytest.approx(0.1 * 1.9 * 1.6 * 0.6)
+    assert ratio(0, 20, 0, 28, "mlp") > ratio(19, 20, 0, 28, "mlp")  # decreasing over the run

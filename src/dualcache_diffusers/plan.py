@@ -397,14 +397,11 @@ def pixart_ratio(fresh_ratio: float) -> RatioFn:
 
 
 def pixart_toca_ratio(fresh_ratio: float) -> RatioFn:
-    """ToCa PixArt scheduler: step 0.8 + 0.4 s/steps, same layer and module factors as DuCa's."""
+    """ToCa PixArt's *ratio* scheduler: the same step (1.9 -> 0.1), layer and module factors as DuCa's.
 
-    def ratio(step: int, num_steps: int, block: int, num_blocks: int, role: str) -> float:
-        step_factor = 0.8 + 0.4 * step / num_steps
-        value = fresh_ratio * step_factor * _pixart_layer_module_factor(block, num_blocks, role)
-        return min(1.0, max(0.0, value))
-
-    return ratio
+    (0.8 + 0.4 s/steps, used here before, is ToCa's *interval* scheduler, not its ratio scheduler.)
+    """
+    return pixart_ratio(fresh_ratio)
 
 
 RATIO_SCHEDULES: dict[str, Callable[[float], RatioFn]] = {
