@@ -446,3 +446,44 @@ def test_checkpoint_with_nan_logits_is_refused(tmp_path):
               str(path / "router.safetensors"))
     with pytest.raises(ValueError, match="NaN"):
         read_checkpoint(path)
+
+
+_ENABLE_FIELDS = [f for f in _FIELDS if f not in ("method", "num_inference_steps")]
+_RUN_PIPE: list = []
+
+
+def _run_pipe():
+    if not _RUN_PIPE:
+        from conftest import engine_dit_pipeline
+
+        _RUN_PIPE.append(engine_dit_pipeline(num_layers=2))
+    return _RUN_PIPE[0]
+
+
+def _images(pipe):
+    import torch
+
+    return pipe(class_labels=[1, 2], num_inference_steps=5, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["duca", "toca", "fora", "full"]), st.dictionaries(st.sampled_from(_ENABLE_FIELDS), _ANY,
+                                                                           max_size=3))
+def test_property_enable_refuses_before_hooking_or_runs_and_disable_is_bit_exact(preset, fields):
+    from dualcache_diffusers import disable_dual_cache, enable_dual_cache
+
+    pipe = _run_pipe()
+    if not hasattr(pipe, "_stock"):
+        pipe._stock = _images(pipe)
+    try:
+        enable_dual_cache(pipe, preset, **fields)
+    except (ValueError, TypeError) as error:
+        assert any(name in str(error) for name in fields), str(error)
+        assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in pipe.transformer.modules())
+        return
+    try:
+        assert np.isfinite(_images(pipe)).all()
+    finally:
+        disable_dual_cache(pipe)
+    assert np.array_equal(_images(pipe), pipe._stock)
