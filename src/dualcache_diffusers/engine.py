@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .config import DualCacheConfig
+from .forecast import extrapolate
 from .plan import CachePlan, PlanLayout, StepPlan, num_fresh_tokens
 from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
 from .stats import CacheStats, ModuleCost, flop_formulas
@@ -149,13 +150,16 @@ class ModelState:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # per block, from the last full step
     staleness: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
     query: dict[int, torch.Tensor] = field(default_factory=dict)  # attention scorer only
+    # forecasting: (step, output) of the last full computations, oldest first
+    history: dict[tuple[int, int, int], list[tuple[int, Any]]] = field(default_factory=dict)
+    stack_history: list[tuple[int, Any]] = field(default_factory=list)
     stats: CacheStats = field(default_factory=CacheStats)
 
     def cache_bytes(self) -> int:
-        tensors = [*self.scores.values(), *self.staleness.values()]
-        for value in [*self.module_cache.values(), self.stack_cache]:
-            tensors.extend(_tensors(value))
-        return sum(t.numel() * t.element_size() for t in tensors)
+        values = [*self.module_cache.values(), self.stack_cache, *self.scores.values(), *self.staleness.values()]
+        values += [v for entries in [*self.history.values(), self.stack_history] for _, v in entries]
+        unique = {id(t): t for value in values for t in _tensors(value)}  # history shares the newest entry
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 @dataclass
@@ -191,6 +195,7 @@ class Call:
     step_plan: StepPlan
     recording: bool  # full step that records token scores
     counting: bool  # first call for this input shape: FLOPs are being recorded
+    history: int = 0  # full computations to keep per output (max forecast order + 1; 0 = none)
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
     block: int | None = None
     block_calls: dict[int, int] = field(default_factory=dict)
@@ -374,7 +379,8 @@ class DualCacheEngine:
         plan = den.plan(branch.plan_steps)
         step_plan = plan.steps[branch.step] if state.primed else plan.steps[0]  # nothing cached yet: full
         state.primed = True
-        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None)
+        keep = plan.max_forecast_order + 1 if plan.max_forecast_order else 0
+        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None, history=keep)
         state.costs = costs if costs is not None else Costs()
         state.stats.step_kinds.append(step_plan.kind)
         state.stats.num_calls += 1
@@ -449,7 +455,10 @@ class DualCacheEngine:
         if call is None:
             return forward(*args, **kwargs)
         if call.step_plan.skip_blocks:
-            return call.state.stack_cache if is_last else _pass_through(info.spec.outputs, args, kwargs)
+            if not is_last:
+                return _pass_through(info.spec.outputs, args, kwargs)
+            forecast = self._forecast(call, call.state.stack_history)
+            return call.state.stack_cache if forecast is None else forecast
         call.block, call.block_calls, call.bucket = info.index, {}, ("block", info.index)
         try:
             output = forward(*args, **kwargs)
@@ -457,6 +466,8 @@ class DualCacheEngine:
             call.block, call.bucket = None, ("model",)
         if is_last:
             call.state.stack_cache = output
+            if call.history and call.recording:
+                _remember(call.state.stack_history, call.branch.step, output, call.history)
         return output
 
     # ---- cached modules ---------------------------------------------------------------------------
@@ -475,9 +486,17 @@ class DualCacheEngine:
         partial = 0.0 < fraction < 1.0 and cached.spec.can_partial and cached.call_kind(index) == "image"
         if fraction >= 1.0 or cache is None or (0.0 < fraction < 1.0 and not partial):
             return self._compute(call, cached, key, forward, args, kwargs)
+        forecast = self._forecast(call, state.history.get(key, ()))
         if not partial:
-            return cache
-        return self._recompute_rows(call, cached, key, fraction, cache, forward, args, kwargs)
+            return cache if forecast is None else forecast
+        return self._recompute_rows(call, cached, key, fraction, cache, forward, args, kwargs, forecast)
+
+    def _forecast(self, call: Call, history) -> Any:
+        """The step's extrapolated output, or None where the step reuses as is (or too little is stored)."""
+        order = call.step_plan.forecast_order
+        if not order or len(history) < 2:
+            return None
+        return extrapolate(history, call.branch.step, order)
 
     def _compute(self, call: Call, cached: CachedModule, key: tuple, forward, args: tuple, kwargs: dict):
         state = call.state
@@ -493,12 +512,16 @@ class DualCacheEngine:
             output = forward(*args, **kwargs)
             state.stats.flops += state.costs.modules.get(key, 0)
         state.module_cache[key] = output
+        if call.history:
+            _remember(state.history.setdefault(key, []), call.branch.step, output, call.history)
         rows = state.costs.rows.get(key, (0, 0))[0]
         state.stats.tokens_computed[cached.name] += rows
         return output
 
     def _recompute_rows(self, call: Call, cached: CachedModule, key: tuple, fraction: float, cache: torch.Tensor,
-                        forward, args: tuple, kwargs: dict):
+                        forward, args: tuple, kwargs: dict, forecast: torch.Tensor | None = None):
+        """Recompute the selected rows and write them into the cache (or, when forecasting, into this
+        step's forecast, leaving the stored full computations as they are)."""
         state = call.state
         hidden = _hidden(args, kwargs)
         batch, rows = hidden.shape[0], hidden.shape[1]
@@ -510,6 +533,10 @@ class DualCacheEngine:
                 f"{call.branch.grid} ({cached.grid}) has {image} image tokens; the adapter's layout is wrong"
             )
         k = num_fresh_tokens(fraction, image)
+        if forecast is not None:
+            cache = forecast
+        elif call.history:  # the cached tensor is also the newest stored full computation: keep that intact
+            cache = state.module_cache[key] = cache.clone()
         if k == 0:
             return cache
         picked = self._select(call, cached, k, batch, image, hidden.device)  # (batch, k) image-row indices
@@ -528,7 +555,8 @@ class DualCacheEngine:
         scatter_index = picked.unsqueeze(-1).expand(-1, -1, cache.shape[-1])
         if torch.is_grad_enabled():  # keep autograd's saved tensors intact
             cache = cache.scatter(1, scatter_index, fresh.to(cache.dtype))
-            state.module_cache[key] = cache
+            if forecast is None:
+                state.module_cache[key] = cache
         else:
             cache.scatter_(1, scatter_index, fresh.to(cache.dtype))
         computed = picked.shape[1]
@@ -814,6 +842,11 @@ def _timestep_value(timestep: Any, sync: bool) -> float | None:
     if isinstance(timestep, torch.Tensor) and timestep.numel() and (sync or timestep.device.type == "cpu"):
         return float(timestep.detach().reshape(-1)[0])
     return None
+
+
+def _remember(history: list[tuple[int, Any]], step: int, value: Any, keep: int) -> None:
+    history.append((step, value))
+    del history[:-keep]
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

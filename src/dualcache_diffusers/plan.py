@@ -97,6 +97,9 @@ class StepPlan:
     fractions: list[list[float]]
     skip_blocks: bool = False
     interval: int = 1  # length of the cache cycle this step belongs to (used by the staleness bonus)
+    #: what a reused output (or the skipped stack) is at this step: 0 the cached output as it is,
+    #: k >= 1 extrapolated from the last k + 1 full computations (a degree-k polynomial in the step)
+    forecast_order: int = 0
 
     @property
     def is_full(self) -> bool:
@@ -137,6 +140,10 @@ class CachePlan:
                     for m in range(len(row)):
                         if not self.present(b, m):
                             row[m] = 1.0
+
+    @property
+    def max_forecast_order(self) -> int:
+        return max(step.forecast_order for step in self.steps)
 
     def present(self, block: int, module: int) -> bool:
         """Whether block ``block`` has the plan's module column ``module``."""
@@ -223,7 +230,8 @@ class CachePlan:
             if j == 0 and not src.is_full:
                 src = next((s for s in self.steps if s.is_full), self.steps[0])
             steps.append(
-                StepPlan(src.kind, [list(row) for row in src.fractions], src.skip_blocks, src.interval)
+                StepPlan(src.kind, [list(row) for row in src.fractions], src.skip_blocks, src.interval,
+                         src.forecast_order)
             )
         metadata = dict(self.metadata)
         metadata["resampled"] = {"from_steps": old, "to_steps": num_steps, "rule": "nearest-normalized-time"}
@@ -285,6 +293,7 @@ class CachePlan:
                     "skip_blocks": s.skip_blocks,
                     "interval": s.interval,
                     "fractions": [[round(float(f), 6) for f in row] for row in s.fractions],
+                    **({"forecast_order": s.forecast_order} if s.forecast_order else {}),
                 }
                 for s in self.steps
             ],
@@ -305,6 +314,7 @@ class CachePlan:
                 fractions=[[float(f) for f in row] for row in s["fractions"]],  # ints 0 / 1 -> 0.0 / 1.0
                 skip_blocks=s.get("skip_blocks", False),
                 interval=s.get("interval", 1),
+                forecast_order=s.get("forecast_order", 0),
             )
             for s in data["steps"]
         ]
@@ -488,6 +498,7 @@ def plan_from_kinds(
     interval: int = 1,
     method: str = "custom",
     metadata: dict[str, Any] | None = None,
+    forecast_order: int = 0,
 ) -> CachePlan:
     """Turn a list of step kinds into a plan for a model of ``layout``.
 
@@ -502,7 +513,8 @@ def plan_from_kinds(
             steps.append(StepPlan(FULL, _rows(num_blocks, len(modules), 1.0), interval=interval))
         elif kind == AGGRESSIVE:
             rows = _rows(num_blocks, len(modules), 0.0)
-            steps.append(StepPlan(AGGRESSIVE, rows, skip_blocks=aggressive == "skip", interval=interval))
+            steps.append(StepPlan(AGGRESSIVE, rows, skip_blocks=aggressive == "skip", interval=interval,
+                                  forecast_order=forecast_order))
         elif kind == CONSERVATIVE:
             if ratio_fn is None:
                 raise ValueError("conservative steps need a ratio_fn")
@@ -515,7 +527,7 @@ def plan_from_kinds(
                 ]
                 for b in range(num_blocks)
             ]
-            steps.append(StepPlan(CONSERVATIVE, rows, interval=interval))
+            steps.append(StepPlan(CONSERVATIVE, rows, interval=interval, forecast_order=forecast_order))
         else:
             raise ValueError(f"unknown step kind {kind!r}; allowed: full, conservative, aggressive")
     return CachePlan(
