@@ -49,7 +49,7 @@ def main() -> None:
             cells.append(f"{metrics.mean_psnr(metrics.psnr(reference, images)):.2f}")
         name = preset + "".join(f" {k}={v}" for k, v in overrides.items())
         print(f"| {args.model} | {args.steps} | {args.guidance or 'default'} | {args.scheduler} | {name} | "
-              f"{speedup:.2f}x | " + " | ".join(cells), flush=True)
+              f"{speedup:.2f}x | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
