@@ -57,3 +57,36 @@ def test_hunyuan_video_family_contract():
 
 def test_hunyuan_video_true_cfg_branches():
     check_family(CASE_TRUE_CFG)
+
+
+def test_hunyuan_video_token_replace_bare_transformer():
+    """The I2V token-replace blocks, called positionally (timestep is argument 1) by a hand-written loop."""
+    from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=3,
+        num_single_layers=3, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, rope_axes_dim=(2, 4, 4),
+        image_condition_type="token_replace",
+    ).eval()
+    latents = torch.randn(1, 8, 2, 8, 8)
+
+    def loop() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([
+                model(latents, torch.tensor([t]), _POS["embeds"], _POS["mask"], _POS["pooled"],
+                      guidance=torch.tensor([6000.0]), return_dict=False)[0]
+                for t in torch.linspace(999, 50, 10)
+            ])
+
+    stock = loop()
+    enable_dual_cache(model, "duca", interval=1, num_inference_steps=10)
+    assert torch.allclose(loop(), stock, atol=1e-5, rtol=0)
+    for preset in ("duca", "toca", "fora"):
+        enable_dual_cache(model, preset, num_inference_steps=10)
+        out, stats = loop(), cache_stats(model)
+        assert torch.isfinite(out).all()
+        assert stats.flops_uncached / stats.flops >= 2.0, (preset, stats.flops_uncached / stats.flops)
+    disable_dual_cache(model)
+    assert torch.equal(loop(), stock)

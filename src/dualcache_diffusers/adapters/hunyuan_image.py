@@ -18,6 +18,7 @@ from .hunyuan_video import DOUBLE_BLOCKS, SINGLE_BLOCKS
 class HunyuanImageAdapter(ModelAdapter):
     model_classes = {"HunyuanImageTransformer2DModel": "hunyuan_image"}
     block_lists = (DOUBLE_BLOCKS, SINGLE_BLOCKS)
+    timestep_arg = ("timestep", 1)  # forward(hidden_states, timestep, ...)
 
     def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
         latents = self.hidden_states(args, kwargs)

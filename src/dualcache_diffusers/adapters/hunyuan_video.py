@@ -37,4 +37,5 @@ class HunyuanVideoAdapter(ModelAdapter):
     model_classes = {"HunyuanVideoTransformer3DModel": "hunyuan_video"}
     block_lists = (DOUBLE_BLOCKS, SINGLE_BLOCKS)
     patch_attrs = ("patch_size_t", "patch_size", "patch_size")
+    timestep_arg = ("timestep", 1)  # forward(hidden_states, timestep, ...)
     presets = {"duca": HUNYUAN_DUCA}
