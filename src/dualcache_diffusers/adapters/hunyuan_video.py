@@ -29,8 +29,9 @@ SINGLE_BLOCKS = BlockListSpec(
 )
 
 #: DuCa as the authors run it on HunyuanVideo (RESEARCH.md): cycles F,C,A,C,A, random tokens, ratio 0.1
+# the authors' schedule, plus our order-1 forecast of reused outputs (as every DuCa preset here)
 HUNYUAN_DUCA = dict(method="duca", interval=5, fresh_ratio=0.1, ratio_schedule="constant", selection="random",
-                    aggressive="skip")
+                    aggressive="skip", forecast_order=1)
 
 
 class HunyuanVideoAdapter(ModelAdapter):
