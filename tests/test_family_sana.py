@@ -1,0 +1,99 @@
+"""Sana (`SanaPipeline`: linear self-attention, cross-attention, conv MLP) through the public API.
+
+Sana's `ff` (GLUMBConv, a 3x3 depthwise conv over the token grid) is not token-wise: DuCa and ToCa
+recompute it whole or reuse it whole, never a subset of rows.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator
+
+import pytest
+import torch
+from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+from family_harness import FamilyCase, check_family, run
+from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
+from dualcache_diffusers.api import get_engine
+
+TEXT_LEN = 8
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    """Tiny models run much faster single-threaded on a loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_gemma_tokenizer() -> GemmaTokenizer:
+    """A character-level Gemma BPE tokenizer (no merges), built in memory."""
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\u2581", *string.ascii_lowercase]
+    return GemmaTokenizer(vocab={piece: i for i, piece in enumerate(pieces)}, merges=[])
+
+
+def tiny_sana_pipeline(seed: int = 0) -> SanaPipeline:
+    """16x16 latents (32x32 pixels, 2-level DC-AE), patch 2 -> 64 tokens, 3 blocks, 8 caption tokens."""
+    tokenizer = tiny_gemma_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(
+        Gemma2Config(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=64,
+                     pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    ).eval()
+    transformer = SanaTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=8,
+        sample_size=16,
+    ).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"), decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        downsample_block_type="conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
+        decoder_act_fns="silu", scaling_factor=0.41407,
+    ).eval()
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASE = FamilyCase(
+    "sana",
+    build=tiny_sana_pipeline,
+    call_kwargs=dict(prompt="a red car", height=32, width=32, guidance_scale=4.5, use_resolution_binning=False,
+                     max_sequence_length=TEXT_LEN, complex_human_instruction=None),
+)
+
+
+def test_sana_family_contract():
+    check_family(CASE)
+
+
+@pytest.mark.parametrize("preset", ["duca", "toca"])
+def test_sana_conv_mlp_is_computed_or_reused_whole(preset):
+    """Partial steps recompute selected rows of attn2 but run ff whole (or reuse it)."""
+    pipe = tiny_sana_pipeline()
+    enable_dual_cache(pipe, preset)
+    try:
+        run(pipe, CASE)
+        stats = cache_stats(pipe)
+        [den] = get_engine(pipe).denoisers
+        assert den.layout.partial == {"attn2"}
+    finally:
+        disable_dual_cache(pipe)
+    assert "conservative" in stats.step_kinds
+    # ff ran on the whole grid or not at all: its computed count is a multiple of one full call's count
+    per_call = stats.tokens_total["ff"] // stats.num_calls
+    assert stats.tokens_computed["ff"] % per_call == 0
+    assert 0 < stats.tokens_computed["ff"] < stats.tokens_total["ff"]
+    # attn1 computed at full steps only; attn2 also recomputed selected rows at conservative steps
+    assert stats.tokens_computed["attn2"] > stats.tokens_computed["attn1"]

@@ -1,0 +1,113 @@
+"""SD3 / SD3.5 (`StableDiffusion3Pipeline`, MMDiT blocks returning (text, image)) through the public API.
+
+The tiny transformer is an SD3.5 one (`attn2` in block 0 only, RMS q/k norm) with 4 blocks, the last
+`context_pre_only`. A second case turns on skip-layer guidance, whose third transformer call per step
+has batch size 1 and runs without the skipped layers.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from family_harness import FamilyCase, check_family, run
+from tiny_pipelines import tiny_t5_tokenizer
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
+from dualcache_diffusers.api import get_engine
+
+TEXT_LEN = 8  # CLIP and T5 tokens each: 16 text rows
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    """Tiny models run much faster single-threaded on a loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer (no merges), built in memory."""
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    pieces = specials + list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_LEN)
+
+
+def tiny_clip(vocab_size: int, seed: int) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=TEXT_LEN, projection_dim=32,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """16x16 latents, patch 2 -> 64 image tokens, 16 text tokens, 4 MMDiT blocks (SD3.5: attn2 in block 0)."""
+    clip_tokenizer = tiny_clip_tokenizer()
+    t5_tokenizer = tiny_t5_tokenizer()
+    text_encoder = tiny_clip(len(clip_tokenizer), seed)
+    text_encoder_2 = tiny_clip(len(clip_tokenizer), seed + 1)
+    torch.manual_seed(seed)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                 decoder_start_token_id=0)
+    ).eval()
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+        shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=text_encoder, tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_CALL = dict(prompt="red car", height=16, width=16, guidance_scale=4.0, max_sequence_length=TEXT_LEN)
+
+CASE = FamilyCase("sd3", build=tiny_sd3_pipeline, call_kwargs=_CALL)
+# skip-layer guidance: steps 1-3 of 20 add a batch-1 call without block 1
+SLG_CASE = FamilyCase("sd3_slg", build=tiny_sd3_pipeline,
+                      call_kwargs=dict(_CALL, skip_guidance_layers=[1], skip_layer_guidance_stop=0.2))
+
+
+def test_sd3_family_contract():
+    check_family(CASE)
+
+
+def test_sd3_skip_layer_guidance():
+    check_family(SLG_CASE)
+    pipe = tiny_sd3_pipeline()
+    enable_dual_cache(pipe, "duca")
+    try:
+        run(pipe, SLG_CASE)
+        engine = get_engine(pipe)
+        calls = {key: s.num_calls for key, s in engine.last_stats.items()}
+        assert calls == {"None/2/0": 20, "None/1/0": 3}, calls
+        assert cache_stats(pipe).flops_speedup > 1.5
+    finally:
+        disable_dual_cache(pipe)
+    assert np.isfinite(run(pipe, SLG_CASE)).all()
