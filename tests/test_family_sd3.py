@@ -111,3 +111,23 @@ def test_sd3_skip_layer_guidance():
     finally:
         disable_dual_cache(pipe)
     assert np.isfinite(run(pipe, SLG_CASE)).all()
+
+
+def test_skip_layer_guidance_that_skips_the_last_block_reuses_modules_instead_of_skipping_the_stack():
+    from family_harness import run
+
+    from dualcache_diffusers import disable_dual_cache, enable_dual_cache
+    from dualcache_diffusers.api import get_engine
+
+    case = FamilyCase("sd3_slg_last", build=tiny_sd3_pipeline,
+                      call_kwargs=dict(_CALL, skip_guidance_layers=[3], skip_layer_guidance_stop=0.5))
+    pipe = case.build()
+    enable_dual_cache(pipe, "duca")
+    out = run(pipe, case)
+    stats = get_engine(pipe).last_stats
+    disable_dual_cache(pipe)
+    slg_kinds = [kinds for key, s in stats.items() if key.split("/")[1] == "1" for kinds in [s.step_kinds]]
+    assert slg_kinds and "aggressive" not in slg_kinds[0] and "reuse" in slg_kinds[0]
+    main_kinds = next(s.step_kinds for key, s in stats.items() if key.split("/")[1] == "2")
+    assert "aggressive" in main_kinds  # the main branch still skips its stack
+    assert np.isfinite(out).all()

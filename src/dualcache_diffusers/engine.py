@@ -26,6 +26,7 @@ modules by the rows they compute.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -378,6 +379,10 @@ class DualCacheEngine:
         costs = den.costs.get(signature)
         plan = den.plan(branch.plan_steps)
         step_plan = plan.steps[branch.step] if state.primed else plan.steps[0]  # nothing cached yet: full
+        if step_plan.skip_blocks and state.stack_cache is None:
+            # the last block never ran in this branch (SD3's skip-layer guidance can skip it): reuse every
+            # module instead of skipping the stack, since there is no stack output to stand in
+            step_plan = dataclasses.replace(step_plan, skip_blocks=False, kind="reuse")
         state.primed = True
         keep = plan.max_forecast_order + 1 if plan.max_forecast_order else 0
         call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None, history=keep)
