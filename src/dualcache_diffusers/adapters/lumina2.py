@@ -4,11 +4,10 @@ All three lists hold `Lumina2TransformerBlock`s that take one stream and return 
 `attn` (self-attention with RoPE, so computed or reused whole) and the row-wise `feed_forward`.
 The context refiner sees caption rows only and does not depend on the timestep: its `attn` is
 cached (reused whole), its `feed_forward` runs whenever the block runs. The noise refiner sees the
-image rows; the main `layers` see each
-sample's [caption; image; padding] rows, with the caption's true length taken from the mask. A
-batch whose captions have different lengths puts the image rows of each sample at another offset,
-which one `text_rows` layout cannot describe: the adapter refuses it (one prompt per call, as the
-pipeline's two CFG calls are, always works).
+image rows; the main `layers` see each sample's [caption; image; padding] rows, with the caption's
+true length taken from the mask. A batch whose captions have different lengths puts the image rows
+of each sample at another offset, which one `text_rows` layout cannot describe: the adapter refuses
+it (one prompt per call, as the pipeline's two CFG calls are, always works).
 
 `Lumina2Pipeline` calls the transformer for the prompt, then for the negative prompt, without a
 `cache_context`, and stops the second call after `cfg_trunc_ratio`: branches are told apart by the
