@@ -1,0 +1,64 @@
+"""Flux.1: double-stream `transformer_blocks` then single-stream `single_transformer_blocks`.
+
+Double blocks (`FluxTransformerBlock`) run a joint attention `attn` over [text; image] that returns
+``(image, text)``, the image MLP `ff` and the text MLP `ff_context`, and return ``(text, image)``.
+Single blocks (`FluxSingleTransformerBlock`, diffusers 0.42) take ``(image, text)``, concatenate
+them to [text; image] rows, run `proj_mlp` and the pre-only attention `attn` on those rows, mix
+both with `proj_out`, and return ``(text, image)`` again. The attention applies RoPE over all
+text + image rows, so it is computed or reused whole; `proj_mlp` and `proj_out` are row-wise and
+recompute the same rows (selected image rows plus every text row).
+
+Latents come packed, (B, N, C) with `img_ids` giving each token's (frame, row, col); the token
+grid is read from `img_ids`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import BlockListSpec, ModelAdapter, ModuleSpec
+
+DOUBLE_MODULES = (
+    ModuleSpec("attn", "joint_attention"),
+    ModuleSpec("ff", "mlp"),
+    ModuleSpec("ff_context", "text_mlp"),
+)
+SINGLE_MODULES = (
+    ModuleSpec("proj_mlp", "single", text_rows="first", group="single"),
+    ModuleSpec("attn", "joint_attention", text_rows="first"),
+    ModuleSpec("proj_out", "single", text_rows="first", group="single"),
+)
+
+
+def packed_token_grid(latents: torch.Tensor, img_ids: Any) -> tuple[int, int, int]:
+    """(1, rows, cols) of packed latents (B, N, C) from their `img_ids` (N, 3) or (B, N, 3); (1, 1, N) if unsure."""
+    tokens = latents.shape[1]
+    if isinstance(img_ids, torch.Tensor) and img_ids.shape[-2:] == (tokens, 3):
+        ids = img_ids.reshape(-1, tokens, 3)[0]
+        rows = int(ids[:, 1].max() - ids[:, 1].min()) + 1
+        cols = int(ids[:, 2].max() - ids[:, 2].min()) + 1
+        if rows * cols == tokens:
+            return 1, rows, cols
+    return 1, 1, tokens
+
+
+class FluxAdapter(ModelAdapter):
+    model_classes = {"FluxTransformer2DModel": "flux"}
+    block_lists = (
+        BlockListSpec("transformer_blocks", DOUBLE_MODULES, inputs="h,e", outputs="e,h", value="attn.to_v"),
+        BlockListSpec("single_transformer_blocks", SINGLE_MODULES, inputs="h,e", outputs="e,h",
+                      value="attn.to_v", value_text_rows="first"),
+    )
+    # FLUX.1-dev settings of the authors' papers (RESEARCH.md): DuCa N=5 (FoCa table, 3.80x), ToCa5
+    # (ToCa README, 3.14x), FORA N=3 (FoCa table, 2.82x). Fresh ratios: ours (not published for FLUX).
+    presets = {
+        "duca": dict(method="duca", interval=5, fresh_ratio=0.3, ratio_schedule="constant", selection="vnorm",
+                     aggressive="skip"),
+        "toca": dict(method="toca", interval=5, fresh_ratio=0.3, ratio_schedule="constant", selection="vnorm"),
+        "fora": dict(method="fora", interval=3),
+    }
+
+    def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
+        return packed_token_grid(self.hidden_states(args, kwargs), kwargs.get("img_ids"))

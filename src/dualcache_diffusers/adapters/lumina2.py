@@ -1,0 +1,55 @@
+"""Lumina-Image 2.0: `context_refiner` (text only), `noise_refiner` (image only), then `layers` (joint).
+
+All three lists hold `Lumina2TransformerBlock`s that take one stream and return one tensor, with
+`attn` (self-attention with RoPE, so computed or reused whole) and the row-wise `feed_forward`.
+The context refiner sees caption rows only and does not depend on the timestep: its `attn` is
+cached (reused whole), its `feed_forward` runs whenever the block runs. The noise refiner sees the
+image rows; the main `layers` see each sample's [caption; image; padding] rows, with the caption's
+true length taken from the mask. A batch whose captions have different lengths puts the image rows
+of each sample at another offset, which one `text_rows` layout cannot describe: the adapter refuses
+it (one prompt per call, as the pipeline's two CFG calls are, always works).
+
+`Lumina2Pipeline` calls the transformer for the prompt, then for the negative prompt, without a
+`cache_context`, and stops the second call after `cfg_trunc_ratio`: branches are told apart by the
+order of calls at a timestep.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import BlockListSpec, ModelAdapter, ModuleSpec
+
+_ATTN = ModuleSpec("attn", "self_attention")  # RoPE: no partial queries
+
+
+class Lumina2Adapter(ModelAdapter):
+    model_classes = {"Lumina2Transformer2DModel": "lumina2"}
+    block_lists = (
+        # the plan keeps one role per module name: a text_mlp `feed_forward` here would make every
+        # `feed_forward` a text MLP (computed whole); the refiner's MLP is left uncached instead
+        BlockListSpec("context_refiner", (ModuleSpec("attn", "joint_attention"),)),
+        BlockListSpec("noise_refiner", (_ATTN, ModuleSpec("feed_forward", "mlp")), value="attn.to_v"),
+        BlockListSpec("layers", (ModuleSpec("attn", "joint_attention", text_rows="first"),
+                                 ModuleSpec("feed_forward", "mlp", text_rows="first")),
+                      value="attn.to_v", value_text_rows="first"),
+    )
+    branches_by_timestep = True
+    timestep_arg = ("timestep", 1)
+    # presets: the default ones (nothing published for Lumina2)
+
+    def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
+        mask = kwargs.get("encoder_attention_mask")
+        if mask is None and len(args) > 3:
+            mask = args[3]
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[0] > 1:
+            lengths = mask.sum(dim=1)
+            if bool((lengths != lengths[0]).any()):
+                raise ValueError(
+                    f"dual cache on Lumina2: the captions of one batch have different lengths {lengths.tolist()}, so "
+                    "each sample's image rows sit at another offset; call the transformer with one caption length "
+                    "per batch (the pipeline does with one prompt per call) or disable the cache"
+                )
+        return super().token_grid(model, args, kwargs)

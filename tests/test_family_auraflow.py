@@ -1,0 +1,40 @@
+"""AuraFlow (joint blocks returning (text, image), then single blocks on [register + text; image])."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from family_harness import FamilyCase, check_family
+from tiny_pipelines import tiny_t5_tokenizer, tiny_vae
+from transformers import UMT5Config, UMT5EncoderModel
+
+
+def tiny_auraflow_pipeline(seed: int = 0) -> AuraFlowPipeline:
+    """16x16 latents, patch 2 -> 64 image tokens; 8 register + 8 text tokens; 3 joint + 3 single blocks."""
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )).eval()
+    transformer = AuraFlowTransformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=3, num_single_dit_layers=3,
+        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, out_channels=4,
+        pos_embed_max_size=64,
+    ).eval()
+    pipe = AuraFlowPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(seed),
+                            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASE = FamilyCase(
+    "auraflow",
+    build=tiny_auraflow_pipeline,
+    call_kwargs=dict(prompt="a red car", negative_prompt="a blue car", height=16, width=16, max_sequence_length=8,
+                     guidance_scale=4.0),
+)
+
+
+def test_auraflow_family_contract():
+    check_family(CASE)

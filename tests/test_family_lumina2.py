@@ -1,0 +1,79 @@
+"""Lumina2 (text / image refiners, then joint layers; two calls per step without a cache_context)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+from family_harness import FamilyCase, check_family, run
+from test_family_flux import tiny_flux_vae
+from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+from dualcache_diffusers import disable_dual_cache, enable_dual_cache
+from dualcache_diffusers.api import get_engine
+
+
+def tiny_gemma_tokenizer() -> GemmaTokenizer:
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "\u2581": 4}
+    for c in "abcdefghijklmnopqrstuvwxyz<>.,-":
+        vocab.setdefault(c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], padding_side="right")
+
+
+def tiny_lumina2_pipeline(seed: int = 0) -> Lumina2Pipeline:
+    """128x128 pixels -> 16x16 latents (the pipeline's fixed factor 8), patch 2 -> 64 image tokens.
+
+    2 + 2 refiner blocks (as the released model) and 3 joint layers."""
+    tokenizer = tiny_gemma_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, pad_token_id=0,
+    )).eval()
+    transformer = Lumina2Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=3, num_refiner_layers=2,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, norm_eps=1e-5, scaling_factor=1.0,
+        axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32), cap_feat_dim=16,
+    ).eval()
+    pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           vae=tiny_flux_vae(seed), text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASE = FamilyCase(
+    "lumina2",
+    build=tiny_lumina2_pipeline,
+    call_kwargs=dict(prompt="a red car", negative_prompt="a blue car", system_prompt="", height=128, width=128,
+                     max_sequence_length=16, guidance_scale=4.0),
+    two_call_cfg=True,
+)
+
+
+def test_lumina2_family_contract():
+    check_family(CASE)
+
+
+def test_lumina2_cfg_truncation_keeps_the_cond_branch():
+    """After cfg_trunc_ratio the uncond call stops: the cond branch (the first call) keeps every step."""
+    pipe = tiny_lumina2_pipeline()
+    case = FamilyCase("lumina2-trunc", build=tiny_lumina2_pipeline,
+                      call_kwargs=dict(CASE.call_kwargs, cfg_trunc_ratio=0.5))
+    enable_dual_cache(pipe, "fora")
+    try:
+        run(pipe, case, steps=6)
+        calls = {key: stats.num_calls for key, stats in get_engine(pipe).last_stats.items()}
+    finally:
+        disable_dual_cache(pipe)
+    assert calls["call0/1/0"] == 6 and 0 < calls["call1/1/0"] < 6, calls
+
+
+def test_lumina2_refuses_unequal_caption_lengths_in_one_batch():
+    pipe = tiny_lumina2_pipeline()
+    enable_dual_cache(pipe, "toca")
+    try:
+        with pytest.raises(ValueError, match="different lengths"):
+            pipe(prompt=["a red car", "a"], system_prompt="", height=128, width=128, max_sequence_length=32,
+                 guidance_scale=1.0, num_inference_steps=2, output_type="np")
+    finally:
+        disable_dual_cache(pipe)
