@@ -52,10 +52,11 @@ class FluxAdapter(ModelAdapter):
                       value="attn.to_v", value_text_rows="first"),
     )
     # FLUX.1-dev settings of the authors' papers (RESEARCH.md): DuCa N=5 (FoCa table, 3.80x), ToCa5
-    # (ToCa README, 3.14x), FORA N=3 (FoCa table, 2.82x). Fresh ratios: ours (not published for FLUX).
+    # (ToCa README, 3.14x), FORA N=3 (FoCa table, 2.82x). Fresh ratios: ours (not published for FLUX);
+    # DuCa forecasts reused outputs at order 1, as every DuCa preset here (ours).
     presets = {
         "duca": dict(method="duca", interval=5, fresh_ratio=0.3, ratio_schedule="constant", selection="vnorm",
-                     aggressive="skip"),
+                     aggressive="skip", forecast_order=1),
         "toca": dict(method="toca", interval=5, fresh_ratio=0.3, ratio_schedule="constant", selection="vnorm"),
         "fora": dict(method="fora", interval=3),
     }
