@@ -69,6 +69,7 @@ def test_bench_video_quick_fills_the_temporal_column(tmp_path, capsys):
     markdown = (out / "results.md").read_text()
     assert "2 clips x 8 frames, 6 steps" in markdown and "temporal PSNR dB" in markdown
     fora = _table_rows(markdown, key=1)["fora"]
+    assert fora[7].endswith("(n/m)") and "FD / acc (n/m) = not meaningful for clips" in markdown
     assert len(fora) == 10 and float(fora[8]) == pytest.approx(float(rows["fora"]["temporal_psnr"]), abs=0.01)
     assert [r.quality.temporal_psnr for r in read_csv(out / "results.csv")][1:] == [
         float(rows["fora"]["temporal_psnr"]), float(rows["duca"]["temporal_psnr"])]

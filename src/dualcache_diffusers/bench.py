@@ -802,21 +802,31 @@ def markdown_table(result: BenchResult) -> str:
         "|---|---|---|---|---|---|---|---|" + ("---|" if temporal else "") + "---|",
     ]
     few = result.has_classifier and 0 < result.num_images * max(result.frames, 1) < MIN_FD_IMAGES
+    on_clips = result.has_classifier and temporal  # the still-digits classifier on video frames: see the note
     ordered = sorted(result.rows, key=lambda r: (r.budget or 0.0, METHOD_INDEX.get(r.method, 99), r.method))
     for r in ordered:
         budget = "-" if r.budget is None else f"{r.budget:g}x"
         setting = ", ".join(f"{k}={_fmt(v, 3) if isinstance(v, float) else v}" for k, v in r.setting.items()) or "-"
         mark = "" if r.reached else " *"
+        fd_nm = " (n/m)" if (few or on_clips) and r.quality.fd is not None else ""
+        acc_nm = " (n/m)" if on_clips and r.quality.accuracy is not None else ""
         lines.append(
             f"| {budget} | {r.method} | {setting} | {r.flops_ratio:.2f}x{mark} | {_fmt(r.quality.psnr)} "
-            f"| {_fmt(r.quality.ssim, 3)} | {_fmt(r.quality.fd)}{' (n/m)' if few and r.quality.fd is not None else ''} "
-            f"| {_fmt(r.quality.accuracy, 3)} | " + (f"{_fmt(r.quality.temporal_psnr)} | " if temporal else "")
+            f"| {_fmt(r.quality.ssim, 3)} | {_fmt(r.quality.fd)}{fd_nm} "
+            f"| {_fmt(r.quality.accuracy, 3)}{acc_nm} | " + (f"{_fmt(r.quality.temporal_psnr)} | " if temporal else "")
             + f"`{r.pattern}` |"
         )
     if few:
         samples = result.num_images * max(result.frames, 1)
         lines += ["", f"FD (n/m) = not meaningful: computed from only {samples} images; the Frechet distance "
                       f"needs at least {MIN_FD_IMAGES} (the classifier has 64 features) and is only noise here."]
+    if on_clips:
+        uncached = next((r for r in result.rows if r.method == "uncached"), None)
+        seen = (f" (the uncached clips here: FD {_fmt(uncached.quality.fd)}, acc {_fmt(uncached.quality.accuracy, 3)}, "
+                "chance is 0.100)" if uncached is not None and uncached.quality.fd is not None else "")
+        lines += ["", "FD / acc (n/m) = not meaningful for clips: the digits classifier, trained on full-frame still "
+                      "digits, reads each frame, and the shipped video model does not draw recognisable digits"
+                      f"{seen}; see docs/reference_models.md. Compare PSNR, SSIM and temporal PSNR instead."]
     lines += ["", STEP_PATTERN_LEGEND + "."]
     if result.skipped:
         lines += ["", "Skipped:", ""] + [f"- {name}: {why}" for name, why in result.skipped.items()]
