@@ -7,7 +7,11 @@ from pathlib import Path
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 # `--model` aliases: the shipped reference pipelines, and whether each is class-conditional
-MODEL_ALIASES = {"dit": ASSETS_DIR / "dit-digits", "pixart": ASSETS_DIR / "pixart-digits"}
+MODEL_ALIASES = {
+    "dit": ASSETS_DIR / "dit-digits",
+    "pixart": ASSETS_DIR / "pixart-digits",
+    "video": ASSETS_DIR / "video-digits",  # a text-to-video LattePipeline (moving digits)
+}
 CLASS_CONDITIONAL_PIPELINES = ("DiTPipeline",)
 
 # `dualcache bench --methods`: every method of the benchmark, in table order

@@ -7,7 +7,9 @@ measured with :func:`count_flops` around whole pipeline calls, lands near the ta
 setting then generates every evaluation image (many seeds x every class / several prompts), and
 the row records the FLOPs ratio achieved on those images, PSNR and SSIM against the uncached image
 of the same seed, and, when the digits classifier is available, the Frechet distance to the real
-test digits in its feature space and the accuracy against the requested digit.
+test digits in its feature space and the accuracy against the requested digit. Video pipelines
+(LattePipeline) generate clips: PSNR / SSIM / classifier metrics are then taken over all frames,
+and a temporal PSNR (consecutive-frame differences against the uncached clip) is added.
 
 The pieces are usable on their own: :class:`Workload` (what to generate), :data:`METHODS` (how to
 apply each method), :class:`Calibrator` (the knob search) and :func:`run_benchmark`.
@@ -50,7 +52,7 @@ def model_aliases() -> dict[str, Path]:
 
 
 def resolve_model(model: str) -> str:
-    """``dit`` / ``pixart`` -> the shipped pipeline directory; anything else is a local dir or a Hub id."""
+    """``dit`` / ``pixart`` / ``video`` -> the shipped pipeline directory; anything else is a local dir or a Hub id."""
     return str(model_aliases().get(model, model))
 
 
@@ -70,13 +72,20 @@ def is_class_conditional(pipe: DiffusionPipeline) -> bool:
     return callable(getattr(pipe, "get_label_ids", None))
 
 
+def is_video(pipe: DiffusionPipeline) -> bool:
+    """A text-to-video pipeline (its call takes ``video_length``, as LattePipeline's does)."""
+    import inspect
+
+    return "video_length" in inspect.signature(type(pipe).__call__).parameters
+
+
 def default_conditions(pipe: DiffusionPipeline, count: int = 10) -> list[int] | list[str]:
-    """Every class (up to ``count``) of a class-conditional pipeline, or ``count`` digit captions."""
+    """Every class (up to ``count``) of a class-conditional pipeline, or ``count`` digit (or motion) captions."""
     if is_class_conditional(pipe):
         labels = getattr(pipe, "labels", None) or {}
         num_classes = len(labels) or 1000
         return list(range(min(count, num_classes)))
-    return digit_captions(count)
+    return motion_captions(count) if is_video(pipe) else digit_captions(count)
 
 
 def digit_captions(count: int = 10) -> list[str]:
@@ -85,6 +94,14 @@ def digit_captions(count: int = 10) -> list[str]:
 
     adjectives = [(), ("thick",), ("thin",), ("slanted",), ("upright",), ("thick", "upright"), ("thin", "slanted")]
     return [digits.caption_for(i % 10, adjectives[(i * 3) % len(adjectives)]) for i in range(count)]
+
+
+def motion_captions(count: int = 10) -> list[str]:
+    """Captions of the shipped video model: every digit, the four directions in turn ("a seven moving up")."""
+    from .reference import moving_digits
+
+    directions = moving_digits.DIRECTIONS
+    return [moving_digits.caption_for(i % 10, directions[i % len(directions)]) for i in range(count)]
 
 
 def condition_digit(pipe: DiffusionPipeline, condition: int | str) -> int | None:
@@ -110,6 +127,18 @@ def text_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
         limit = getattr(getattr(pipe, "tokenizer", None), "model_max_length", default) or default
         kwargs["max_sequence_length"] = int(min(default, limit))
     return kwargs
+
+
+def video_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
+    """Keyword arguments of a video pipeline: ``LATTE_CALL_KWARGS`` for the shipped model; for another one the
+    number of frames and the size its transformer was built for."""
+    from .reference.moving_digits import LATTE_CALL_KWARGS, VIDEO_DIGITS_DIR
+
+    if Path(pipe.name_or_path).resolve() == VIDEO_DIGITS_DIR.resolve():
+        return dict(LATTE_CALL_KWARGS)
+    config = pipe.transformer.config
+    size = config.sample_size * pipe.vae_scale_factor
+    return {"video_length": config.video_length, "height": size, "width": size}
 
 
 # --------------------------------------------------------------------------------------------- workload
@@ -162,14 +191,20 @@ class Workload:
         conditions = [cond for _, cond in items]
         if is_class_conditional(self.pipe):
             return {"class_labels": conditions, **kwargs}
-        return {"prompt": conditions, **text_call_kwargs(self.pipe), **kwargs}
+        video = video_call_kwargs(self.pipe) if is_video(self.pipe) else {}
+        return {"prompt": conditions, **text_call_kwargs(self.pipe), **video, **kwargs}
 
     def generate(self, steps: int | None = None) -> np.ndarray:
-        """All images as float [N, H, W, C] in [0, 1]."""
+        """All images as float [N, H, W, C] in [0, 1]; for a video pipeline all clips as [N, F, H, W, C]."""
         chunks = [self.items[i : i + self.batch_size] for i in range(0, len(self.items), self.batch_size)]
         with torch.inference_mode():
-            outputs = [self.pipe(**self.call_kwargs(chunk, steps)).images for chunk in chunks]
-        return np.concatenate([np.asarray(o, dtype=np.float32) for o in outputs])
+            outputs = [self.pipe(**self.call_kwargs(chunk, steps)) for chunk in chunks]
+        return np.concatenate([np.asarray(_output_array(o), dtype=np.float32) for o in outputs])
+
+
+def _output_array(output: Any) -> Any:
+    """``.images`` of an image pipeline's output, ``.frames`` of a video pipeline's."""
+    return output.frames if hasattr(output, "frames") and not hasattr(output, "images") else output.images
 
 
 def _product(seeds: Sequence[int], conditions: Sequence[Any]) -> Iterable[tuple[int, Any]]:
@@ -471,10 +506,12 @@ class Quality:
     ssim: float
     fd: float | None = None
     accuracy: float | None = None
+    temporal_psnr: float | None = None  # clips only: PSNR of consecutive-frame differences
 
 
 class Judge:
-    """Scores image sets: PSNR / SSIM vs the reference, Frechet distance and accuracy with the classifier."""
+    """Scores image sets (or clip sets, over their frames): PSNR / SSIM vs the reference (for clips also the
+    temporal PSNR), Frechet distance and accuracy with the classifier."""
 
     def __init__(self, reference: np.ndarray, classifier: Any = None, labels: list[int] | None = None) -> None:
         self.reference = reference
@@ -482,14 +519,15 @@ class Judge:
         self.labels = labels
 
     def __call__(self, images: np.ndarray) -> Quality:
-        quality = Quality(
-            psnr=metrics.mean_psnr(metrics.psnr(images, self.reference)),
-            ssim=float(metrics.ssim(images, self.reference).mean()),
-        )
+        quality = Quality(**metrics.fidelity(images, self.reference))
         if self.classifier is not None:
-            quality.fd = metrics.frechet_distance_to_real(self.classifier, images)
-            if self.labels is not None:
-                quality.accuracy = metrics.classifier_accuracy(self.classifier, images, self.labels)
+            frames, labels = images, self.labels
+            if images.ndim == 5:  # every frame is an image of the requested digit
+                frames = images.reshape(-1, *images.shape[2:])
+                labels = None if labels is None else [d for d in labels for _ in range(images.shape[1])]
+            quality.fd = metrics.frechet_distance_to_real(self.classifier, frames)
+            if labels is not None:
+                quality.accuracy = metrics.classifier_accuracy(self.classifier, frames, labels)
         return quality
 
 
@@ -521,6 +559,7 @@ class BenchRow:
             "ssim": round(self.quality.ssim, 4),
             "fd": "" if self.quality.fd is None else round(self.quality.fd, 4),
             "accuracy": "" if self.quality.accuracy is None else round(self.quality.accuracy, 4),
+            "temporal_psnr": "" if self.quality.temporal_psnr is None else round(self.quality.temporal_psnr, 3),
             "pattern": self.pattern,
             "description": self.description,
         }
@@ -542,11 +581,19 @@ class BenchResult:
     model: str = ""
     has_classifier: bool = False
     notes: list[str] = field(default_factory=list)
+    frames: int = 0  # frames per clip of a video pipeline; 0 for images
 
     @property
     def counts(self) -> str:
-        """'100 images, 20 steps', or '' when unknown (results merged from CSV files)."""
-        return f"{self.num_images} images, {self.steps} steps" if self.num_images else ""
+        """'100 images, 20 steps' ('10 clips x 8 frames, 20 steps'), or '' when unknown (results merged from CSV)."""
+        if not self.num_images:
+            return ""
+        what = f"{self.num_images} clips x {self.frames} frames" if self.frames else f"{self.num_images} images"
+        return f"{what}, {self.steps} steps"
+
+    @property
+    def has_temporal(self) -> bool:
+        return any(r.quality.temporal_psnr is not None for r in self.rows)
 
 
 class _Progress:
@@ -574,7 +621,8 @@ def run_benchmark(
     calibrator = Calibrator(calibration)
     reference = generate_with(build_reference(), workload, {})
     judge = Judge(reference.images, classifier, workload.labels())
-    result = BenchResult([], {}, len(workload), workload.steps, has_classifier=classifier is not None)
+    frames = reference.images.shape[1] if reference.images.ndim == 5 else 0
+    result = BenchResult([], {}, len(workload), workload.steps, has_classifier=classifier is not None, frames=frames)
     for method in methods.values():
         budgets: list[float | None] = list(config.budgets) if method.knob is not None else [None]
         try:
@@ -627,7 +675,8 @@ def _evaluate_method(
 
 
 CSV_FIELDS = ("method", "budget", "setting", "flops_ratio", "calibration_ratio", "reached", "psnr", "ssim", "fd",
-              "accuracy", "pattern", "description")
+              "accuracy", "temporal_psnr", "pattern", "description")
+OPTIONAL_CSV_FIELDS = ("temporal_psnr",)  # absent from results.csv files written before it existed
 
 
 def write_csv(result: BenchResult, path: Path) -> None:
@@ -661,7 +710,8 @@ def read_csv(path: Path) -> list[BenchRow]:
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
-            missing = [name for name in CSV_FIELDS if name not in (reader.fieldnames or [])]
+            missing = [name for name in CSV_FIELDS
+                       if name not in (reader.fieldnames or []) and name not in OPTIONAL_CSV_FIELDS]
             if missing:
                 raise ValueError(f"it has no column(s) {', '.join(missing)}")
             rows = [_row_from_csv(row) for row in reader]
@@ -684,7 +734,8 @@ def _row_from_csv(row: dict[str, Any]) -> BenchRow:
         method=row["method"], budget=_optional_float(row["budget"]), setting=setting,
         flops_ratio=float(row["flops_ratio"]), calibration_ratio=float(row["calibration_ratio"]),
         quality=Quality(psnr=float(row["psnr"]), ssim=float(row["ssim"]), fd=_optional_float(row["fd"]),
-                        accuracy=_optional_float(row["accuracy"])),
+                        accuracy=_optional_float(row["accuracy"]),
+                        temporal_psnr=_optional_float(row.get("temporal_psnr", ""))),
         pattern=row["pattern"], description=row["description"], family=_family(row["method"]),
     )
 
@@ -728,35 +779,54 @@ MIN_FD_IMAGES = 100
 
 
 def markdown_table(result: BenchResult) -> str:
-    """The results as a markdown document: a header, one table sorted by budget, and skipped methods."""
+    """The results as a markdown document: a header, one table sorted by budget, and skipped methods.
+
+    Clips (video pipelines) get a temporal PSNR column; image results do not have it."""
+    temporal = result.has_temporal
     lines = [
         f"# Fidelity at matched compute: {result.model}",
         "",
         (f"{result.counts}. " if result.counts else "")
         + "FLOPs ratio = uncached / method FLOPs of whole "
         "pipeline calls (torch FlopCounterMode), achieved on the evaluation images; `*` = more than 10% "
-        "off the budget. PSNR / SSIM against the uncached image of the same seed."
+        "off the budget. PSNR / SSIM against the uncached image of the same seed"
+        + (" (for clips: every frame against the same frame; temporal PSNR = PSNR between the consecutive-frame "
+           "differences of the clip and those of the uncached clip, i.e. whether it changes from frame to frame "
+           "the same way; classifier metrics over all frames)." if temporal else ".")
         + (" FD = Frechet distance to the real test digits in the classifier's features (lower is better);"
            " acc = classifier accuracy against the requested digit." if result.has_classifier else
            " Classifier metrics skipped (no classifier)."),
         "",
-        "| budget | method | setting | FLOPs ratio | PSNR dB | SSIM | FD | acc | step pattern |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| budget | method | setting | FLOPs ratio | PSNR dB | SSIM | FD | acc | "
+        + ("temporal PSNR dB | " if temporal else "") + "step pattern |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if temporal else "") + "---|",
     ]
-    few = result.has_classifier and 0 < result.num_images < MIN_FD_IMAGES
+    few = result.has_classifier and 0 < result.num_images * max(result.frames, 1) < MIN_FD_IMAGES
+    on_clips = result.has_classifier and temporal  # the still-digits classifier on video frames: see the note
     ordered = sorted(result.rows, key=lambda r: (r.budget or 0.0, METHOD_INDEX.get(r.method, 99), r.method))
     for r in ordered:
         budget = "-" if r.budget is None else f"{r.budget:g}x"
         setting = ", ".join(f"{k}={_fmt(v, 3) if isinstance(v, float) else v}" for k, v in r.setting.items()) or "-"
         mark = "" if r.reached else " *"
+        fd_nm = " (n/m)" if (few or on_clips) and r.quality.fd is not None else ""
+        acc_nm = " (n/m)" if on_clips and r.quality.accuracy is not None else ""
         lines.append(
             f"| {budget} | {r.method} | {setting} | {r.flops_ratio:.2f}x{mark} | {_fmt(r.quality.psnr)} "
-            f"| {_fmt(r.quality.ssim, 3)} | {_fmt(r.quality.fd)}{' (n/m)' if few and r.quality.fd is not None else ''} "
-            f"| {_fmt(r.quality.accuracy, 3)} | `{r.pattern}` |"
+            f"| {_fmt(r.quality.ssim, 3)} | {_fmt(r.quality.fd)}{fd_nm} "
+            f"| {_fmt(r.quality.accuracy, 3)}{acc_nm} | " + (f"{_fmt(r.quality.temporal_psnr)} | " if temporal else "")
+            + f"`{r.pattern}` |"
         )
     if few:
-        lines += ["", f"FD (n/m) = not meaningful: computed from only {result.num_images} images; the Frechet distance "
+        samples = result.num_images * max(result.frames, 1)
+        lines += ["", f"FD (n/m) = not meaningful: computed from only {samples} images; the Frechet distance "
                       f"needs at least {MIN_FD_IMAGES} (the classifier has 64 features) and is only noise here."]
+    if on_clips:
+        uncached = next((r for r in result.rows if r.method == "uncached"), None)
+        seen = (f" (the uncached clips here: FD {_fmt(uncached.quality.fd)}, acc {_fmt(uncached.quality.accuracy, 3)}, "
+                "chance is 0.100)" if uncached is not None and uncached.quality.fd is not None else "")
+        lines += ["", "FD / acc (n/m) = not meaningful for clips: the digits classifier, trained on full-frame still "
+                      "digits, reads each frame, and the shipped video model does not draw recognisable digits"
+                      f"{seen}; see docs/reference_models.md. Compare PSNR, SSIM and temporal PSNR instead."]
     lines += ["", STEP_PATTERN_LEGEND + "."]
     if result.skipped:
         lines += ["", "Skipped:", ""] + [f"- {name}: {why}" for name, why in result.skipped.items()]
@@ -785,8 +855,11 @@ def plot_speed_quality(result: BenchResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("psnr", "PSNR vs uncached (dB, higher is better)")]
-    panels.append(("fd", "Frechet distance to real digits (lower is better)") if result.has_classifier
-                  else ("ssim", "SSIM vs uncached (higher is better)"))
+    if result.has_temporal:  # video: the digits are not recognisable, FD says nothing; motion fidelity does
+        panels.append(("temporal_psnr", "temporal PSNR vs uncached (dB, frame differences, higher is better)"))
+    else:
+        panels.append(("fd", "Frechet distance to real digits (lower is better)") if result.has_classifier
+                      else ("ssim", "SSIM vs uncached (higher is better)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     names = list(dict.fromkeys(r.method for r in result.rows))
     colors = plt.get_cmap("tab20")

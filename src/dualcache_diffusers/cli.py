@@ -2,6 +2,7 @@
 
     dualcache demo                      # the shipped digits DiT: uncached vs DuCa / FORA / ToCa, offline, CPU
     dualcache demo --model pixart       # the shipped PixArt digits model (or any local dir / Hub id)
+    dualcache demo --model video        # the shipped moving-digits LattePipeline: clips, an animated GIF
     dualcache bench --out bench-dit     # fidelity at matched FLOPs budgets: CSV, markdown, plot
     dualcache bench --quick             # a reduced setting (seconds on tiny models)
     dualcache report a/results.csv b/results.csv --out both   # one table + plot from runs on the same images
@@ -181,7 +182,8 @@ DEVICE_HELP = "torch device: cpu, cuda, cuda:N or mps"
 def add_model_arguments(parser: argparse.ArgumentParser, steps: int, dtype: bool = True, prompt: bool = True,
                         model_default: str | None = "dit") -> None:
     """--model, --device, --dtype, --steps, --guidance, --prompt, --threads (shared by every command)."""
-    model_help = ("'dit' / 'pixart' (the digits models shipped with the package), a local pipeline directory "
+    model_help = ("'dit' / 'pixart' / 'video' (the digits models shipped with the package; 'video' is a "
+                  "text-to-video LattePipeline), a local pipeline directory "
                   "(with model_index.json) or a Hugging Face Hub repo id (owner/name)")
     if model_default is None:
         parser.add_argument("--model", required=True, help=model_help)
@@ -206,7 +208,7 @@ _add_model_arguments = add_model_arguments  # the old private name
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
-MODEL_ALLOWED = ("allowed: 'dit', 'pixart' (the shipped digits models), a local pipeline directory "
+MODEL_ALLOWED = ("allowed: 'dit', 'pixart', 'video' (the shipped digits models), a local pipeline directory "
                  "(with model_index.json) or a Hugging Face Hub repo id (owner/name)")
 
 
@@ -347,28 +349,33 @@ def _progress(total: int, desc: str):
 def _configure_demo(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, steps=20)
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="first seed; image i uses seed + i")
-    parser.add_argument("--num-images", type=positive_int, default=8, help="images per method")
+    parser.add_argument("--num-images", type=positive_int, default=8, help="images (clips) per method")
     parser.add_argument("--repeats", type=positive_int, default=3, help="interleaved timing rounds")
     parser.add_argument("--out", type=Path, default=Path("dualcache-demo"),
-                        help="folder for grid.png and results.md (default: ./dualcache-demo)")
+                        help="folder for grid.png and results.md, and clips.gif for a video model "
+                             "(default: ./dualcache-demo)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     ref = check_model_arguments(args)
-    from .demo import DEMO_METHODS, image_grid, run_demo
+    from .demo import DEMO_METHODS, image_grid, run_demo, save_clip_gif
 
     pipe = _load(args, ref)
     with _progress(len(DEMO_METHODS) * (1 + args.repeats), "demo") as bar:
         result = run_demo(pipe, steps=args.steps, seed=args.seed, num_images=args.num_images, repeats=args.repeats,
                           conditions=args.prompt, guidance_scale=args.guidance, progress=bar)
     args.out.mkdir(parents=True, exist_ok=True)
-    header = (f"{args.model}: {result.num_images} images (seeds {args.seed}..{args.seed + result.num_images - 1}), "
+    what = f"{result.num_images} clips of {result.frames} frames" if result.frames else f"{result.num_images} images"
+    header = (f"{args.model}: {what} (seeds {args.seed}..{args.seed + result.num_images - 1}), "
               f"{result.steps} steps, {args.device} {args.dtype}; wall = median of {args.repeats} interleaved runs\n\n")
     table = header + result.table()
-    (args.out / "results.md").write_text(table)
-    image_grid(result).save(args.out / "grid.png")
+    written = [args.out / "grid.png", args.out / "results.md"]
+    written[1].write_text(table)
+    image_grid(result).save(written[0])
+    if result.frames:  # video: the clips of every method side by side, animated
+        written.insert(0, save_clip_gif(result, args.out / "clips.gif"))
     print(table)
-    print(f"wrote {args.out / 'grid.png'} and {args.out / 'results.md'}")
+    print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
 

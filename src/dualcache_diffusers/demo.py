@@ -7,7 +7,10 @@ For every method (the published preset of the model's family) it measures
   median per method, uncached median / method median (the FLOPs-counted call is the warm-up);
 * PSNR / SSIM of the final images against the uncached images of the same seeds;
 
-and tiles all images into one grid (one row per method, one column per seed).
+and tiles all images into one grid (one row per method, one column per seed). A video pipeline
+(the shipped ``video`` LattePipeline) gives clips: PSNR / SSIM are then over all frames, the table
+adds the temporal PSNR (consecutive-frame differences against the uncached clip), the grid shows
+each clip as a strip of its frames (time downwards), and :func:`save_clip_gif` animates the grid.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +52,7 @@ class DemoRow:
     wall_speedup: float = 1.0
     psnr: float = float("inf")
     ssim: float = 1.0
+    temporal_psnr: float | None = None  # clips only
 
     @property
     def median_s(self) -> float:
@@ -63,18 +68,28 @@ class DemoResult:
     seeds: list[int] = field(default_factory=list)
     labels: dict[int, str] = field(default_factory=dict)  # class id -> name, for class-conditional pipelines
 
+    @property
+    def frames(self) -> int:
+        """Frames per clip of a video pipeline; 0 for images."""
+        images = self.rows[0].images
+        return images.shape[1] if images.ndim == 5 else 0
+
     def table(self) -> str:
-        """A markdown table of the results."""
+        """A markdown table of the results (clips: PSNR / SSIM over frames, and the temporal PSNR)."""
+        temporal = self.frames > 0
         lines = [
-            "| method | step pattern | FLOPs speedup | wall speedup | median s | PSNR dB | SSIM |",
-            "|---|---|---|---|---|---|---|",
+            "| method | step pattern | FLOPs speedup | wall speedup | median s | PSNR dB | SSIM |"
+            + (" temporal PSNR dB |" if temporal else ""),
+            "|---|---|---|---|---|---|---|" + ("---|" if temporal else ""),
         ]
         for r in self.rows:
-            psnr = "inf" if np.isinf(r.psnr) else f"{r.psnr:.2f}"
             lines.append(
                 f"| {r.method} | `{r.pattern}` | {r.flops_speedup:.2f}x | {r.wall_speedup:.2f}x | {r.median_s:.3f} "
-                f"| {psnr} | {r.ssim:.4f} |"
+                f"| {_db(r.psnr)} | {r.ssim:.4f} |" + (f" {_db(r.temporal_psnr)} |" if temporal else "")
             )
+        if temporal:
+            lines += ["", "PSNR / SSIM: every frame against the same frame of the uncached clip; temporal PSNR: the "
+                          "clip's consecutive-frame differences against the uncached clip's (motion fidelity)."]
         lines += ["", STEP_PATTERN_LEGEND + "."]
         return "\n".join(lines) + "\n"
 
@@ -90,6 +105,10 @@ class DemoResult:
         else:
             what = f"class {condition}" + (f" ({name})" if name else "")
         return f"{what}\n{seed}".strip()
+
+
+def _db(value: float | None) -> str:
+    return "-" if value is None else "inf" if np.isinf(value) else f"{value:.2f}"
 
 
 def _use(pipe: DiffusionPipeline, method: str) -> None:
@@ -165,8 +184,8 @@ def _score(rows: list[DemoRow]) -> None:
     for row in rows:
         row.flops_speedup = base.flops / max(row.flops, 1)
         row.wall_speedup = base.median_s / row.median_s
-        row.psnr = metrics.mean_psnr(metrics.psnr(row.images, base.images))
-        row.ssim = float(metrics.ssim(row.images, base.images).mean())
+        scores = metrics.fidelity(row.images, base.images)
+        row.psnr, row.ssim, row.temporal_psnr = scores["psnr"], scores["ssim"], scores["temporal_psnr"]
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -177,12 +196,24 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines
 
 
-def image_grid(result: DemoResult, scale: int | None = None, pad: int = 2) -> Image.Image:
+def _tiles(images: np.ndarray, frame: int | None = None) -> np.ndarray:
+    """The grid's cells [N, H, W, C]: the images; of clips [N, F, H, W, C] frame ``frame``, or by default
+    each clip's frames stacked top to bottom (one strip per clip)."""
+    if images.ndim == 4:
+        return images
+    if frame is not None:
+        return images[:, frame]
+    n, f, h, w, c = images.shape
+    return images.reshape(n, f * h, w, c)
+
+
+def image_grid(result: DemoResult, scale: int | None = None, pad: int = 2, frame: int | None = None) -> Image.Image:
     """One row per method (labelled on the left), one column per image; each column's header says what it
-    shows (the digit or the whole prompt) and its seed."""
-    first = result.rows[0].images
+    shows (the digit or the whole prompt) and its seed. Clips show as frame strips, or only ``frame``."""
+    first = _tiles(result.rows[0].images, frame)
+    frame_h, frame_w = result.rows[0].images.shape[-3:-1]
     height, width = first.shape[1:3]
-    scale = scale or max(1, 96 // max(height, width))
+    scale = scale or max(1, (64 if result.frames and frame is None else 96) // max(frame_h, frame_w))
     cell_w, cell_h = width * scale, height * scale
     char_w, line_h = 6, 11  # PIL's default bitmap font
     headers = [_wrap(result.column_header(c), cell_w // char_w) for c in range(len(first))]
@@ -197,8 +228,19 @@ def image_grid(result: DemoResult, scale: int | None = None, pad: int = 2) -> Im
         top = header_h + pad + r * (cell_h + pad)
         draw.text((4, top + cell_h // 2 - 12), row.method, fill=(0, 0, 0))
         draw.text((4, top + cell_h // 2 + 2), f"{row.flops_speedup:.2f}x FLOPs", fill=(90, 90, 90))
-        for c, image in enumerate(row.images):
+        for c, image in enumerate(_tiles(row.images, frame)):
             tile = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8).squeeze())
             tile = tile.convert("RGB").resize((cell_w, cell_h), Image.NEAREST)
             grid.paste(tile, (label_w + pad + c * (cell_w + pad), top))
     return grid
+
+
+def save_clip_gif(result: DemoResult, path: str | Path, fps: float = 4.0) -> Path:
+    """The grid of a video demo (one row per method, one column per caption), animated: one GIF frame per
+    clip frame, written with :func:`video.save_gif`. Returns the path."""
+    from .video import save_gif
+
+    if not result.frames:
+        raise ValueError("save_clip_gif needs a demo of a video pipeline (clips, not images)")
+    frames = np.stack([np.asarray(image_grid(result, frame=t)) for t in range(result.frames)])
+    return save_gif(frames[None], path, fps=fps, scale=1, pad=0)

@@ -260,3 +260,25 @@ def temporal_consistency(a: ClipBatch, b: ClipBatch, data_range: float = 1.0) ->
         "temporal_psnr": mean_psnr(per_step.ravel()),
         "temporal_psnr_min": float(np.minimum(per_step, PSNR_CAP_DB).min()),
     }
+
+
+# ------------------------------------------------------------------------------------- images or clips
+
+
+def fidelity(a: np.ndarray, b: np.ndarray) -> dict[str, float | None]:
+    """Fidelity of generated images or clips ``a`` to reference outputs ``b`` of the same seeds.
+
+    Images ``[N, H, W, C]``: mean ``psnr`` (:func:`mean_psnr`) and ``ssim`` per image, ``temporal_psnr`` None.
+    Clips ``[N, F, H, W, C]``: ``psnr`` and ``ssim`` over all frames (each frame against the same frame of
+    the reference) and ``temporal_psnr``, the mean PSNR of consecutive-frame differences (:func:`temporal_psnr`).
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 5:
+        return {"psnr": mean_psnr(psnr(a, b)), "ssim": float(ssim(a, b).mean()), "temporal_psnr": None}
+    x, y = _clip_pair(a, b)
+    frames_x, frames_y = x.reshape(-1, *x.shape[2:]), y.reshape(-1, *y.shape[2:])
+    return {
+        "psnr": mean_psnr(frame_psnr(x, y).ravel()),
+        "ssim": float(ssim(frames_x, frames_y).mean()),
+        "temporal_psnr": mean_psnr(temporal_psnr(x, y).ravel()),
+    }
