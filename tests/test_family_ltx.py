@@ -12,7 +12,7 @@ from dualcache_diffusers.adapters import find_adapter
 
 
 def tiny_ltx_pipeline(seed: int = 0) -> LTXPipeline:
-    """32x32 pixels, 9 frames -> latents 3x8x8 (VAE 4x / 4x), patch 1 -> 64 tokens per frame; 3 blocks."""
+    """32x32 pixels, 5 frames -> latents 2x8x8 (VAE 4x / 4x), patch 1 -> 64 tokens per frame; 3 blocks."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
     text_encoder = T5EncoderModel(
@@ -42,7 +42,7 @@ def tiny_ltx_pipeline(seed: int = 0) -> LTXPipeline:
 CASE = FamilyCase(
     "ltx",
     build=tiny_ltx_pipeline,
-    call_kwargs=dict(prompt="a red car", negative_prompt="a blue tree", height=32, width=32, num_frames=9,
+    call_kwargs=dict(prompt="a red car", negative_prompt="a blue tree", height=32, width=32, num_frames=5,
                      guidance_scale=3.0, max_sequence_length=16),
     output_type="latent",
 )
