@@ -10,7 +10,7 @@ from transformers import T5Config, T5EncoderModel
 
 
 def tiny_allegro_pipeline(seed: int = 0) -> AllegroPipeline:
-    """128x128 pixels, 9 frames -> latents 3x16x16 (VAE 8x / 4x), patch 2 -> 64 tokens per frame; 3 blocks."""
+    """128x128 pixels, 5 frames -> latents 2x16x16 (VAE 8x / 4x), patch 2 -> 64 tokens per frame; 3 blocks."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
     text_encoder = T5EncoderModel(
@@ -34,7 +34,7 @@ def tiny_allegro_pipeline(seed: int = 0) -> AllegroPipeline:
 CASE = FamilyCase(
     "allegro",
     build=tiny_allegro_pipeline,
-    call_kwargs=dict(prompt="a red car", negative_prompt="a blue tree", height=128, width=128, num_frames=9,
+    call_kwargs=dict(prompt="a red car", negative_prompt="a blue tree", height=128, width=128, num_frames=5,
                      guidance_scale=4.0, max_sequence_length=16, clean_caption=False),
     output_type="latent",
 )
