@@ -259,3 +259,8 @@ def test_browser_generates_side_by_side_and_shows_errors(app_url, browser, tmp_p
     wait.until(lambda d: "'a thin two'" in d.find_element(By.ID, "status").text)
     assert "PixArt" in browser.find_element(By.ID, "status").text
     print(f"browser session: {time.perf_counter() - start:.1f} s")
+
+
+def test_the_shipped_video_model_is_served_as_clips():
+    result = space.generate("video", "duca", 2.0, 0, "a seven moving left", 20, 1)
+    assert result.flops_ratio > 1.5 and math.isfinite(result.psnr)
