@@ -263,4 +263,4 @@ def test_browser_generates_side_by_side_and_shows_errors(app_url, browser, tmp_p
 
 def test_the_shipped_video_model_is_served_as_clips():
     result = space.generate("video", "duca", 2.0, 0, "a seven moving left", 20, 1)
-    assert result.flops_ratio > 1.5 and math.isfinite(result.psnr)
+    assert result.numbers["flops_ratio"] > 1.5 and math.isfinite(result.numbers["psnr"])
