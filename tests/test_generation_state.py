@@ -157,3 +157,45 @@ def test_re_enabling_logs_the_replacement(dit, caplog):
     with caplog.at_level(logging.INFO, logger="dualcache_diffusers.api"):
         enable_dual_cache(dit, "duca")
     assert "replacing" in caplog.text
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["pipeline", "bare-transformer"])
+@pytest.mark.parametrize("block", [0, -1])
+@pytest.mark.parametrize("at_step", [1, 4])
+def test_a_generation_interrupted_inside_the_transformer_leaves_no_stale_cache(dit, at_step, block, bare):
+    """An exception raised mid-generation (Ctrl-C, a server's timeout) must not leak half a generation's
+    caches into the next call: the same seed again gives the uninterrupted image. A bare transformer has
+    no scheduler to tell generations apart: the interrupted call itself must end its generation."""
+    enable_dual_cache(dit.transformer if bare else dit, "duca", num_inference_steps=6 if bare else None)
+    expected = generate(dit, steps=6)
+    calls = iter(range(100))
+
+    def interrupt(module, args):
+        if next(calls) == at_step:
+            raise _Interrupted
+
+    handle = dit.transformer.transformer_blocks[block].register_forward_pre_hook(interrupt)
+    with pytest.raises(_Interrupted):
+        generate(dit, steps=6)
+    handle.remove()
+    assert np.array_equal(generate(dit, steps=6), expected)
+
+
+def test_a_generation_interrupted_between_steps_leaves_no_stale_cache(dit):
+    enable_dual_cache(dit, "duca")
+    expected = generate(dit, steps=6)
+    step = dit.scheduler.step
+
+    def failing(*args, **kwargs):
+        raise _Interrupted
+
+    dit.scheduler.step = failing  # the transformer's call at step 0 completed, then the loop is cut off
+    with pytest.raises(_Interrupted):
+        generate(dit, steps=6)
+    del dit.scheduler.step
+    assert dit.scheduler.step == step
+    assert np.array_equal(generate(dit, steps=6), expected)
