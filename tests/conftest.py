@@ -81,7 +81,7 @@ def engine_pixart_pipeline(seed: int = 0, num_layers: int = 4) -> PixArtAlphaPip
 
 def generate(pipe, steps: int = 20, seed: int = 0, batch: int = 2, **kwargs):
     """Images as a float numpy array, same call for DiT and PixArt."""
-    generator = torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # not the global one: threads may share this helper
     common = dict(num_inference_steps=steps, generator=generator, output_type="np", **kwargs)
     if isinstance(pipe, DiTPipeline):
         return pipe(class_labels=[1, 3, 5, 7][:batch], **common).images

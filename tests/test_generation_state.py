@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 
@@ -199,3 +200,25 @@ def test_a_generation_interrupted_between_steps_leaves_no_stale_cache(dit):
     del dit.scheduler.step
     assert dit.scheduler.step == step
     assert np.array_equal(generate(dit, steps=6), expected)
+
+
+def test_a_pipeline_sharing_the_transformer_through_from_pipe_is_followed(dit):
+    """diffusers' server pattern: per request, ``from_pipe(pipe, scheduler=fresh)`` shares the (cached)
+    transformer with a pipeline the engine never saw. Its own step count must drive the plan."""
+    enable_dual_cache(dit, "duca")
+    expected = {steps: generate(dit, steps=steps) for steps in (6, 9)}
+    copy = type(dit).from_pipe(dit, scheduler=type(dit.scheduler).from_config(dit.scheduler.config))
+    copy.set_progress_bar_config(disable=True)
+    generate(dit, steps=6)  # the enabled pipeline's scheduler last had 6 steps...
+    assert np.array_equal(generate(copy, steps=9), expected[9])  # ...the copy's 9 count
+    assert np.array_equal(generate(dit, steps=6), expected[6])
+
+
+def test_disabling_restores_the_scheduler_classes(dit):
+    gc.collect()  # engines of earlier tests' pipelines, dropped while enabled, stop watching when collected
+    scheduler_class = type(dit.scheduler)
+    before = vars(scheduler_class)["set_timesteps"]
+    enable_dual_cache(dit)
+    assert vars(scheduler_class)["set_timesteps"] is not before
+    disable_dual_cache(dit)
+    assert vars(scheduler_class)["set_timesteps"] is before

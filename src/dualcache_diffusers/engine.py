@@ -5,9 +5,10 @@ two). What it needs to know about a model comes from the model's adapter, as dat
 
 State. Everything one generation keeps (step, caches, token scores, statistics) lives in a
 :class:`Generation` owned by the calling thread, so one pipeline can serve several threads at once.
-A generation starts when the pipeline's *current* scheduler is given new timesteps in this thread
-(``set_timesteps`` is instrumented), when the pipeline's scheduler is replaced, or, for a bare
-transformer, when the planned number of calls is used up. Within a generation, each CFG branch (the
+A generation starts when a scheduler is given new timesteps in this thread (``scheduler_watch``
+observes the scheduler classes, so a replaced scheduler, or another pipeline sharing the transformer
+through ``from_pipe``, is followed), or, for a bare transformer, when the planned number of calls is
+used up. Within a generation, each CFG branch (the
 pipeline's ``cache_context`` name, the order of calls at one timestep for pipelines without one, and
 the batch size) has its own :class:`BranchState`, and each denoiser its own caches in it.
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import threading
 import weakref
@@ -39,6 +39,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import scheduler_watch
 from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .config import DualCacheConfig
@@ -57,21 +58,6 @@ ALL_HOOKS = (HOOK_DENOISER, HOOK_BLOCK, HOOK_MODULE, HOOK_RECORD)
 #: name prefixes of diffusers' own cache hooks, which cannot share a model with this engine
 FOREIGN_CACHE_HOOKS = ("fbc_", "faster_cache", "mag_cache", "pyramid_attention_broadcast", "sea_cache",
                        "taylorseer_cache", "text_kv_cache")
-
-# set_timesteps calls per scheduler, counted per thread (see Generation)
-_EPOCHS = threading.local()
-
-
-def _epoch(scheduler: Any) -> int:
-    return getattr(_EPOCHS, "counts", {}).get(id(scheduler), 0)
-
-
-def _bump_epoch(scheduler: Any) -> None:
-    counts = getattr(_EPOCHS, "counts", None)
-    if counts is None:
-        counts = _EPOCHS.counts = {}
-    counts[id(scheduler)] = counts.get(id(scheduler), 0) + 1
-
 
 # ------------------------------------------------------------------------------------------------
 # What the engine knows about each denoiser (fixed at enable time)
@@ -222,14 +208,17 @@ class DualCacheEngine:
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._instrumented: list[Any] = []  # schedulers whose set_timesteps we wrapped
         self._wrapped_contexts: list[torch.nn.Module] = []
         self.last_stats: dict[str, CacheStats] = {}
         self.fallback_selection: str | None = None
+        self._stop_watch = lambda: None
         self._warned_fused = False
 
     # ---- hooks ----------------------------------------------------------------------------------
     def attach(self) -> None:
+        scheduler_watch.start()
+        # detach stops the watch; so does the engine's garbage collection when a pipeline is dropped enabled
+        self._stop_watch = weakref.finalize(self, scheduler_watch.stop)
         for d_index, den in enumerate(self.denoisers):
             check_no_foreign_cache_hooks(den.model)
             _registry(den.model).register_hook(DenoiserHook(self, d_index), HOOK_DENOISER)
@@ -269,11 +258,8 @@ class DualCacheEngine:
                         del module.forward
         for model in self._wrapped_contexts:
             vars(model).pop("cache_context", None)
-        for scheduler in self._instrumented:
-            if getattr(vars(scheduler).get("set_timesteps"), "_dualcache", False):
-                del scheduler.set_timesteps
         self._wrapped_contexts.clear()
-        self._instrumented.clear()
+        self._stop_watch()  # once only, however often detach is called
         self.reset()
 
     def reset(self) -> None:
@@ -302,26 +288,15 @@ class DualCacheEngine:
 
     # ---- generations ----------------------------------------------------------------------------
     def _scheduler(self) -> Any:
+        """The scheduler of the pipeline calling now: the one given timesteps last in this thread (a pipeline
+        sharing this transformer, e.g. made with ``from_pipe``, has its own), else the enabled pipeline's."""
         pipe = self._pipeline() if self._pipeline is not None else None
         if pipe is None:
-            return None
-        scheduler = getattr(pipe, "scheduler", None)
-        if scheduler is not None and not getattr(vars(scheduler).get("set_timesteps"), "_dualcache", False):
-            self._instrument(scheduler)
+            return None  # a bare transformer: generations are told apart by the planned number of calls
+        scheduler = scheduler_watch.latest() or getattr(pipe, "scheduler", None)
+        if scheduler is not None:
+            scheduler_watch.watch_class(type(scheduler))  # a scheduler class that is no diffusers SchedulerMixin
         return scheduler
-
-    def _instrument(self, scheduler: Any) -> None:
-        original = scheduler.set_timesteps
-
-        @functools.wraps(original)
-        def set_timesteps(*args: Any, **kwargs: Any):
-            _bump_epoch(scheduler)
-            return original(*args, **kwargs)
-
-        set_timesteps._dualcache = True
-        scheduler.set_timesteps = set_timesteps
-        with self._lock:
-            self._instrumented.append(scheduler)
 
     def _num_steps(self, scheduler: Any) -> int:
         timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
@@ -338,7 +313,7 @@ class DualCacheEngine:
 
     def _generation(self) -> Generation:
         scheduler = self._scheduler()
-        epoch = _epoch(scheduler)
+        epoch = scheduler_watch.epoch(scheduler)
         gen = getattr(self._local, "generation", None)
         if gen is None or gen.scheduler is not scheduler or gen.epoch != epoch:
             gen = Generation(scheduler, epoch, self._num_steps(scheduler))
