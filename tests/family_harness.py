@@ -110,3 +110,46 @@ def check_family(case: FamilyCase) -> None:
         check_preset_cuts_flops(pipe, case, preset, uncached)
     if case.two_call_cfg:
         check_two_call_branches_are_separate(pipe, case)
+
+
+def check_partial_self_attention(pipe: Any, case: FamilyCase, steps: int = 6, fresh_ratio: float = 0.5) -> None:
+    """RoPE self-attention at partial steps: the recomputed rows equal the same rows of the full attention
+    (selected queries, all keys and values, the rotary table sliced to the selected rows), the other rows
+    keep the cached output, and a module's whole computation still matches stock."""
+    enable_dual_cache(pipe, "toca", fresh_ratio=fresh_ratio, ratio_schedule="constant", self_attention="partial",
+                      **case.overrides.get("partial", {}))
+    try:
+        den = get_engine(pipe).denoisers[0]
+        assert any(name in den.layout.partial for name, spec in den.adapter.module_specs(den.model).items()
+                   if spec.rotary is not None), den.layout.partial
+        attn, cached = next((m, c) for m, c in den.modules if c.spec.rotary is not None)
+        calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (full attention of this call's input, hook output)
+
+        def record(module, args, kwargs, output):
+            with torch.no_grad():  # the stock forward of the class, past the cache hook
+                full = type(module).forward(module, *args, **kwargs)
+            calls.append((full, output.detach().clone()))
+
+        handle = attn.register_forward_hook(record, with_kwargs=True)
+        try:
+            run(pipe, case, steps=steps)
+        finally:
+            handle.remove()
+        stats = cache_stats(pipe)
+    finally:
+        disable_dual_cache(pipe)
+    assert 0 < stats.tokens_computed[cached.name] < stats.tokens_total[cached.name], stats.tokens_computed
+    partial_calls = 0
+    previous: dict[int, torch.Tensor] = {}
+    for full, out in calls:
+        batch = out.shape[0]
+        fresh = torch.isclose(out, full, atol=1e-5, rtol=1e-4).all(-1)  # (batch, rows)
+        if bool(fresh.all()):
+            previous[batch] = out
+            continue
+        partial_calls += 1
+        kept = (out == previous[batch]).all(-1)  # toca does not forecast: the other rows are the cached ones
+        assert bool((fresh | kept).all()), "a row is neither recomputed correctly nor the cached one"
+        assert int(fresh.sum(1).min()) >= int(fresh_ratio * out.shape[1]), fresh.sum(1)
+        previous[batch] = out
+    assert partial_calls > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_partial_self_attention
 from tiny_pipelines import tiny_t5_tokenizer
 from transformers import T5Config, T5EncoderModel
 
@@ -59,3 +59,8 @@ def test_ltx_token_grid():
 
 def test_ltx_family_contract():
     check_family(CASE)
+
+
+def test_ltx_partial_self_attention():
+    """attn1 (RoPE (B, S, D) tables): selected queries against all keys and values, the table sliced to them."""
+    check_partial_self_attention(CASE.build(), CASE)

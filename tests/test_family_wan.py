@@ -15,7 +15,7 @@ from diffusers import (
     WanVACEPipeline,
     WanVACETransformer3DModel,
 )
-from family_harness import FamilyCase, check_family, run
+from family_harness import FamilyCase, check_family, check_partial_self_attention, run
 from tiny_pipelines import tiny_t5_tokenizer
 from transformers import UMT5Config, UMT5EncoderModel
 
@@ -109,6 +109,13 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_wan_family_contract(name):
     check_family(CASES[name])
+
+
+@pytest.mark.parametrize("name", ["wan21", "wan_vace", "skyreels_v2"])
+def test_wan_partial_self_attention(name):
+    """attn1 (RoPE): selected queries against all keys and values, the rotary table sliced to them."""
+    case = CASES[name]
+    check_partial_self_attention(case.build(), case)
 
 
 def test_wan22_a14b_caches_both_experts():

@@ -44,6 +44,7 @@ from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .config import DualCacheConfig
 from .forecast import extrapolate
+from .partial_attention import rotary_partial_attention
 from .plan import CachePlan, PlanLayout, StepPlan, num_fresh_tokens
 from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
 from .stats import CacheStats, ModuleCost, flop_formulas
@@ -213,6 +214,7 @@ class DualCacheEngine:
         self.fallback_selection: str | None = None
         self._stop_watch = lambda: None
         self._warned_fused = False
+        self._warned_processor = False
 
     # ---- hooks ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -526,12 +528,7 @@ class DualCacheEngine:
                 picked = torch.cat([text_index, picked + text], dim=1)
             else:
                 picked = torch.cat([picked, text_index + image], dim=1)
-        gathered = hidden.gather(1, picked.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        rest, kwargs = (args[1:], dict(kwargs)) if args else ((), dict(kwargs))
-        kwargs.pop("hidden_states", None)
-        if cached.spec.role == "self_attention":
-            kwargs["encoder_hidden_states"] = hidden  # selected queries against all keys / values
-        fresh = forward(gathered, *rest, **kwargs)
+        fresh = self._partial_forward(call, cached, forward, hidden, picked, args, kwargs)
         scatter_index = picked.unsqueeze(-1).expand(-1, -1, cache.shape[-1])
         if torch.is_grad_enabled():  # keep autograd's saved tensors intact
             cache = cache.scatter(1, scatter_index, fresh.to(cache.dtype))
@@ -547,6 +544,27 @@ class DualCacheEngine:
             state.stats.flops += round(state.costs.modules.get(key, 0) * share)
         state.stats.tokens_computed[cached.name] += computed
         return cache
+
+    def _partial_forward(self, call: Call, cached: CachedModule, forward, hidden: torch.Tensor, picked: torch.Tensor,
+                         args: tuple, kwargs: dict) -> torch.Tensor:
+        """The module's output at rows ``picked`` (selected queries against all keys / values for self-attention)."""
+        rotary = cached.spec.rotary
+        if rotary is not None:
+            attn = getattr(call.denoiser.infos[cached.block].block, cached.name)
+            if rotary.supports(attn, args, kwargs):
+                return rotary_partial_attention(attn, rotary, hidden, picked, args, kwargs)
+            if not self._warned_processor:
+                self._warned_processor = True
+                logger.warning("dual cache: %s of block %d has processor %s, which partial self-attention does not "
+                               "reproduce; it is computed whole at partial steps (the FLOPs count assumes partial)",
+                               cached.name, cached.block, type(getattr(attn, "processor", None)).__name__)
+            return _gather_rows(forward(*args, **kwargs), picked)
+        gathered = _gather_rows(hidden, picked)
+        rest, kwargs = (args[1:], dict(kwargs)) if args else ((), dict(kwargs))
+        kwargs.pop("hidden_states", None)
+        if cached.spec.role == "self_attention":
+            kwargs["encoder_hidden_states"] = hidden  # selected queries against all keys / values
+        return forward(gathered, *rest, **kwargs)
 
     def _select(self, call: Call, cached: CachedModule, k: int, batch: int, tokens: int, device) -> torch.Tensor:
         group_key = (cached.block, cached.spec.group or cached.column)
@@ -795,6 +813,10 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
 def _kv_rows(hidden: torch.Tensor, kwargs: dict) -> int:
     encoder = kwargs.get("encoder_hidden_states")
     return hidden.shape[1] if encoder is None else encoder.shape[1]
+
+
+def _gather_rows(tensor: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    return tensor.gather(1, picked.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
 
 
 def _image_rows(tensor: torch.Tensor, image: int, text_rows: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..partial_attention import RotaryAttention
 from ..plan import PlanLayout
 
 #: module roles; see ModuleSpec.role
@@ -43,6 +44,9 @@ class ModuleSpec:
             once (CogView4 runs ``ff`` on image rows, then on text rows): ``"image"`` or ``"text"``.
         partial_attention: for self-attention, the processor accepts selected queries with
             ``encoder_hidden_states`` = all rows (plain processors without rotary embeddings).
+        rotary: for self-attention with a rotary embedding, how the module receives and applies it;
+            the engine then computes selected queries against all keys and values itself, with the
+            table sliced to the selected rows (see ``partial_attention.RotaryAttention``).
     """
 
     name: str
@@ -52,6 +56,7 @@ class ModuleSpec:
     group: str | None = None
     calls: tuple[str, ...] = ("image",)
     partial_attention: bool = False
+    rotary: RotaryAttention | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -65,7 +70,7 @@ class ModuleSpec:
         if not self.token_wise:
             return False
         if self.role == "self_attention":
-            return self.partial_attention
+            return self.partial_attention or self.rotary is not None
         return self.role in _ROW_WISE_ROLES
 
 

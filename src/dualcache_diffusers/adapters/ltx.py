@@ -1,10 +1,14 @@
 """LTX-Video: `transformer_blocks` of `LTXVideoTransformerBlock` over packed video tokens.
 
 Each block runs `attn1` (self-attention with a rotary embedding), `attn2` (cross-attention to the
-caption) and `ff`, applying its own adaLN gates, and returns a tensor. `attn1` has RoPE, so it is
-computed or reused whole; `attn2` and `ff` may recompute a subset of rows. The latents reach the
-transformer packed as (B, F*H*W, C); the token grid comes from the call's `num_frames` / `height` /
-`width` (latent sizes) over the patch sizes.
+caption) and `ff`, applying its own adaLN gates, and returns a tensor. `attn1` gets its rotary
+embedding as ``image_rotary_emb=(cos, sin)`` of shape (B, S, D), applied by `LTXVideoAttnProcessor`
+after the across-heads RMS norm and before splitting heads: declared below, so
+`self_attention="partial"` recomputes selected queries against all keys and values with the tables
+sliced to the selected rows. The DuCa preset still reuses `attn1` whole at conservative steps, as
+published: with "partial" it saved under 2x FLOPs on the tiny test pipeline. `attn2` and `ff`
+recompute a subset of rows. The latents reach the transformer packed as (B, F*H*W, C); the token
+grid comes from the call's `num_frames` / `height` / `width` (latent sizes) over the patch sizes.
 """
 
 from __future__ import annotations
@@ -12,11 +16,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
+from ..partial_attention import RotaryAttention
 from .base import BlockListSpec, ModelAdapter, ModuleSpec
 
+LTX_ROTARY = RotaryAttention("image_rotary_emb", apply_rotary_emb, token_axis=1, batch_axis=0, norm="inner",
+                             rope="inner", processors=("LTXVideoAttnProcessor",))
+
 LTX_BLOCK_MODULES = (
-    ModuleSpec("attn1", "self_attention"),  # rotary embedding: no partial self-attention
+    ModuleSpec("attn1", "self_attention", rotary=LTX_ROTARY),
     ModuleSpec("attn2", "cross_attention"),
     ModuleSpec("ff", "mlp"),
 )

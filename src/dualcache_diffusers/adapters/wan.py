@@ -2,9 +2,14 @@
 
 Each block runs `attn1` (self-attention over the video tokens with a rotary embedding), `attn2`
 (cross-attention to the caption, plus image K/V for I2V) and `ffn`, applying its own adaLN
-gates around them, and returns a tensor. `attn1` has RoPE, so it is computed or reused whole;
-`attn2` and `ffn` may recompute a subset of rows. Wan VACE caches its main `blocks` only: the
-`vace_blocks` (control hints) always run. Wan 2.2 A14B's two experts are both cached by the engine
+gates around them, and returns a tensor. `attn1` is called ``attn1(x, None, None, (cos, sin))``
+with tables of shape (1, S, 1, D) that `WanAttnProcessor` applies per head after the across-heads
+RMS norm: declared below, so `self_attention="partial"` recomputes selected queries against all keys
+and values with the tables sliced to the selected rows (computed whole under SkyReels-V2's
+diffusion-forcing attention mask). The DuCa preset still reuses `attn1` whole at conservative steps,
+as published: with "partial" it saved under 2x FLOPs on the tiny test pipelines. `attn2` and `ffn`
+recompute a subset of rows. Wan VACE caches its main `blocks` only: the `vace_blocks`
+(control hints) always run. Wan 2.2 A14B's two experts are both cached by the engine
 (`transformer` and `transformer_2` share the pipeline's step counter).
 """
 
@@ -14,10 +19,26 @@ from typing import Any
 
 import torch
 
+from ..partial_attention import RotaryAttention
 from .base import BlockListSpec, ModelAdapter, ModuleSpec
 
+
+def apply_wan_rotary(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """WanAttnProcessor's rotary embedding of (B, S, H, D) with (cos, sin) tables (1, S, 1, D)."""
+    freqs_cos, freqs_sin = table
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+WAN_ROTARY = RotaryAttention("rotary_emb", apply_wan_rotary, position=3, token_axis=1, batch_axis=0,
+                             norm="inner", rope="heads", processors=("WanAttnProcessor", "SkyReelsV2AttnProcessor"))
+
 WAN_BLOCK_MODULES = (
-    ModuleSpec("attn1", "self_attention"),  # rotary embedding: no partial self-attention
+    ModuleSpec("attn1", "self_attention", rotary=WAN_ROTARY),
     ModuleSpec("attn2", "cross_attention"),
     ModuleSpec("ffn", "mlp"),
 )
