@@ -121,21 +121,28 @@ def plan_texts(rng: random.Random, count: int):
         yield text
 
 
+def load_or_count(kind: str, load, path: Path, shown: str, counts: Counter, examples: dict):
+    """``load(path)``; a refusal is counted as handled when its message names the file, else as wrong; any
+    other exception as crashed. Returns what was loaded, or None when refused."""
+    try:
+        return load(path)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        ok = path.name in str(error)
+        counts[f"{kind} " + ("handled" if ok else "wrong")] += 1
+        if not ok:
+            examples.setdefault(f"{kind} wrong", f"{shown!r}: {error!r}")
+    except Exception as error:
+        counts[f"{kind} crashed"] += 1
+        examples.setdefault(f"{kind} crashed", f"{shown!r}: {type(error).__name__}: {str(error)[:100]}")
+    return None
+
+
 def fuzz_plans(rng: random.Random, count: int, directory: Path, counts: Counter, examples: dict) -> None:
     for i, text in enumerate(plan_texts(rng, count)):
         path = directory / f"plan_{i}.json"
         path.write_bytes(text.encode("utf-8", "surrogateescape") if text != "\xff\xfe" else b"\xff\xfe")
-        try:
-            plan = CachePlan.from_json(path)
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            ok = path.name in str(error)
-            counts["plans " + ("handled" if ok else "wrong")] += 1
-            if not ok:
-                examples.setdefault("plans wrong", f"{text[:80]!r}: {error!r}")
-            continue
-        except Exception as error:
-            counts["plans crashed"] += 1
-            examples.setdefault("plans crashed", f"{text[:80]!r}: {type(error).__name__}: {str(error)[:100]}")
+        plan = load_or_count("plans", CachePlan.from_json, path, text[:80], counts, examples)
+        if plan is None:
             continue
         raw = json.loads(text)
         good = isinstance(raw["num_steps"], int) and not isinstance(raw["num_steps"], bool)
@@ -205,17 +212,8 @@ def router_files(directory: Path) -> list[Path]:
 
 def fuzz_routers(directory: Path, counts: Counter, examples: dict) -> None:
     for path in router_files(directory):
-        try:
-            plan = load_published_router(path)
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            ok = path.name in str(error)
-            counts["router files " + ("handled" if ok else "wrong")] += 1
-            if not ok:
-                examples.setdefault("router files wrong", f"{path.name}: {error!r}")
-            continue
-        except Exception as error:
-            counts["router files crashed"] += 1
-            examples.setdefault("router files crashed", f"{path.name}: {type(error).__name__}: {str(error)[:100]}")
+        plan = load_or_count("router files", load_published_router, path, path.name, counts, examples)
+        if plan is None:
             continue
         counts["router files " + ("accepted" if plan.steps[0].is_full else "wrong")] += 1
 

@@ -10,7 +10,8 @@ cached call, and disabling the cache must then give exactly the stock image. Int
 * ``keyboard``: a KeyboardInterrupt raised there instead (Ctrl-C in a script);
 * ``scheduler``: an exception from ``scheduler.step`` after the transformer's call at step k;
 * ``callback``: an exception from the pipeline's step callback at step k (pipelines that have one);
-* ``thread``: the interrupted call runs in another thread while this thread's generation goes on.
+* ``thread``: the interrupted call runs in another thread while this thread's generation goes on (each
+  thread with its own scheduler, through ``from_pipe``, as diffusers advises for servers).
 
 Every method (DuCa, ToCa, FORA, forecasting DuCa) is interrupted at every step k, in the first and the
 last block. Counts: correct (the next call and the disabled call are exact) or wrong.
@@ -109,15 +110,23 @@ def interrupted_call(pipe, kind: str, step: int, block: int, steps: int) -> torc
     raise AssertionError(f"the {kind} interrupt at step {step} never fired")
 
 
+def own_scheduler(pipe):
+    """diffusers' pattern for serving threads: per request, the pipeline with a scheduler of its own (the
+    multistep schedulers keep state between steps), sharing every model."""
+    copy = type(pipe).from_pipe(pipe, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
+    copy.set_progress_bar_config(disable=True)
+    return copy
+
+
 def interrupted_in_other_thread(pipe, step: int, block: int, steps: int) -> torch.Tensor:
     def cut_off():
         with contextlib.suppress(Interrupted):
-            generate(pipe, steps)
+            generate(own_scheduler(pipe), steps)
 
     worker = threading.Thread(target=cut_off)
     with raise_in_block(pipe, block, step, Interrupted, thread=worker):
         worker.start()
-        image = generate(pipe, steps)
+        image = generate(own_scheduler(pipe), steps)
         worker.join()
     return image
 
