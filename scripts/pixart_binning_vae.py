@@ -188,11 +188,26 @@ def generated_latents(asset_dir: Path, old_vae, seeds: range, prompts: list[str]
     return z, old_vae.decode(z / old_vae.config.scaling_factor).sample.clamp(-1, 1) / 2 + 0.5
 
 
-def distill(old_vae, vae, args: argparse.Namespace, val: tuple[torch.Tensor, torch.Tensor]) -> None:
+@torch.no_grad()
+def perturbed(old_vae, z: torch.Tensor, sigmas: tuple[float, ...], gen: torch.Generator):
+    """Copies of generated latents with Gaussian noise of each ``sigma`` and the old decoder's images of them."""
+    zs = torch.cat([z + sigma * torch.randn(z.shape, generator=gen) for sigma in sigmas])
+    return zs, old_vae.decode(zs / old_vae.config.scaling_factor).sample.clamp(-1, 1) / 2 + 0.5
+
+
+def distill(
+    old_vae,
+    vae,
+    args: argparse.Namespace,
+    generated: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Train the decoder's 32 px part on data latents and (half of each batch) generated ones, the encoder's on data."""
     gen = torch.Generator().manual_seed(args.seed)
     start = time.time()
     xs, zs, ims = teacher_data(old_vae, args.train_size, gen)
-    print(f"teacher data: {len(zs)} latents in {time.time() - start:.0f}s")
+    zg, img = generated
+    print(f"teacher data: {len(zs)} data latents, {len(zg)} generated ones in {time.time() - start:.0f}s")
     with torch.no_grad():
         enc_target = old_vae.encode(xs).latent_dist.mean * old_vae.config.scaling_factor
         up = (F.interpolate((x + 1) / 2, scale_factor=8, mode="bicubic").clamp(0, 1) for x in xs[:, :1].split(64))
@@ -203,7 +218,9 @@ def distill(old_vae, vae, args: argparse.Namespace, val: tuple[torch.Tensor, tor
     zv, imv = val
     for step in range(args.steps):
         idx = torch.randint(len(zs), (args.batch_size,), generator=gen)
-        dec_loss = F.mse_loss(decode_32(vae, zs[idx]), ims[idx])
+        gdx = torch.randint(len(zg), (args.batch_size,), generator=gen)
+        z, target = torch.cat([zs[idx], zg[gdx]]), torch.cat([ims[idx], img[gdx]])
+        dec_loss = F.mse_loss(decode_32(vae, z), target)
         enc_loss = F.mse_loss(encode_32(vae, gray32[idx]), enc_target[idx])
         opt.zero_grad(set_to_none=True)
         (dec_loss + 0.01 * enc_loss).backward()
@@ -233,7 +250,8 @@ def transformer_config_for_binning(config: dict) -> dict:
         return dict(config)
     trained, scale = config["sample_size"], config["interpolation_scale"]
     scale = scale if scale is not None else max(trained // 64, 1)  # PixArtTransformer2DModel's default
-    return {**config, "sample_size": 32, "interpolation_scale": scale * 32 / trained}
+    new_scale = scale * 32 / trained
+    return {**config, "sample_size": 32, "interpolation_scale": int(new_scale) if new_scale.is_integer() else new_scale}
 
 
 def convert(asset_dir: Path, args: argparse.Namespace) -> None:
@@ -243,9 +261,11 @@ def convert(asset_dir: Path, args: argparse.Namespace) -> None:
     old_vae = AutoencoderKL.from_pretrained(args.old_vae_dir).eval().requires_grad_(False)
     prompts = [digits.caption_for(d, adj) for d in range(10) for adj in ((), ("thick",))]
     val = generated_latents(asset_dir, old_vae, range(1000, 1001), prompts)  # 20 prompts, one seed each
+    z, _ = generated_latents(asset_dir, old_vae, range(args.generated_seeds), prompts)
+    generated = perturbed(old_vae, z, (0.0, 0.05, 0.1, 0.2), torch.Generator().manual_seed(args.seed))
     vae = build_vae()
     set_fixed_layers(vae)
-    distill(old_vae, vae, args, val)
+    distill(old_vae, vae, args, generated, val)
     vae.eval().requires_grad_(True)
     set_fixed_layers(vae)  # zero the off-centre taps of the final convolution (untrained)
     with torch.no_grad():
@@ -269,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--asset-dir", type=Path, default=PIXART_DIGITS_DIR)
     parser.add_argument("--old-vae-dir", type=Path, default=DIT_DIGITS_DIR / "vae")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--generated-seeds", type=int, default=8, help="seeds x 20 prompts of generated latents")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=3e-3)
