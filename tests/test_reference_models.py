@@ -17,8 +17,9 @@ STEPS = 20
 # Measured with this call on seeds 123 / 1 / 2: DiT 1.00 / 0.90 / 0.95, PixArt 0.65 / 0.45 / 0.50 (chance 0.10).
 DIT_MIN_ACCURACY = 0.7
 PIXART_MIN_ACCURACY = 0.3
-# 32 px PSNR of the shipped PixArt's distilled 16x VAE against the 2x VAE it replaces (measured: see the docs).
-PIXART_MIN_VAE_PSNR = 30.0
+# 32 px PSNR of the shipped PixArt's distilled 16x VAE against the 2x VAE it replaces (docs/reference_models.md:
+# 27.0 dB over 20 captions x seeds at 20 steps, 21-36 dB per image).
+PIXART_MIN_VAE_PSNR = 25.0
 
 
 @pytest.fixture(scope="module", autouse=True)
