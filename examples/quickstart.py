@@ -17,7 +17,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
-from dualcache_diffusers.bench import resolve_model, text_call_kwargs
+from dualcache_diffusers.bench import resolve_model
 
 
 def main() -> None:
@@ -33,9 +33,9 @@ def main() -> None:
     pipe = DiffusionPipeline.from_pretrained(resolve_model(args.model), torch_dtype=getattr(torch, args.dtype))
     pipe = pipe.to(args.device)
     is_dit = hasattr(pipe, "get_label_ids")
-    # text_call_kwargs: the shipped PixArt's native size (32 px) is not one of PixArt's resolution bins, so it is
-    # called with use_resolution_binning=False (and its 16-token prompts); empty for other pipelines' defaults
-    inputs = dict(class_labels=[3, 7]) if is_dit else dict(prompt=[args.prompt], **text_call_kwargs(pipe))
+    # the plain stock call; the shipped PixArt generates at its 256 px resolution bin (its 32 px images upsampled)
+    # and returns 512 px images by default (pass height=32, width=32 for its own size)
+    inputs = dict(class_labels=[3, 7]) if is_dit else dict(prompt=[args.prompt])
 
     def run():
         return pipe(**inputs, num_inference_steps=args.steps, generator=torch.manual_seed(0)).images

@@ -7,6 +7,7 @@ Stages, run in this order (``all`` runs every stage; each prints its final losse
     python scripts/train_reference_models.py classifier  # digits CNN          -> assets/digits-classifier
     python scripts/train_reference_models.py dit         # class-conditional   -> assets/dit-digits
     python scripts/train_reference_models.py pixart      # text-conditional    -> assets/pixart-digits
+                                                         # (then pixart_binning_vae.py: 16x VAE for binning)
     python scripts/train_reference_models.py verify      # sample, classify, docs/samples_{dit,pixart}.png
 
 The shipped assets were made with ``--threads 2`` for ``vae`` and ``--threads 1`` for the other stages
@@ -427,10 +428,13 @@ def train_pixart(args: argparse.Namespace) -> None:
     model_index = json.loads(index_path.read_text())
     model_index["tokenizer"] = ["transformers", "T5TokenizerFast"]
     index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
-    print(
-        f"[pixart] final loss {loss:.4f}  wall {wall:.0f}s  saved {PIXART_DIGITS_DIR} "
-        f"({dir_size_mb(PIXART_DIGITS_DIR):.2f} MB)"
-    )
+    print(f"[pixart] final loss {loss:.4f}  wall {wall:.0f}s")
+    # Make the stock call (resolution binning) work: 256 px bin <-> the 16x16 latents, transformer weights kept.
+    from pixart_binning_vae import build_parser, convert  # scripts/pixart_binning_vae.py
+
+    binning_args = build_parser().parse_args(["--old-vae-dir", str(resolve_vae_dir(Path(args.vae_dir)))])
+    convert(PIXART_DIGITS_DIR, binning_args)
+    print(f"[pixart] saved {PIXART_DIGITS_DIR} ({dir_size_mb(PIXART_DIGITS_DIR):.2f} MB)")
 
 
 # ----------------------------------------------------------------------------------------------- verify

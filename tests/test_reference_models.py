@@ -17,6 +17,9 @@ STEPS = 20
 # Measured with this call on seeds 123 / 1 / 2: DiT 1.00 / 0.90 / 0.95, PixArt 0.65 / 0.45 / 0.50 (chance 0.10).
 DIT_MIN_ACCURACY = 0.7
 PIXART_MIN_ACCURACY = 0.3
+# 32 px PSNR of the shipped PixArt's distilled 16x VAE against the 2x VAE it replaces (docs/reference_models.md:
+# 27.0 dB over 20 captions x seeds at 20 steps, 21-36 dB per image).
+PIXART_MIN_VAE_PSNR = 25.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,6 +87,56 @@ def test_pixart_pipeline_generates_prompted_digits(classifier):
     images = out.images
     assert images.shape == (NUM_SAMPLES, digits.IMAGE_SIZE, digits.IMAGE_SIZE, 3)
     assert _accuracy(classifier, images, labels) >= PIXART_MIN_ACCURACY
+
+
+def test_pixart_plain_call_works_with_stock_defaults():
+    """``pipe(prompt=[...])`` with diffusers' defaults (resolution binning on): 256 px bin, 512 px output."""
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(digits.PIXART_DIGITS_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor * pipe.transformer.config.sample_size == 512
+    image = pipe(prompt=["a seven"], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (512, 512)
+    small = pipe(prompt=["a seven"], num_inference_steps=2, output_type="np", **digits.PIXART_CALL_KWARGS).images
+    assert small.shape == (1, digits.IMAGE_SIZE, digits.IMAGE_SIZE, 3)
+
+
+def test_pixart_binned_config_keeps_the_trained_transformer_and_latents():
+    """The shipped config (sample_size 32, interpolation_scale 2) computes exactly what the training config
+    (sample_size 16, 8x8 tokens at their native positions) computes, on the 16x16 latents of the 256 px bin;
+    the VAE decodes them to a 32 px image upsampled 8x (nearest), which the pipeline's resize reads back."""
+    from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    pipe = PixArtAlphaPipeline.from_pretrained(digits.PIXART_DIGITS_DIR)
+    shipped = pipe.transformer.eval()
+    trained = PixArtTransformer2DModel.from_config(
+        {**shipped.config, "sample_size": 16, "interpolation_scale": None}
+    ).eval()
+    trained.load_state_dict(shipped.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16, generator=gen)
+    text = torch.randn(2, 16, shipped.config.caption_channels, generator=gen)
+    mask = torch.ones(2, 16)
+    mask[:, 4:] = 0
+    kwargs = dict(encoder_hidden_states=text, encoder_attention_mask=mask, timestep=torch.tensor([999, 10]),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    with torch.no_grad():
+        assert torch.equal(shipped(latents, **kwargs).sample, trained(latents, **kwargs).sample)
+        image = pipe.vae.decode(latents).sample
+        assert image.shape == (2, 3, 256, 256)
+        small = image[:, :, ::8, ::8]
+        assert torch.equal(image, small.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3))
+        resized = pipe.image_processor.resize_and_crop_tensor(image, 32, 32)
+        assert torch.equal(resized, small)
+        # close to the 2x AutoencoderKL the transformer was trained with (still shipped with the DiT)
+        old = AutoencoderKL.from_pretrained(digits.DIT_DIGITS_DIR / "vae").eval()
+        z = pipe(prompt=["a seven", "a thick two"], num_inference_steps=8, output_type="latent", generator=gen,
+                 **digits.PIXART_CALL_KWARGS).images
+        new_img = (pipe.vae.decode(z).sample[:, :, ::8, ::8] / 2 + 0.5).clamp(0, 1)
+        old_img = (old.decode(z / old.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    psnr = 10 * torch.log10(1 / torch.mean((new_img - old_img) ** 2)).item()
+    assert psnr > PIXART_MIN_VAE_PSNR, psnr
 
 
 def test_frechet_distance_identical_sets_is_zero():

@@ -113,10 +113,16 @@ def condition_digit(pipe: DiffusionPipeline, condition: int | str) -> int | None
 
 
 def text_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
-    """Keyword arguments a text-to-image pipeline needs offline: no caption cleaning, no resolution binning,
-    the prompt length capped by the tokenizer (the shipped PixArt model uses 16 tokens)."""
+    """Keyword arguments of a text-to-image pipeline: ``PIXART_CALL_KWARGS`` for the shipped PixArt (its 32 px
+    images, resolution binning on); for another one no caption cleaning, generation at the transformer's own
+    size (no resolution binning: the same at the default size of PixArt's checkpoints, needed for models outside
+    the bins) and the prompt length capped by the tokenizer."""
     import inspect
 
+    from .reference.digits import PIXART_CALL_KWARGS, PIXART_DIGITS_DIR
+
+    if Path(pipe.name_or_path).resolve() == PIXART_DIGITS_DIR.resolve():
+        return dict(PIXART_CALL_KWARGS)
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict[str, Any] = {}
     for name, value in (("clean_caption", False), ("use_resolution_binning", False)):

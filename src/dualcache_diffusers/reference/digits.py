@@ -40,8 +40,11 @@ MASS_WORDS = ("thin", "thick")
 SLANT_WORDS = ("upright", "slanted")
 # DiTPipeline hard-codes the null (unconditional) class id as 1000, whatever the number of classes.
 DIT_NULL_CLASS = 1000
-# Recommended keyword arguments for ``PixArtAlphaPipeline.__call__`` on the shipped digits model.
-PIXART_CALL_KWARGS = {"use_resolution_binning": False, "clean_caption": False, "max_sequence_length": 16}
+# Keyword arguments the project calls the shipped digits PixArt with: the plain call works too (stock resolution
+# binning generates at the 256 px bin = the trained 16x16 latents, then resizes to the requested size, by default
+# 512 px); these ask for the model's 32 px images, skip caption cleaning (needs bs4/ftfy; the captions are plain
+# words) and keep the 16-token prompts it was trained with (the default 120 gives the same images, more slowly).
+PIXART_CALL_KWARGS = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "clean_caption": False, "max_sequence_length": 16}
 
 
 # --------------------------------------------------------------------------------------------------- data
