@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import itertools
 import sys
 import threading
@@ -112,10 +113,14 @@ def interrupted_call(pipe, kind: str, step: int, block: int, steps: int) -> torc
 
 def own_scheduler(pipe):
     """diffusers' pattern for serving threads: per request, the pipeline with a scheduler of its own (the
-    multistep schedulers keep state between steps), sharing every model."""
-    copy = type(pipe).from_pipe(pipe, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
-    copy.set_progress_bar_config(disable=True)
-    return copy
+    multistep schedulers keep state between steps) and a tokenizer of its own (a fast tokenizer changes its
+    padding settings per call), sharing every model."""
+    own = dict(scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
+    if getattr(pipe, "tokenizer", None) is not None:
+        own["tokenizer"] = copy.deepcopy(pipe.tokenizer)
+    copy_ = type(pipe).from_pipe(pipe, **own)
+    copy_.set_progress_bar_config(disable=True)
+    return copy_
 
 
 def interrupted_in_other_thread(pipe, step: int, block: int, steps: int) -> torch.Tensor:
