@@ -158,7 +158,8 @@ def joint(request):
     spec = next(m for s in adapter.block_lists if s.attr == blocks for m in s.modules if m.name == "attn").rotary
     assert spec is not None and spec.text != "none"
     g = torch.Generator().manual_seed(1)
-    x, e = torch.randn(2, 128, attn.to_q.in_features, generator=g), torch.randn(2, TEXT, attn.to_q.in_features, generator=g)
+    dim = attn.to_q.in_features
+    x, e = torch.randn(2, 128, dim, generator=g), torch.randn(2, TEXT, dim, generator=g)
     kwargs = call(x, e)
     assert spec.supports(attn, (), kwargs)
     return attn, spec, x, kwargs, _stock(attn, (), kwargs)
