@@ -148,14 +148,25 @@ def _hunyuan_single():
         hidden_states=x, encoder_hidden_states=e, attention_mask=mask, image_rotary_emb=rope)
 
 
-JOINT = {"flux_double": _flux_double, "hunyuan_double": _hunyuan_double, "hunyuan_single": _hunyuan_single}
+def _cogvideox():
+    from test_family_cogvideox import tiny_cogvideox_pipeline
+
+    pipe = tiny_cogvideox_pipeline()
+    model = pipe.transformer
+    rope = pipe._prepare_rotary_positional_embeddings(128, 128, 2, torch.device("cpu"))  # 2 x 8 x 8 video rows
+    return model, "transformer_blocks", model.transformer_blocks[1].attn1, lambda x, e: dict(
+        hidden_states=x, encoder_hidden_states=e, image_rotary_emb=rope)
+
+
+JOINT = {"cogvideox": _cogvideox, "flux_double": _flux_double, "hunyuan_double": _hunyuan_double,
+         "hunyuan_single": _hunyuan_single}
 
 
 @pytest.fixture(scope="module", params=sorted(JOINT))
 def joint(request):
     model, blocks, attn, call = JOINT[request.param]()
     adapter = find_adapter(model)
-    spec = next(m for s in adapter.block_lists if s.attr == blocks for m in s.modules if m.name == "attn").rotary
+    spec = next(m for s in adapter.block_lists if s.attr == blocks for m in s.modules if m.rotary).rotary
     assert spec is not None and spec.text != "none"
     g = torch.Generator().manual_seed(1)
     dim = attn.to_q.in_features
@@ -232,3 +243,4 @@ def test_joint_flops_match_the_flop_counter(joint):
         with flop_counter() as counter, torch.no_grad():
             call()
         assert counter.get_total_flops() == 2 * joint_flops(attn, rows, 128, TEXT)
+

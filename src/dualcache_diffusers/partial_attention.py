@@ -15,9 +15,10 @@ Joint attention (Flux, Chroma, HunyuanVideo) also gets a text stream, ``encoder_
 every text row is a query too (text rows are always recomputed), projected by ``add_q/k/v_proj``
 and normed by ``norm_added_q/k`` where the module has them (double-stream blocks) or by the image
 stream's layers where it has not (HunyuanVideo's single-stream blocks). The text rows join the
-sequence first (Flux) or last (HunyuanVideo); the rotary table covers the whole sequence (Flux) or
-the image rows only (HunyuanVideo). The call then returns the selected image rows (through
-``to_out``) and every text row (through ``to_add_out``), as the processor's ``(image, text)`` tuple.
+sequence first (Flux, CogVideoX) or last (HunyuanVideo); the rotary table covers the whole sequence
+(Flux) or the image rows only (HunyuanVideo, CogVideoX). The call then returns the selected image
+rows (through ``to_out``) and every text row (through ``to_add_out`` where the text stream has its
+own projections, else ``to_out``), as the processor's ``(image, text)`` tuple.
 
 The rotary table is gathered at each sample's selected rows and the batch folded into the row
 axis, so the family's own (element-wise) RoPE function applies it unchanged: tables with a batch
@@ -250,9 +251,16 @@ def rotary_partial_attention(
     if encoder is None:
         return _layers(getattr(attn, "to_out", None), out)
     text_out, image_out = (out[:, :text], out[:, text:]) if spec.text == "first" else (out[:, k:], out[:, :k])
+    return _layers(getattr(attn, "to_out", None), image_out), _layers(_text_out(attn), text_out)
+
+
+def _text_out(attn: torch.nn.Module) -> Any:
+    """The text rows' output layers: ``to_add_out`` of a module with its own text projections, else
+    ``to_out`` (CogVideoX projects both streams with it; HunyuanVideo's single blocks have neither)."""
+    if getattr(attn, "add_q_proj", None) is None:
+        return getattr(attn, "to_out", None)
     add_out = getattr(attn, "to_add_out", None)
-    return _layers(getattr(attn, "to_out", None), image_out), _layers([add_out] if add_out is not None else None,
-                                                                       text_out)
+    return None if add_out is None else [add_out]
 
 
 def _layers(layers: Any, x: torch.Tensor) -> torch.Tensor:
@@ -270,10 +278,12 @@ def joint_flops(attn: torch.nn.Module, query_rows: int, image: int, text: int) -
         layer = getattr(attn, name, None)
         return 2 * layer.in_features * layer.out_features if isinstance(layer, torch.nn.Linear) else 0
 
-    to_out = getattr(attn, "to_out", None)
-    image_out = sum(2 * m.in_features * m.out_features for m in (to_out or ()) if isinstance(m, torch.nn.Linear))
+    def outputs(layers: Any) -> int:
+        return sum(2 * m.in_features * m.out_features for m in (layers or ()) if isinstance(m, torch.nn.Linear))
+
+    image_out = outputs(getattr(attn, "to_out", None))
     added = getattr(attn, "add_q_proj", None) is not None
-    text_q = linear("add_q_proj" if added else "to_q") + linear("to_add_out")
+    text_q = linear("add_q_proj" if added else "to_q") + outputs(_text_out(attn))
     text_kv = linear("add_k_proj") + linear("add_v_proj") if added else linear("to_k") + linear("to_v")
     pair = 4 * attn.to_q.out_features
     return (query_rows * (linear("to_q") + image_out) + image * (linear("to_k") + linear("to_v"))
