@@ -9,6 +9,7 @@ A family's test file builds its tiny pipeline and a :class:`FamilyCase`, then ca
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,3 +160,13 @@ def check_partial_self_attention(pipe: Any, case: FamilyCase, steps: int = 6, fr
         assert int(fresh.sum(1).min()) >= int(fresh_ratio * out.shape[1]), fresh.sum(1)
         previous[batch] = out
     assert partial_calls > 0
+
+
+def check_partial_preset_flops(case: FamilyCase, preset: str = "duca") -> None:
+    """``preset`` with ``self_attention="partial"``: FLOPs cut by ``case.min_speedup`` and the engine's count
+    (selected rows' share of each partial attention) within 5% of the counter's."""
+    pipe = case.build()
+    with count_flops() as counter:
+        run(pipe, case)
+    overrides = {preset: {**case.overrides.get(preset, {}), "self_attention": "partial"}}
+    check_preset_cuts_flops(pipe, dataclasses.replace(case, overrides=overrides), preset, counter.get_total_flops())
