@@ -130,6 +130,8 @@ def check_partial_self_attention(pipe: Any, case: FamilyCase, steps: int = 6, fr
         calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (full attention of this call's input, hook output)
 
         def record(module, args, kwargs, output):
+            # computed by the partial path, not the whole-module fallback for processors it does not reproduce
+            assert cached.spec.rotary.supports(module, args, kwargs), type(module.processor).__name__
             with torch.no_grad():  # the stock forward of the class, past the cache hook
                 full = type(module).forward(module, *args, **kwargs)
             if isinstance(output, tuple):  # joint attention (image, text): every text row is recomputed

@@ -31,8 +31,10 @@ def apply_hunyuan_rotary(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tenso
     return apply_rotary_emb(x, table, sequence_dim=1)
 
 
+#: HunyuanImage 2.1's processor computes the attention the same way
 HUNYUAN_ROTARY = RotaryAttention("image_rotary_emb", apply_hunyuan_rotary, token_axis=0, norm="heads", rope="heads",
-                                 processors=("HunyuanVideoAttnProcessor2_0",), text="last", text_rope=False, mask=True)
+                                 processors=("HunyuanVideoAttnProcessor2_0", "HunyuanImageAttnProcessor"),
+                                 text="last", text_rope=False, mask=True)
 
 DOUBLE_BLOCKS = BlockListSpec(
     "transformer_blocks",
