@@ -9,6 +9,7 @@ A family's test file builds its tiny pipeline and a :class:`FamilyCase`, then ca
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,22 +113,30 @@ def check_family(case: FamilyCase) -> None:
         check_two_call_branches_are_separate(pipe, case)
 
 
-def check_partial_self_attention(pipe: Any, case: FamilyCase, steps: int = 6, fresh_ratio: float = 0.5) -> None:
-    """RoPE self-attention at partial steps: the recomputed rows equal the same rows of the full attention
-    (selected queries, all keys and values, the rotary table sliced to the selected rows), the other rows
-    keep the cached output, and a module's whole computation still matches stock."""
+def check_partial_self_attention(pipe: Any, case: FamilyCase, steps: int = 6, fresh_ratio: float = 0.5,
+                                 blocks: str | None = None) -> None:
+    """RoPE self- or joint attention at partial steps: the recomputed rows equal the same rows of the full
+    attention (selected queries, all keys and values, the rotary table sliced to the selected rows), the
+    other rows keep the cached output, a joint module's text output is the full one, and a module's whole
+    computation still matches stock."""
     enable_dual_cache(pipe, "toca", fresh_ratio=fresh_ratio, ratio_schedule="constant", self_attention="partial",
                       **case.overrides.get("partial", {}))
     try:
         den = get_engine(pipe).denoisers[0]
         assert any(name in den.layout.partial for name, spec in den.adapter.module_specs(den.model).items()
                    if spec.rotary is not None), den.layout.partial
-        attn, cached = next((m, c) for m, c in den.modules if c.spec.rotary is not None)
+        attn, cached = next((m, c) for m, c in den.modules if c.spec.rotary is not None
+                            and blocks in (None, den.infos[c.block].spec.attr))  # the first one (of ``blocks``)
         calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (full attention of this call's input, hook output)
 
         def record(module, args, kwargs, output):
+            # computed by the partial path, not the whole-module fallback for processors it does not reproduce
+            assert cached.spec.rotary.supports(module, args, kwargs), type(module.processor).__name__
             with torch.no_grad():  # the stock forward of the class, past the cache hook
                 full = type(module).forward(module, *args, **kwargs)
+            if isinstance(output, tuple):  # joint attention (image, text): every text row is recomputed
+                torch.testing.assert_close(output[1], full[1], atol=1e-5, rtol=1e-4)
+                full, output = full[0], output[0]
             calls.append((full, output.detach().clone()))
 
         handle = attn.register_forward_hook(record, with_kwargs=True)
@@ -140,9 +149,9 @@ def check_partial_self_attention(pipe: Any, case: FamilyCase, steps: int = 6, fr
         disable_dual_cache(pipe)
     assert 0 < stats.tokens_computed[cached.name] < stats.tokens_total[cached.name], stats.tokens_computed
     partial_calls = 0
-    previous: dict[int, torch.Tensor] = {}
-    for full, out in calls:
-        batch = out.shape[0]
+    previous: dict[tuple[int, int], torch.Tensor] = {}  # per CFG branch: (batch size, call of the step)
+    for i, (full, out) in enumerate(calls):
+        batch = (out.shape[0], i % 2 if case.two_call_cfg else 0)
         fresh = torch.isclose(out, full, atol=1e-5, rtol=1e-4).all(-1)  # (batch, rows)
         if bool(fresh.all()):
             previous[batch] = out
@@ -153,3 +162,13 @@ def check_partial_self_attention(pipe: Any, case: FamilyCase, steps: int = 6, fr
         assert int(fresh.sum(1).min()) >= int(fresh_ratio * out.shape[1]), fresh.sum(1)
         previous[batch] = out
     assert partial_calls > 0
+
+
+def check_partial_preset_flops(case: FamilyCase, preset: str = "duca") -> None:
+    """``preset`` with ``self_attention="partial"``: FLOPs cut by ``case.min_speedup`` and the engine's count
+    (selected rows' share of each partial attention) within 5% of the counter's."""
+    pipe = case.build()
+    with count_flops() as counter:
+        run(pipe, case)
+    overrides = {preset: {**case.overrides.get(preset, {}), "self_attention": "partial"}}
+    check_preset_cuts_flops(pipe, dataclasses.replace(case, overrides=overrides), preset, counter.get_total_flops())

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_partial_self_attention
 from test_family_flux import tiny_flux_vae, tiny_t5_encoder
 from tiny_pipelines import tiny_t5_tokenizer
 
@@ -36,3 +37,9 @@ CASE = FamilyCase(
 
 def test_chroma_family_contract():
     check_family(CASE)
+
+
+@pytest.mark.parametrize("blocks", ["transformer_blocks", "single_transformer_blocks"])
+def test_chroma_partial_joint_attention(blocks):
+    """self_attention="partial" with Chroma's text-padding mask (query x key) gathered at the query rows."""
+    check_partial_self_attention(CASE.build(), CASE, blocks=blocks)

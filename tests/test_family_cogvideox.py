@@ -6,9 +6,10 @@ the cache touches runs inside the transformer.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_partial_self_attention
 from tiny_pipelines import tiny_t5_tokenizer
 from transformers import T5Config, T5EncoderModel
 
@@ -49,3 +50,9 @@ def test_cogvideox_family_contract():
 
 def test_cogvideox_1_5_family_contract():
     check_family(CASE_15)
+
+
+@pytest.mark.parametrize("case", [CASE, CASE_15], ids=["1.0", "1.5"])
+def test_cogvideox_partial_joint_attention(case):
+    """self_attention="partial": every text row plus the selected video rows, RoPE on the video rows only."""
+    check_partial_self_attention(case.build(), case)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from family_harness import FamilyCase, check_family, check_two_call_branches_are_separate
+from family_harness import (
+    FamilyCase,
+    check_family,
+    check_partial_preset_flops,
+    check_partial_self_attention,
+    check_two_call_branches_are_separate,
+)
 from tiny_pipelines import tiny_t5_tokenizer, tiny_vae
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
@@ -80,3 +87,13 @@ def test_flux_family_contract():
 
 def test_flux_true_cfg_branches_are_separate():
     check_two_call_branches_are_separate(TRUE_CFG.build(), TRUE_CFG)
+
+
+@pytest.mark.parametrize("blocks", ["transformer_blocks", "single_transformer_blocks"])
+def test_flux_partial_joint_attention(blocks):
+    """self_attention="partial": every text row plus the selected image rows recomputed, RoPE sliced to them."""
+    check_partial_self_attention(CASE.build(), CASE, blocks=blocks)
+
+
+def test_flux_duca_with_partial_attention_cuts_flops():
+    check_partial_preset_flops(CASE, "duca")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline, HunyuanImageTransformer2DModel
 from diffusers.guiders import ClassifierFreeGuidance
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_partial_self_attention
 
 TEXT_DIM, TEXT_2_DIM, TEXT_LEN, TEXT_2_LEN = 16, 8, 6, 4
 
@@ -55,3 +55,8 @@ CASE = FamilyCase(
 
 def test_hunyuan_image_family_contract():
     check_family(CASE)
+
+
+def test_hunyuan_image_partial_joint_attention():
+    """HunyuanImageAttnProcessor computes as HunyuanVideo's: the same partial joint attention applies."""
+    check_partial_self_attention(CASE.build(), CASE)

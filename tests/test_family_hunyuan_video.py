@@ -6,9 +6,10 @@ latents (no HunyuanVideo VAE): everything the cache touches runs inside the tran
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_partial_preset_flops, check_partial_self_attention
 
 TEXT_DIM, POOLED_DIM, TEXT_LEN = 16, 8, 6
 
@@ -90,3 +91,13 @@ def test_hunyuan_video_token_replace_bare_transformer():
         assert stats.flops_uncached / stats.flops >= 2.0, (preset, stats.flops_uncached / stats.flops)
     disable_dual_cache(model)
     assert torch.equal(loop(), stock)
+
+
+@pytest.mark.parametrize("blocks", ["transformer_blocks", "single_transformer_blocks"])
+def test_hunyuan_video_partial_joint_attention(blocks):
+    """self_attention="partial": every text row (padded keys masked) plus the selected image rows recomputed."""
+    check_partial_self_attention(CASE.build(), CASE, blocks=blocks)
+
+
+def test_hunyuan_video_duca_with_partial_attention_cuts_flops():
+    check_partial_preset_flops(CASE, "duca")

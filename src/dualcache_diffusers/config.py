@@ -102,8 +102,9 @@ class DualCacheConfig:
             explicit attention probabilities, computed at full steps, so not flash-compatible).
         aggressive: "skip" (reuse the block stack's cached output) or "reuse" (run the blocks,
             reuse every module's cached output).
-        self_attention: at conservative steps "reuse" self-attention whole (DuCa) or recompute it
-            for the selected queries against all keys/values ("partial").
+        self_attention: at conservative steps "reuse" self- and joint attention whole (DuCa) or
+            recompute it for the selected queries (plus every text row of a joint attention) against
+            all keys/values ("partial"), where the family's adapter supports it.
         staleness_weight: bonus per conservative step a token has not been recomputed (x count / N).
         spatial_bonus, spatial_grid: the best token of every grid x grid cell gets
             ``spatial_bonus x`` its score on top, spreading recomputation over the image.

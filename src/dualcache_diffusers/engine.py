@@ -44,7 +44,7 @@ from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .config import DualCacheConfig
 from .forecast import extrapolate
-from .partial_attention import rotary_partial_attention
+from .partial_attention import joint_flops, rotary_partial_attention
 from .plan import CachePlan, PlanLayout, StepPlan, num_fresh_tokens
 from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
 from .stats import CacheStats, ModuleCost, flop_formulas
@@ -518,7 +518,7 @@ class DualCacheEngine:
         if forecast is not None:
             cache = forecast
         elif call.history:  # the cached tensor is also the newest stored full computation: keep that intact
-            cache = state.module_cache[key] = cache.clone()
+            cache = state.module_cache[key] = _clone(cache)
         if k == 0:
             return cache
         picked = self._select(call, cached, k, batch, image, hidden.device)  # (batch, k) image-row indices
@@ -529,19 +529,25 @@ class DualCacheEngine:
             else:
                 picked = torch.cat([picked, text_index + image], dim=1)
         fresh = self._partial_forward(call, cached, forward, hidden, picked, args, kwargs)
-        scatter_index = picked.unsqueeze(-1).expand(-1, -1, cache.shape[-1])
+        joint = isinstance(cache, tuple)  # joint attention's (image, text): image rows scattered, text all fresh
+        rows_cache, rows_fresh = (cache[0], fresh[0]) if joint else (cache, fresh)
+        scatter_index = picked.unsqueeze(-1).expand(-1, -1, rows_cache.shape[-1])
         if torch.is_grad_enabled():  # keep autograd's saved tensors intact
-            cache = cache.scatter(1, scatter_index, fresh.to(cache.dtype))
-            if forecast is None:
-                state.module_cache[key] = cache
+            rows_cache = rows_cache.scatter(1, scatter_index, rows_fresh.to(rows_cache.dtype))
         else:
-            cache.scatter_(1, scatter_index, fresh.to(cache.dtype))
+            rows_cache.scatter_(1, scatter_index, rows_fresh.to(rows_cache.dtype))
+        cache = (rows_cache, *(f.to(c.dtype) for f, c in zip(fresh[1:], cache[1:]))) if joint else rows_cache
+        if forecast is None:
+            state.module_cache[key] = cache
         computed = picked.shape[1]
         full_rows, kv_rows = state.costs.rows.get(key, (rows, 0))
-        full = cached.cost.flops(batch, full_rows, kv_rows)
+        if joint:
+            text_rows = fresh[1].shape[1]
+            full, part = (joint_flops(module_of(call, cached), q, rows, text_rows) for q in (full_rows, computed))
+        else:
+            full, part = cached.cost.flops(batch, full_rows, kv_rows), cached.cost.flops(batch, computed, kv_rows)
         if full:  # the measured full cost, scaled by the rows computed
-            share = cached.cost.flops(batch, computed, kv_rows) / full
-            state.stats.flops += round(state.costs.modules.get(key, 0) * share)
+            state.stats.flops += round(state.costs.modules.get(key, 0) * part / full)
         state.stats.tokens_computed[cached.name] += computed
         return cache
 
@@ -550,7 +556,7 @@ class DualCacheEngine:
         """The module's output at rows ``picked`` (selected queries against all keys / values for self-attention)."""
         rotary = cached.spec.rotary
         if rotary is not None:
-            attn = getattr(call.denoiser.infos[cached.block].block, cached.name)
+            attn = module_of(call, cached)
             if rotary.supports(attn, args, kwargs):
                 return rotary_partial_attention(attn, rotary, hidden, picked, args, kwargs)
             if not self._warned_processor:
@@ -558,7 +564,10 @@ class DualCacheEngine:
                 logger.warning("dual cache: %s of block %d has processor %s, which partial self-attention does not "
                                "reproduce; it is computed whole at partial steps (the FLOPs count assumes partial)",
                                cached.name, cached.block, type(getattr(attn, "processor", None)).__name__)
-            return _gather_rows(forward(*args, **kwargs), picked)
+            output = forward(*args, **kwargs)
+            if isinstance(output, tuple):  # joint attention: (image rows picked, every text row)
+                return (_gather_rows(output[0], picked), *output[1:])
+            return _gather_rows(output, picked)
         gathered = _gather_rows(hidden, picked)
         rest, kwargs = (args[1:], dict(kwargs)) if args else ((), dict(kwargs))
         kwargs.pop("hidden_states", None)
@@ -813,6 +822,14 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
 def _kv_rows(hidden: torch.Tensor, kwargs: dict) -> int:
     encoder = kwargs.get("encoder_hidden_states")
     return hidden.shape[1] if encoder is None else encoder.shape[1]
+
+
+def module_of(call: Call, cached: CachedModule) -> torch.nn.Module:
+    return getattr(call.denoiser.infos[cached.block].block, cached.name)
+
+
+def _clone(value: Any) -> Any:
+    return tuple(_clone(v) for v in value) if isinstance(value, tuple) else value.clone()
 
 
 def _gather_rows(tensor: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:

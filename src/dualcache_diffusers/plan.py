@@ -479,12 +479,13 @@ def conservative_fraction(
     layout: PlanLayout, module: str, ratio: float, self_attention: str = "reuse"
 ) -> float:
     """What a conservative step does with ``module``: recompute ``ratio`` of its rows where it can,
-    reuse it where it cannot (joint attention, Sana's conv MLP; self-attention unless "partial"),
+    reuse it where it cannot (Sana's conv MLP; self- and joint attention unless "partial"),
     compute it whole for the text stream's MLP (text rows are few)."""
     role = layout.roles.get(module, "mlp")
     if role == "text_mlp":
         return 1.0
-    if module not in layout.partial or (role == "self_attention" and self_attention != "partial"):
+    attention = role in ("self_attention", "joint_attention")
+    if module not in layout.partial or (attention and self_attention != "partial"):
         return 0.0
     return ratio
 

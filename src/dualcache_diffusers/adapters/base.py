@@ -44,9 +44,11 @@ class ModuleSpec:
             once (CogView4 runs ``ff`` on image rows, then on text rows): ``"image"`` or ``"text"``.
         partial_attention: for self-attention, the processor accepts selected queries with
             ``encoder_hidden_states`` = all rows (plain processors without rotary embeddings).
-        rotary: for self-attention with a rotary embedding, how the module receives and applies it;
-            the engine then computes selected queries against all keys and values itself, with the
-            table sliced to the selected rows (see ``partial_attention.RotaryAttention``).
+        rotary: for self- or joint attention with a rotary embedding, how the module receives and
+            applies it; the engine then computes selected queries (plus every text row) against all
+            keys and values itself, with the table sliced to the selected rows (see
+            ``partial_attention.RotaryAttention``). A joint module returning ``(image, text)`` gets
+            the selected image rows scattered into its cached image output and a fresh text output.
     """
 
     name: str
@@ -71,6 +73,8 @@ class ModuleSpec:
             return False
         if self.role == "self_attention":
             return self.partial_attention or self.rotary is not None
+        if self.role == "joint_attention":
+            return self.rotary is not None
         return self.role in _ROW_WISE_ROLES
 
 

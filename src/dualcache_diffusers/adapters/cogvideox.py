@@ -1,10 +1,15 @@
 """CogVideoX 1.0 and 1.5: `transformer_blocks` of `CogVideoXBlock`, joint [text; video] rows.
 
 Each block runs the joint attention `attn1` (text and video together, rotary embeddings on the video
-rows; returns ``(h, e)``: compute or reuse only), then one `ff` over cat(text, video), whose rows can
-be recomputed for selected video tokens plus all text rows. `attn1.to_v` sees [text; video]. Blocks
-are called with keywords and return ``(h, e)``. Latents are (B, F, C, H, W); CogVideoX 1.5 patches
-``patch_size_t`` frames together.
+rows; returns ``(h, e)``), then one `ff` over cat(text, video), whose rows can be recomputed for
+selected video tokens plus all text rows. `attn1.to_v` sees [text; video]. Blocks are called with
+keywords and return ``(h, e)``. Latents are (B, F, C, H, W); CogVideoX 1.5 patches ``patch_size_t``
+frames together.
+
+`CogVideoXAttnProcessor2_0` projects [text; video] with the same layers, norms per head, rotates the
+video rows only with (N, D) tables, and projects both outputs with `to_out`: declared below, so
+`self_attention="partial"` recomputes every text row plus the selected video rows as queries against
+all keys and values. The presets reuse `attn1` whole at conservative steps.
 """
 
 from __future__ import annotations
@@ -12,8 +17,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 
+from ..partial_attention import RotaryAttention
 from .base import BlockListSpec, ModelAdapter, ModuleSpec
+
+
+def apply_cogvideox_rotary(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """CogVideoXAttnProcessor2_0's rotary embedding, on (B, S, H, D) with (cos, sin) tables (N, D)."""
+    return apply_rotary_emb(x, table, sequence_dim=1)
+
+
+COGVIDEOX_ROTARY = RotaryAttention("image_rotary_emb", apply_cogvideox_rotary, token_axis=0, norm="heads",
+                                   rope="heads", processors=("CogVideoXAttnProcessor2_0",), text="first",
+                                   text_rope=False)
 
 
 class CogVideoXAdapter(ModelAdapter):
@@ -21,7 +38,8 @@ class CogVideoXAdapter(ModelAdapter):
     block_lists = (
         BlockListSpec(
             "transformer_blocks",
-            (ModuleSpec("attn1", "joint_attention"), ModuleSpec("ff", "mlp", text_rows="first")),
+            (ModuleSpec("attn1", "joint_attention", rotary=COGVIDEOX_ROTARY),
+             ModuleSpec("ff", "mlp", text_rows="first")),
             inputs="h,e", outputs="h,e", value="attn1.to_v", value_text_rows="first",
         ),
     )

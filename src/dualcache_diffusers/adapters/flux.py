@@ -4,9 +4,15 @@ Double blocks (`FluxTransformerBlock`) run a joint attention `attn` over [text; 
 ``(image, text)``, the image MLP `ff` and the text MLP `ff_context`, and return ``(text, image)``.
 Single blocks (`FluxSingleTransformerBlock`, diffusers 0.42) take ``(image, text)``, concatenate
 them to [text; image] rows, run `proj_mlp` and the pre-only attention `attn` on those rows, mix
-both with `proj_out`, and return ``(text, image)`` again. The attention applies RoPE over all
-text + image rows, so it is computed or reused whole; `proj_mlp` and `proj_out` are row-wise and
+both with `proj_out`, and return ``(text, image)`` again. `proj_mlp` and `proj_out` are row-wise and
 recompute the same rows (selected image rows plus every text row).
+
+Both attentions apply one rotary table (S, D) over all [text; image] rows, after the per-head RMS
+norms (`FluxAttnProcessor`); declared below, so `self_attention="partial"` recomputes every text row
+plus the selected image rows as queries against all keys and values, with the table sliced to those
+rows: the double blocks' selected image rows are scattered into the cached image output and their
+text output is fresh; the single blocks' attention shares the selection of `proj_mlp` / `proj_out`.
+The presets reuse the attention whole at conservative steps (DuCa and ToCa as published for FLUX).
 
 Latents come packed, (B, N, C) with `img_ids` giving each token's (frame, row, col); the token
 grid is read from `img_ids`.
@@ -17,17 +23,28 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 
+from ..partial_attention import RotaryAttention
 from .base import BlockListSpec, ModelAdapter, ModuleSpec
 
+
+def apply_flux_rotary(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """FluxAttnProcessor's rotary embedding of (B, S, H, D) with (cos, sin) tables (S, D)."""
+    return apply_rotary_emb(x, table, sequence_dim=1)
+
+
+FLUX_ROTARY = RotaryAttention("image_rotary_emb", apply_flux_rotary, token_axis=0, norm="heads", rope="heads",
+                              processors=("FluxAttnProcessor",), text="first", text_rope=True, mask=True)
+
 DOUBLE_MODULES = (
-    ModuleSpec("attn", "joint_attention"),
+    ModuleSpec("attn", "joint_attention", rotary=FLUX_ROTARY),
     ModuleSpec("ff", "mlp"),
     ModuleSpec("ff_context", "text_mlp"),
 )
 SINGLE_MODULES = (
     ModuleSpec("proj_mlp", "single", text_rows="first", group="single"),
-    ModuleSpec("attn", "joint_attention", text_rows="first"),
+    ModuleSpec("attn", "joint_attention", text_rows="first", group="single", rotary=FLUX_ROTARY),
     ModuleSpec("proj_out", "single", text_rows="first", group="single"),
 )
 
