@@ -116,6 +116,8 @@ def own_scheduler(pipe):
     multistep schedulers keep state between steps) and a tokenizer of its own (a fast tokenizer changes its
     padding settings per call), sharing every model."""
     own = dict(scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
+    if getattr(pipe, "vae", None) is not None:
+        own["vae"] = pipe.vae  # the shipped PixArt's AutoencoderTiny is not the type hint from_pipe carries over
     if getattr(pipe, "tokenizer", None) is not None:
         own["tokenizer"] = copy.deepcopy(pipe.tokenizer)
     copy_ = type(pipe).from_pipe(pipe, **own)
