@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,39 @@ def test_cache_device_cpu_on_cuda_keeps_pinned_host_copies_and_the_outputs():
     np.testing.assert_array_equal(generate(pipe, steps=9), reference)
     stored = [t for state in _states(pipe) for t in _cached_tensors(state)]
     assert stored and all(t.device.type == "cpu" and t.is_pinned() for t in stored)
+
+
+def test_the_meta_device_cache_accounting_of_benchmarks_cache_memory_matches_a_real_run():
+    """benchmarks/cache_memory.py builds models on meta: its byte count equals the same model's real one."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "cache_memory.py"
+    spec = importlib.util.spec_from_file_location("cache_memory_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16, text_dim=16,
+                  freq_dim=32, ffn_dim=32, num_layers=2, patch_size=(1, 2, 2), cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads")
+    family = bench.Family("tiny-wan", "WanTransformer3DModel", config, "tiny", tokens=3 * 4 * 4, text=8,
+                          inputs=lambda d: dict(hidden_states=bench._empty(1, 16, 3, 8, 8, dtype=d),
+                                                timestep=bench._t(d),
+                                                encoder_hidden_states=bench._empty(1, 8, 16, dtype=d)))
+    on_meta = bench.measure(family, "duca", 6, torch.float32)
+
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**config).eval()
+    pipe = bench._Pipeline(model, 6)
+    enable_dual_cache(pipe, "duca")
+    pipe.scheduler.set_timesteps(6)
+    inputs = dict(hidden_states=torch.randn(1, 16, 3, 8, 8), encoder_hidden_states=torch.randn(1, 8, 16))
+    with torch.no_grad(), model.cache_context("cond"):
+        for step in range(6):
+            model(**inputs, timestep=torch.tensor([900.0 - 100 * step]), return_dict=False)
+    real = cache_stats(pipe)
+    assert on_meta["pattern"] == "FCAFCA" and real.step_kinds == cache_stats(pipe).step_kinds
+    assert on_meta["cache_bytes"] == 2 * real.cache_bytes > 0  # two CFG branches
+    assert on_meta["weight_bytes"] == real.weight_bytes
