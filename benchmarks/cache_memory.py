@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,6 +167,7 @@ def measure(family: Family, preset: str, steps: int, dtype: torch.dtype) -> dict
     config = enable_dual_cache(pipe, preset)
     engine = get_engine(pipe)
     for denoiser in engine.denoisers:  # meta tensors have no values: tell the grid instead of reading it
+        denoiser.adapter = copy.copy(denoiser.adapter)  # adapters are shared by every engine: patch a copy
         denoiser.adapter.token_grid = lambda *args, tokens=family.tokens: (1, 1, tokens)
     # random token scores (families without a readable value projection) are made per step, never stored:
     # on meta, where no generator exists, any tensor of their shape does

@@ -175,8 +175,11 @@ def test_the_meta_device_cache_accounting_of_benchmarks_cache_memory_matches_a_r
 
     from diffusers import WanTransformer3DModel
 
+    from dualcache_diffusers.adapters import find_adapter
+
     torch.manual_seed(0)
     model = WanTransformer3DModel(**config).eval()
+    assert "token_grid" not in vars(find_adapter(model))  # the shared adapter is left as it was
     pipe = bench._Pipeline(model, 6)
     enable_dual_cache(pipe, "duca")
     pipe.scheduler.set_timesteps(6)
