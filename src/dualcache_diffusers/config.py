@@ -80,6 +80,27 @@ def _number(name: str, value: Any, low: float, high: float | None = None, intege
     return int(value) if integer else (float(value) if isinstance(value, float) else value)
 
 
+CACHE_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "npu", "hpu")
+
+
+def _cache_device(value: Any) -> str | None:
+    """``cache_device`` normalized: None (on the model's device) or a torch device string."""
+    if value is None or (isinstance(value, str) and value == "same"):
+        return None
+    allowed = f"None, 'same', 'cpu' or a torch device string such as 'cuda:1' (types: {', '.join(CACHE_DEVICE_TYPES)})"
+    import torch  # here, so that importing the config does not import torch
+
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"cache_device must be {allowed}; got {_describe(value)}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"cache_device={value!r} is not a device; allowed: {allowed}") from None
+    if device.type not in CACHE_DEVICE_TYPES:
+        raise ValueError(f"cache_device={value!r} is not supported; allowed: {allowed}")
+    return str(device)
+
+
 def _bounds(low: float, high: float | None) -> str:
     return f"[{low}, {high}]" if high is not None else f">= {low}"
 
@@ -117,6 +138,11 @@ class DualCacheConfig:
             polynomial in the step (TaylorSeer's forecast, at the actual step spacing).
         plan: a fixed :class:`CachePlan` (or a path to its JSON) overriding the schedule options.
         family: the model family whose preset this config is (enabling it on another family is refused).
+        cache_device: where cached features (module outputs, the block stack's output, forecast history)
+            are kept: None or "same" (default: on the model's device), "cpu" (pinned host memory when the
+            model is on CUDA, copied asynchronously and brought back one block ahead of use; for long
+            videos whose caches do not fit next to the model), or another torch device string such as
+            "cuda:1". Outputs are the same wherever the cache lives; token scores stay on the model.
     """
 
     method: str = "duca"
@@ -136,6 +162,7 @@ class DualCacheConfig:
     forecast_order: int = 0
     plan: CachePlan | None = field(default=None, repr=False)
     family: str | None = None  # the model family whose preset this is (set by from_preset)
+    cache_device: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.plan, (str, Path)):
@@ -163,6 +190,7 @@ class DualCacheConfig:
                                                MAX_INFERENCE_STEPS, integer=True)
         self.seed = _number("seed", self.seed, 0, MAX_SEED, integer=True)
         self.forecast_order = _number("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER, integer=True)
+        self.cache_device = _cache_device(self.cache_device)
         if self.plan is not None:
             self.method = "plan"
 

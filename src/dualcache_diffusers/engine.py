@@ -42,12 +42,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import scheduler_watch
 from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
+from .cache_storage import CacheStorage
 from .config import DualCacheConfig
 from .forecast import extrapolate
 from .partial_attention import joint_flops, rotary_partial_attention
 from .plan import CachePlan, PlanLayout, StepPlan, num_fresh_tokens
 from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
-from .stats import CacheStats, ModuleCost, flop_formulas
+from .stats import CacheStats, ModuleCost, flop_formulas, weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class ModelState:
     history: dict[tuple[int, int, int], list[tuple[int, Any]]] = field(default_factory=dict)
     stack_history: list[tuple[int, Any]] = field(default_factory=list)
     stats: CacheStats = field(default_factory=CacheStats)
+    prefetched: dict[int, Any] = field(default_factory=dict)  # offloaded caches on their way back (cache_storage)
 
     def cache_bytes(self) -> int:
         values = [*self.module_cache.values(), self.stack_cache, *self.scores.values(), *self.staleness.values()]
@@ -206,6 +208,7 @@ class DualCacheEngine:
     ) -> None:
         self.config = config
         self.denoisers = [Denoiser(model, adapter, config) for model, adapter in models]
+        self.storage = CacheStorage(config.cache_device)  # where cached features live (identity by default)
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -385,6 +388,8 @@ class DualCacheEngine:
         for (_, column, _), (rows, _) in state.costs.rows.items():
             state.stats.tokens_total[den.layout.modules[column]] += rows
         state.stats.cache_bytes = max(state.stats.cache_bytes, state.cache_bytes())
+        if self.storage.offloads:
+            self._prefetch_next_step(call, signature[2])
         gen = self._local.generation
         if gen is not None:
             self.last_stats = {
@@ -439,17 +444,20 @@ class DualCacheEngine:
         if call.step_plan.skip_blocks:
             if not is_last:
                 return _pass_through(info.spec.outputs, args, kwargs)
-            forecast = self._forecast(call, call.state.stack_history)
-            return call.state.stack_cache if forecast is None else forecast
+            device = _hidden(args, kwargs).device
+            forecast = self._forecast(call, call.state.stack_history, device)
+            return self._load(call.state, call.state.stack_cache, device) if forecast is None else forecast
         call.block, call.block_calls, call.bucket = info.index, {}, ("block", info.index)
+        if self.storage.offloads and not call.step_plan.is_full:  # the next block's caches, one block ahead
+            self._prefetch_block(call, info.index + 1, _hidden(args, kwargs).device)
         try:
             output = forward(*args, **kwargs)
         finally:
             call.block, call.bucket = None, ("model",)
         if is_last:
-            call.state.stack_cache = output
+            call.state.stack_cache = self.storage.put(output)
             if call.history and call.recording:
-                _remember(call.state.stack_history, call.branch.step, output, call.history)
+                _remember(call.state.stack_history, call.branch.step, call.state.stack_cache, call.history)
         return output
 
     # ---- cached modules ---------------------------------------------------------------------------
@@ -468,17 +476,62 @@ class DualCacheEngine:
         partial = 0.0 < fraction < 1.0 and cached.spec.can_partial and cached.call_kind(index) == "image"
         if fraction >= 1.0 or cache is None or (0.0 < fraction < 1.0 and not partial):
             return self._compute(call, cached, key, forward, args, kwargs)
-        forecast = self._forecast(call, state.history.get(key, ()))
+        device = _hidden(args, kwargs).device
+        forecast = self._forecast(call, state.history.get(key, ()), device)
+        if forecast is None:
+            cache = self._load(state, cache, device)
         if not partial:
             return cache if forecast is None else forecast
         return self._recompute_rows(call, cached, key, fraction, cache, forward, args, kwargs, forecast)
 
-    def _forecast(self, call: Call, history) -> Any:
+    def _forecast(self, call: Call, history, device: torch.device) -> Any:
         """The step's extrapolated output, or None where the step reuses as is (or too little is stored)."""
         order = call.step_plan.forecast_order
         if not order or len(history) < 2:
             return None
-        return extrapolate(history, call.branch.step, order)
+        points = [(step, self._load(call.state, value, device)) for step, value in history[-(order + 1):]]
+        return extrapolate(points, call.branch.step, order)
+
+    # ---- cache storage (cache_device) ---------------------------------------------------------------
+    def _load(self, state: ModelState, stored: Any, device: torch.device) -> Any:
+        return self.storage.get(state.prefetched, stored, device)
+
+    def _stored_needs(self, state: ModelState, step_plan: StepPlan, block: int | None) -> list[Any]:
+        """The stored values a step reads in ``block`` (None: the skipped block stack)."""
+        order = step_plan.forecast_order
+        if block is None:
+            if len(state.stack_history) >= 2 and order:
+                return [v for _, v in state.stack_history[-(order + 1):]]
+            return [state.stack_cache]
+        needs = []
+        for key, stored in state.module_cache.items():
+            if key[0] != block or step_plan.fractions[block][key[1]] >= 1.0:
+                continue
+            history = state.history.get(key, ())
+            needs += [v for _, v in history[-(order + 1):]] if order and len(history) >= 2 else [stored]
+        return needs
+
+    def _prefetch_block(self, call: Call, block: int, device: torch.device) -> None:
+        if block < len(call.step_plan.fractions):
+            for stored in self._stored_needs(call.state, call.step_plan, block):
+                self.storage.prefetch(call.state.prefetched, stored, device)
+
+    def _prefetch_next_step(self, call: Call, device: torch.device) -> None:
+        """At the end of a call: start bringing back what the branch's next step reads first."""
+        state = call.state
+        state.prefetched.clear()  # copies this step did not use (its plan changed its mind)
+        plan = call.denoiser.plan(call.branch.plan_steps)
+        step = call.branch.step + 1
+        if step >= plan.num_steps:
+            return
+        step_plan = plan.steps[step]
+        if step_plan.is_full:
+            return
+        if step_plan.skip_blocks:
+            for stored in self._stored_needs(state, step_plan, None):
+                self.storage.prefetch(state.prefetched, stored, device)
+        else:
+            self._prefetch_block(dataclasses.replace(call, step_plan=step_plan), 0, device)
 
     def _compute(self, call: Call, cached: CachedModule, key: tuple, forward, args: tuple, kwargs: dict):
         state = call.state
@@ -493,9 +546,9 @@ class DualCacheEngine:
         else:
             output = forward(*args, **kwargs)
             state.stats.flops += state.costs.modules.get(key, 0)
-        state.module_cache[key] = output
+        state.module_cache[key] = self.storage.put(output)
         if call.history:
-            _remember(state.history.setdefault(key, []), call.branch.step, output, call.history)
+            _remember(state.history.setdefault(key, []), call.branch.step, state.module_cache[key], call.history)
         rows = state.costs.rows.get(key, (0, 0))[0]
         state.stats.tokens_computed[cached.name] += rows
         return output
@@ -517,7 +570,8 @@ class DualCacheEngine:
         k = num_fresh_tokens(fraction, image)
         if forecast is not None:
             cache = forecast
-        elif call.history:  # the cached tensor is also the newest stored full computation: keep that intact
+        elif call.history and state.module_cache[key] is cache:
+            # the cached tensor is also the newest stored full computation: keep that intact
             cache = state.module_cache[key] = _clone(cache)
         if k == 0:
             return cache
@@ -537,8 +591,8 @@ class DualCacheEngine:
         else:
             rows_cache.scatter_(1, scatter_index, rows_fresh.to(rows_cache.dtype))
         cache = (rows_cache, *(f.to(c.dtype) for f, c in zip(fresh[1:], cache[1:]))) if joint else rows_cache
-        if forecast is None:
-            state.module_cache[key] = cache
+        if forecast is None and state.module_cache[key] is not cache:  # a new value, or a copy of an offloaded one
+            state.module_cache[key] = self.storage.put(cache)
         computed = picked.shape[1]
         full_rows, kv_rows = state.costs.rows.get(key, (rows, 0))
         if joint:
@@ -666,9 +720,11 @@ class DualCacheEngine:
             costs.model += flops
 
     def stats(self) -> CacheStats:
-        if not self.last_stats:
-            return CacheStats()
-        return CacheStats.merge(list(self.last_stats.values()))
+        parts = list(self.last_stats.values()) or [CacheStats()]
+        stats = dataclasses.replace(CacheStats.merge(parts)) if len(parts) == 1 else CacheStats.merge(parts)
+        stats.weight_bytes = weight_bytes([den.model for den in self.denoisers])
+        stats.cache_device = self.config.cache_device
+        return stats
 
 
 # ------------------------------------------------------------------------------------------------

@@ -48,6 +48,12 @@ class ModuleCost:
         return batch * (per_sample + query_rows * kv_rows * self.per_pair)
 
 
+def weight_bytes(models: list[torch.nn.Module]) -> int:
+    """Bytes of the parameters and buffers of ``models`` (tensors shared between them counted once)."""
+    tensors = {id(t): t for m in models for t in (*m.parameters(), *m.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def layer_flops(module: torch.nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> int:
     """Matmul FLOPs of one call of a Linear or Conv layer, from its shapes."""
     if isinstance(module, torch.nn.Linear):
@@ -70,7 +76,9 @@ class CacheStats:
     flops_uncached: int = 0
     tokens_computed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tokens_total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    cache_bytes: int = 0
+    cache_bytes: int = 0  # peak bytes of the caches (module outputs, stack output, forecast history, scores)
+    weight_bytes: int = 0  # the cached denoisers' parameters and buffers
+    cache_device: str | None = None  # where the caches were kept (None: on the model's device)
     num_calls: int = 0
     selection_flops: int = 0  # extra FLOPs of the scorer itself (attention score only)
 
@@ -97,7 +105,9 @@ class CacheStats:
             f"({self.flops_speedup:.2f}x fewer)",
             "tokens computed: "
             + "  ".join(f"{m}={self.token_fraction(m):.1%}" for m in sorted(self.tokens_total)),
-            f"cache memory: {self.cache_bytes / 2**20:.2f} MiB",
+            f"cache memory: {self.cache_bytes / 2**20:.2f} MiB peak"
+            + (f" on {self.cache_device}" if self.cache_device else "")
+            + f" (model weights: {self.weight_bytes / 2**20:.2f} MiB)",
         ]
         return "\n".join(lines)
 
@@ -110,6 +120,8 @@ class CacheStats:
             "flops_speedup": self.flops_speedup,
             "token_fraction": {m: self.token_fraction(m) for m in sorted(self.tokens_total)},
             "cache_bytes": self.cache_bytes,
+            "weight_bytes": self.weight_bytes,
+            "cache_device": self.cache_device,
         }
 
     @staticmethod
@@ -117,6 +129,8 @@ class CacheStats:
         if len(parts) == 1:
             return parts[0]
         out = CacheStats(step_kinds=list(parts[0].step_kinds) if parts else [])
+        if parts:  # properties of the model, not of a branch: the same in every part
+            out.weight_bytes, out.cache_device = parts[0].weight_bytes, parts[0].cache_device
         for p in parts:
             out.flops += p.flops
             out.flops_uncached += p.flops_uncached
