@@ -124,8 +124,12 @@ class ModelAdapter:
     #: the pipeline calls the denoiser once per CFG branch without a ``cache_context``: tell the
     #: branches apart by the order of calls at the same timestep
     branches_by_timestep: bool = False
-    #: patch size of the token grid: (frames, rows, cols)
-    patch_attrs: tuple[str | None, str, str] = (None, "patch_size", "patch_size")
+    #: config attributes holding the patch size of the token grid's (frames, rows, cols) axes; a scalar
+    #: is that axis' size, a (t, h, w) tuple (Wan's ``patch_size``) gives every axis, an (h, w) tuple the
+    #: spatial ones; a missing attribute is 1 (or the t of a (t, h, w) tuple named for another axis)
+    patch_attrs: tuple[str | None, str, str] = ("patch_size_t", "patch_size", "patch_size")
+    #: axes of 5-D latents: "BCFHW" (most video models) or "BFCHW" (CogVideoX)
+    latent_layout: str = "BCFHW"
     #: keyword (or position) of the timestep in the denoiser call
     timestep_arg: tuple[str, int] = ("timestep", 2)
     #: presets of this family by method name ("duca", "toca", "fora"), DualCacheConfig fields; methods
@@ -207,18 +211,37 @@ class ModelAdapter:
     def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
         """(frames, rows, cols) of image tokens. Default: latents (B, C, H, W) or (B, C, F, H, W)."""
         latents = self.hidden_states(args, kwargs)
-        config = model.config
-        pt, ph, pw = (_patch(config, attr) for attr in self.patch_attrs)
+        pt, ph, pw = patch_sizes(model.config, self.patch_attrs)
         if latents.ndim == 5:
-            return latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw
+            layout = self.latent_layout
+            frames, rows, cols = (latents.shape[layout.index(axis)] for axis in "FHW")
+            return frames // pt, rows // ph, cols // pw
         return 1, latents.shape[-2] // ph, latents.shape[-1] // pw
 
 
-def _patch(config: Any, attr: str | None) -> int:
-    if attr is None:
-        return 1
-    value = getattr(config, attr, 1) or 1
-    return int(value[0] if isinstance(value, (tuple, list)) else value)
+def patch_sizes(config: Any, attrs: tuple[str | None, str | None, str | None]) -> tuple[int, int, int]:
+    """(t, h, w) patch sizes from the config attributes ``attrs`` named for the (frames, rows, cols) axes.
+
+    A scalar is the size of its axis, a 3-tuple is (t, h, w) and gives the size of the axis it is
+    named for, a 2-tuple is (h, w); an axis whose attribute is missing takes the t / h / w entry of a
+    3-tuple named for another axis, or 1.
+    """
+    values = [getattr(config, attr, None) if attr else None for attr in attrs]
+    triple = next((v for v in values if isinstance(v, (tuple, list)) and len(v) == 3), None)
+    sizes = []
+    for axis, value in enumerate(values):
+        if value is None and triple is not None:
+            value = triple[axis]
+        elif isinstance(value, (tuple, list)):
+            if len(value) == 3:
+                value = value[axis]
+            elif len(value) == 2:
+                value = value[axis - 1] if axis else None
+            else:
+                raise ValueError(f"config {attrs[axis]}={tuple(value)!r}: a patch size is a number, (h, w) or "
+                                 "(t, h, w)")
+        sizes.append(int(value or 1))
+    return sizes[0], sizes[1], sizes[2]
 
 
 def resolve(root: torch.nn.Module, path: str) -> torch.nn.Module | None:

@@ -9,10 +9,6 @@ are called with keywords and return ``(h, e)``. Latents are (B, F, C, H, W); Cog
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
 from .base import BlockListSpec, ModelAdapter, ModuleSpec
 
 
@@ -25,8 +21,4 @@ class CogVideoXAdapter(ModelAdapter):
             inputs="h,e", outputs="h,e", value="attn1.to_v", value_text_rows="first",
         ),
     )
-
-    def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
-        frames, _, height, width = self.hidden_states(args, kwargs).shape[1:]
-        p, p_t = model.config.patch_size, model.config.patch_size_t or 1
-        return -(-frames // p_t), height // p, width // p
+    latent_layout = "BFCHW"  # the pipeline pads the latent frames to a multiple of patch_size_t
