@@ -77,3 +77,23 @@ def test_lumina2_refuses_unequal_caption_lengths_in_one_batch():
                  guidance_scale=1.0, num_inference_steps=2, output_type="np")
     finally:
         disable_dual_cache(pipe)
+
+
+def test_lumina2_feed_forward_role_is_per_block():
+    """`feed_forward` is the caption's MLP in the context refiner and the image MLP in the main layers: a
+    conservative step computes the first whole and recomputes selected rows of the second."""
+    pipe = tiny_lumina2_pipeline()
+    enable_dual_cache(pipe, "toca")
+    try:
+        [den] = get_engine(pipe).denoisers
+        layout, plan = den.layout, den.plan(20)
+    finally:
+        disable_dual_cache(pipe)
+    names = layout.block_names
+    refiner = names.index("context_refiner.0")
+    layer = names.index("layers.0")
+    assert layout.role(refiner, "feed_forward") == "text_mlp" and layout.role(layer, "feed_forward") == "mlp"
+    column = plan.modules.index("feed_forward")
+    step = next(s for s in plan.steps if s.kind == "conservative")
+    assert step.fractions[refiner][column] == 1.0
+    assert 0.0 < step.fractions[layer][column] < 1.0

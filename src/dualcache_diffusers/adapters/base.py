@@ -162,7 +162,10 @@ class ModelAdapter:
         return [info.block for info in self.block_infos(model)]
 
     def module_specs(self, model: torch.nn.Module) -> dict[str, ModuleSpec]:
-        """One spec per module name (the first list's, where lists share a name), in plan column order."""
+        """One spec per module name (the first list's, where lists share a name), in plan column order.
+
+        A summary: blocks of different lists may give one name different specs; the plan layout and
+        the engine keep each block's own (:meth:`layout`, :meth:`block_infos`)."""
         specs: dict[str, ModuleSpec] = {}
         for info in self.block_infos(model):
             for spec in info.modules:
@@ -178,7 +181,7 @@ class ModelAdapter:
         return tuple(self.module_specs(model))
 
     def layout(self, model: torch.nn.Module) -> PlanLayout:
-        """What a plan for this model describes: blocks, their modules, each module's role."""
+        """What a plan for this model describes: blocks, their modules, each module's role in each block."""
         infos = self.block_infos(model)
         specs = self.module_specs(model)
         return PlanLayout(
@@ -187,6 +190,8 @@ class ModelAdapter:
             block_names=tuple(info.name for info in infos),
             roles={name: spec.role for name, spec in specs.items()},
             partial=frozenset(name for name, spec in specs.items() if spec.can_partial),
+            block_roles=tuple(tuple(m.role for m in info.modules) for info in infos),
+            block_partial=tuple(frozenset(m.name for m in info.modules if m.can_partial) for info in infos),
         )
 
     def value_projection(self, block: torch.nn.Module):
