@@ -117,7 +117,7 @@ class Denoiser:
         self.modules: list[tuple[torch.nn.Module, CachedModule]] = [
             (getattr(info.block, spec.name),
              CachedModule(info.index, columns[spec.name], spec.name, spec, info.spec.grid,
-                          ModuleCost.of(getattr(info.block, spec.name))))
+                          ModuleCost.of(getattr(info.block, spec.name), spec.kernel)))
             for info in self.infos
             for spec in info.modules
         ]

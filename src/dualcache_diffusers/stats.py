@@ -29,7 +29,9 @@ class ModuleCost:
     per_pair: int  # attention core: QK^T and PV, per (query, key) pair
 
     @classmethod
-    def of(cls, module: torch.nn.Module) -> ModuleCost:
+    def of(cls, module: torch.nn.Module, kernel: str = "softmax") -> ModuleCost:
+        """The cost of ``module``; ``kernel`` "linear" prices its attention core as linear attention
+        (the key-value summary per key row, its product with the queries per query row)."""
         q = kv = 0
         for name, sub in module.named_modules():
             if isinstance(sub, torch.nn.Linear):
@@ -40,7 +42,13 @@ class ModuleCost:
                     q += flops
         pair = 0
         if hasattr(module, "to_q") and hasattr(module, "heads"):
-            pair = 4 * module.to_q.out_features
+            if kernel == "linear":  # (d + 1) x d summary per head and key row (values padded with ones)
+                head = module.to_q.out_features // module.heads
+                core = 2 * module.heads * head * (head + 1)
+                kv += core
+                q += core
+            else:
+                pair = 4 * module.to_q.out_features
         return cls(q, kv, pair)
 
     def flops(self, batch: int, query_rows: int, kv_rows: int) -> int:

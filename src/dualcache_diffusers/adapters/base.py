@@ -23,6 +23,7 @@ _ROW_WISE_ROLES = ("cross_attention", "mlp", "single")
 TEXT_ROWS = ("none", "first", "last")
 LAYOUTS = ("h", "h,e", "e,h")
 GRIDS = ("all", "space", "time")
+KERNELS = ("softmax", "linear")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class ModuleSpec:
             once (CogView4 runs ``ff`` on image rows, then on text rows): ``"image"`` or ``"text"``.
         partial_attention: for self-attention, the processor accepts selected queries with
             ``encoder_hidden_states`` = all rows (plain processors without rotary embeddings).
+        kernel: how the attention core's cost grows with the rows (the FLOPs model of partial
+            recompute): ``"softmax"`` (a query x key term) or ``"linear"`` (Sana's ReLU linear
+            attention: a key-value summary over the key rows, then a product per query row).
     """
 
     name: str
@@ -52,8 +56,11 @@ class ModuleSpec:
     group: str | None = None
     calls: tuple[str, ...] = ("image",)
     partial_attention: bool = False
+    kernel: str = "softmax"
 
     def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"module {self.name!r}: kernel={self.kernel!r}; allowed: {', '.join(KERNELS)}")
         if self.role not in ROLES:
             raise ValueError(f"module {self.name!r}: role={self.role!r}; allowed: {', '.join(ROLES)}")
         if self.text_rows not in TEXT_ROWS:
