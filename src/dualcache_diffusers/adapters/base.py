@@ -139,6 +139,9 @@ class ModelAdapter:
     latent_layout: str = "BCFHW"
     #: keyword (or position) of the timestep in the denoiser call
     timestep_arg: tuple[str, int] = ("timestep", 2)
+    #: call keywords whose tensors are the same for every sample (not batched), such as Flux's
+    #: ``img_ids``: the L2C trainer passes them whole instead of slicing rows out of them
+    shared_inputs: tuple[str, ...] = ()
     #: presets of this family by method name ("duca", "toca", "fora"), DualCacheConfig fields; methods
     #: left out take the default presets. Say in docs/methods.md whether each is published or ours.
     presets: dict[str, dict[str, Any]] = {}
