@@ -6,7 +6,6 @@ recompute it whole or reuse it whole, never a subset of rows.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
 from family_harness import FamilyCase, check_family, check_preset_cuts_flops, run
-from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+from tiny_pipelines import tiny_gemma2_encoder, tiny_gemma_tokenizer
 
 from dualcache_diffusers import cache_stats, count_flops, disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.api import get_engine
@@ -31,21 +30,11 @@ def _single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def tiny_gemma_tokenizer() -> GemmaTokenizer:
-    """A character-level Gemma BPE tokenizer (no merges), built in memory."""
-    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\u2581", *string.ascii_lowercase]
-    return GemmaTokenizer(vocab={piece: i for i, piece in enumerate(pieces)}, merges=[])
-
-
 def tiny_sana_pipeline(seed: int = 0) -> SanaPipeline:
     """16x16 latents (32x32 pixels, 2-level DC-AE), patch 2 -> 64 tokens, 3 blocks, 8 caption tokens."""
-    tokenizer = tiny_gemma_tokenizer()
+    tokenizer = tiny_gemma_tokenizer(padding_side="left")
     torch.manual_seed(seed)
-    text_encoder = Gemma2Model(
-        Gemma2Config(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                     num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=64,
-                     pad_token_id=0, bos_token_id=2, eos_token_id=1)
-    ).eval()
+    text_encoder = tiny_gemma2_encoder(tokenizer)
     transformer = SanaTransformer2DModel(
         patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=8,
