@@ -17,7 +17,11 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop, shape_wrapper
 
-_KV_PROJECTIONS = ("to_k", "to_v", "add_k_proj", "add_v_proj")
+_KV_PROJECTIONS = ("to_k", "to_v")
+#: projections of an added context (Wan I2V's image keys / values next to the text's, the text stream of a
+#: joint attention): each key / value row goes through ``to_k`` / ``to_v`` or through these, never both, so
+#: the key / value rows priced at ``to_k`` + ``to_v`` stand for them
+_ADDED_KV_PROJECTIONS = ("add_k_proj", "add_v_proj")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class ModuleCost:
         for name, sub in module.named_modules():
             if isinstance(sub, torch.nn.Linear):
                 flops = 2 * sub.in_features * sub.out_features
+                if name.split(".")[-1] in _ADDED_KV_PROJECTIONS:
+                    continue
                 if name.split(".")[-1] in _KV_PROJECTIONS:
                     kv += flops
                 else:
