@@ -276,8 +276,12 @@ def generate_trajectories(
         with rec:
             _pipeline_call(pipe, family, part, num_steps, guidance_scale, seed + 1 + start, pipeline_kwargs or {})
         if len(rec.hidden) != num_steps:
+            per_step = len(rec.hidden) / num_steps
+            hint = (f": it calls the denoiser {per_step:g} times per step (once per CFG branch), and the router "
+                    "trainer records one call per step; train without guidance (guidance_scale=1.0, or the "
+                    "pipeline's own switch) or on a pipeline that batches CFG") if per_step in (2, 3) else ""
             raise RuntimeError(
-                f"the pipeline made {len(rec.hidden)} denoiser calls for num_inference_steps={num_steps}"
+                f"the pipeline made {len(rec.hidden)} denoiser calls for num_inference_steps={num_steps}{hint}"
             )
         recorders.append(rec)
         sizes.append(len(part))
