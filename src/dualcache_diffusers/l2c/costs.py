@@ -169,6 +169,9 @@ def measure_plan_cost(
             module_costs[info.index][m] = ModuleCost.of(getattr(info.block, spec.name), spec.kernel)
             partial_ok[info.index][m] = spec.can_partial and spec.calls == ("image",)
     modules = sum(map(sum, full))
+    if in_blocks == 0 or modules == 0:
+        raise RuntimeError(f"the probe call's FLOPs could not be attributed to the blocks of {root} (module names "
+                           f"seen: {sorted(counts)[:5]}...); cannot measure the plan cost")
     return PlanCost(
         tokens=grid[0] * grid[1] * grid[2] if grid is not None else rows[0][0][2],
         overhead_model=(total - in_blocks) // batch,
