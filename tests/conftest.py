@@ -17,8 +17,7 @@ from diffusers import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_t5_tokenizer, tiny_vae
-from transformers import T5Config, T5EncoderModel
+from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
 
 PIXART_KWARGS = TINY_PIXART_CALL_KWARGS
 
@@ -50,13 +49,7 @@ def engine_pixart_pipeline(seed: int = 0, num_layers: int = 4) -> PixArtAlphaPip
     """PixArt-alpha with 16x16 latents, patch 2 -> 64 tokens, width 64, a 1-layer T5."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
-            relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    ).eval()
+    text_encoder = tiny_t5_encoder(tokenizer)
     transformer = PixArtTransformer2DModel(
         num_attention_heads=4,
         attention_head_dim=16,

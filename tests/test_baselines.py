@@ -14,10 +14,10 @@ from tiny_pipelines import (
     TINY_PIXART_CALL_KWARGS,
     tiny_dit_pipeline,
     tiny_pixart_pipeline,
+    tiny_t5_encoder,
     tiny_t5_tokenizer,
     tiny_vae,
 )
-from transformers import T5Config, T5EncoderModel
 
 from dualcache_diffusers.baselines import (
     BASELINES,
@@ -186,8 +186,7 @@ def test_fastercache_with_pixart_additional_conditions() -> None:
     FasterCache cannot split when it drops the unconditional half; the baseline slices them for it."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(0)
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4)
-    text_encoder = T5EncoderModel(config).eval()
+    text_encoder = tiny_t5_encoder(tokenizer)
     transformer = PixArtTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=12,  # the size embedding needs a hidden size divisible by 3

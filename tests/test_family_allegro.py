@@ -5,19 +5,14 @@ from __future__ import annotations
 import torch
 from diffusers import AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro, DDIMScheduler
 from family_harness import FamilyCase, check_family
-from tiny_pipelines import tiny_t5_tokenizer
-from transformers import T5Config, T5EncoderModel
+from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 
 def tiny_allegro_pipeline(seed: int = 0) -> AllegroPipeline:
     """128x128 pixels, 5 frames -> latents 2x16x16 (VAE 8x / 4x), patch 2 -> 64 tokens per frame; 3 blocks."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
-                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                 decoder_start_token_id=0)
-    ).eval()
+    text_encoder = tiny_t5_encoder(tokenizer, d_model=16, d_ff=24, num_heads=2)
     vae = AutoencoderKLAllegro(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                                norm_num_groups=2, temporal_compression_ratio=4).eval()
     transformer = AllegroTransformer3DModel(

@@ -5,18 +5,14 @@ from __future__ import annotations
 import torch
 from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from family_harness import FamilyCase, check_family
-from tiny_pipelines import tiny_t5_tokenizer, tiny_vae
-from transformers import UMT5Config, UMT5EncoderModel
+from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
 
 
 def tiny_auraflow_pipeline(seed: int = 0) -> AuraFlowPipeline:
     """16x16 latents, patch 2 -> 64 image tokens; 8 register + 8 text tokens; 3 joint + 3 single blocks."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )).eval()
+    text_encoder = tiny_t5_encoder(tokenizer, num_heads=2, umt5=True)
     transformer = AuraFlowTransformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=3, num_single_dit_layers=3,
         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, out_channels=4,

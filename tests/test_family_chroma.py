@@ -6,15 +6,15 @@ import pytest
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from family_harness import FamilyCase, check_family, check_partial_self_attention
-from test_family_flux import tiny_flux_vae, tiny_t5_encoder
-from tiny_pipelines import tiny_t5_tokenizer
+from test_family_flux import tiny_flux_vae
+from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 
 def tiny_chroma_pipeline(seed: int = 0) -> ChromaPipeline:
     """16x16 latents packed 2x2 -> 64 image tokens, 8 text tokens, 3 double + 3 single blocks."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = tiny_t5_encoder(tokenizer)
+    text_encoder = tiny_t5_encoder(tokenizer, num_heads=2)
     transformer = ChromaTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=3, num_single_layers=3, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=16,

@@ -10,8 +10,7 @@ import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from family_harness import FamilyCase, check_family, check_partial_self_attention
-from tiny_pipelines import tiny_t5_tokenizer
-from transformers import T5Config, T5EncoderModel
+from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 
 def tiny_cogvideox_pipeline(seed: int = 0, version: str = "1.0") -> CogVideoXPipeline:
@@ -19,11 +18,7 @@ def tiny_cogvideox_pipeline(seed: int = 0, version: str = "1.0") -> CogVideoXPip
     1.0: 9 frames -> 3 latent frames; 1.5 (``patch_size_t=2``): padded to 4 latent frames -> 2 token frames."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
-                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                 decoder_start_token_id=0)
-    ).eval()
+    text_encoder = tiny_t5_encoder(tokenizer, d_model=8, d_ff=16, num_heads=2, d_kv=4)
     extra = dict(patch_size_t=2, patch_bias=False) if version == "1.5" else {}
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,

@@ -12,36 +12,7 @@ from family_harness import (
     check_partial_self_attention,
     check_two_call_branches_are_separate,
 )
-from tiny_pipelines import tiny_t5_tokenizer, tiny_vae
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
-
-_WORDS = ("a", "red", "car", "cat", "photo", "of", "the", "blurry")
-
-
-def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """An offline CLIP tokenizer: whole words plus single letters, no merges."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for word in _WORDS:
-        vocab[word + "</w>"] = len(vocab)
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>", model_max_length=77)
-
-
-def tiny_clip_text_encoder(tokenizer: CLIPTokenizer, hidden: int = 32) -> CLIPTextModel:
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1,
-    )).eval()
-
-
-def tiny_t5_encoder(tokenizer, d_model: int = 32) -> T5EncoderModel:
-    return T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )).eval()
+from tiny_pipelines import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
 
 
 def tiny_flux_vae(seed: int = 0):
@@ -55,7 +26,7 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     torch.manual_seed(seed)
     text_encoder = tiny_clip_text_encoder(tokenizer)
-    text_encoder_2 = tiny_t5_encoder(tokenizer_2)
+    text_encoder_2 = tiny_t5_encoder(tokenizer_2, num_heads=2)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=3, num_single_layers=3, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),

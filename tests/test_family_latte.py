@@ -5,19 +5,14 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, LattePipeline, LatteTransformer3DModel
 from family_harness import FamilyCase, check_family
-from tiny_pipelines import tiny_t5_tokenizer, tiny_vae
-from transformers import T5Config, T5EncoderModel
+from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
 
 
 def tiny_latte_pipeline(seed: int = 0) -> LattePipeline:
     """16x16 latents, patch 2 -> 64 tokens per frame, 3 frames, 3 spatial + 3 temporal blocks."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
-                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                 decoder_start_token_id=0)
-    ).eval()
+    text_encoder = tiny_t5_encoder(tokenizer, d_model=16, d_ff=24, num_heads=2)
     transformer = LatteTransformer3DModel(
         sample_size=16, num_layers=3, patch_size=2, num_attention_heads=2, attention_head_dim=16, in_channels=4,
         out_channels=8, caption_channels=16, cross_attention_dim=32, attention_bias=True,

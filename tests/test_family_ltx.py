@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
 from family_harness import FamilyCase, check_family, check_partial_self_attention
-from tiny_pipelines import tiny_t5_tokenizer
-from transformers import T5Config, T5EncoderModel
+from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 from dualcache_diffusers.adapters import find_adapter
 
@@ -15,11 +14,7 @@ def tiny_ltx_pipeline(seed: int = 0) -> LTXPipeline:
     """32x32 pixels, 5 frames -> latents 2x8x8 (VAE 4x / 4x), patch 1 -> 64 tokens per frame; 3 blocks."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
-                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                 decoder_start_token_id=0)
-    ).eval()
+    text_encoder = tiny_t5_encoder(tokenizer, d_model=16, d_ff=24, num_heads=2)
     vae = AutoencoderKLLTXVideo(
         in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
         decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),

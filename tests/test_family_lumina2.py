@@ -7,17 +7,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
 from family_harness import FamilyCase, check_family, run
 from test_family_flux import tiny_flux_vae
-from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+from tiny_pipelines import tiny_gemma2_encoder, tiny_gemma_tokenizer
 
 from dualcache_diffusers import disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.api import get_engine
-
-
-def tiny_gemma_tokenizer() -> GemmaTokenizer:
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "\u2581": 4}
-    for c in "abcdefghijklmnopqrstuvwxyz<>.,-":
-        vocab.setdefault(c, len(vocab))
-    return GemmaTokenizer(vocab=vocab, merges=[], padding_side="right")
 
 
 def tiny_lumina2_pipeline(seed: int = 0) -> Lumina2Pipeline:
@@ -26,10 +19,7 @@ def tiny_lumina2_pipeline(seed: int = 0) -> Lumina2Pipeline:
     2 + 2 refiner blocks (as the released model) and 3 joint layers."""
     tokenizer = tiny_gemma_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = Gemma2Model(Gemma2Config(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=64, pad_token_id=0,
-    )).eval()
+    text_encoder = tiny_gemma2_encoder(tokenizer, hidden=16, intermediate=24, layers=2, head_dim=8)
     transformer = Lumina2Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=3, num_refiner_layers=2,
         num_attention_heads=2, num_kv_heads=1, multiple_of=16, norm_eps=1e-5, scaling_factor=1.0,
@@ -77,3 +67,23 @@ def test_lumina2_refuses_unequal_caption_lengths_in_one_batch():
                  guidance_scale=1.0, num_inference_steps=2, output_type="np")
     finally:
         disable_dual_cache(pipe)
+
+
+def test_lumina2_feed_forward_role_is_per_block():
+    """`feed_forward` is the caption's MLP in the context refiner and the image MLP in the main layers: a
+    conservative step computes the first whole and recomputes selected rows of the second."""
+    pipe = tiny_lumina2_pipeline()
+    enable_dual_cache(pipe, "toca")
+    try:
+        [den] = get_engine(pipe).denoisers
+        layout, plan = den.layout, den.plan(20)
+    finally:
+        disable_dual_cache(pipe)
+    names = layout.block_names
+    refiner = names.index("context_refiner.0")
+    layer = names.index("layers.0")
+    assert layout.role(refiner, "feed_forward") == "text_mlp" and layout.role(layer, "feed_forward") == "mlp"
+    column = plan.modules.index("feed_forward")
+    step = next(s for s in plan.steps if s.kind == "conservative")
+    assert step.fractions[refiner][column] == 1.0
+    assert 0.0 < step.fractions[layer][column] < 1.0

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
 from family_harness import FamilyCase, check_family
-from tiny_pipelines import tiny_t5_tokenizer
-from transformers import T5Config, T5EncoderModel
+from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 
 def tiny_mochi_pipeline(seed: int = 0) -> MochiPipeline:
@@ -18,11 +17,7 @@ def tiny_mochi_pipeline(seed: int = 0) -> MochiPipeline:
     3 blocks (the last one ``context_pre_only``)."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
-                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                 decoder_start_token_id=0)
-    ).eval()
+    text_encoder = tiny_t5_encoder(tokenizer, d_model=16, d_ff=24, num_heads=2)
     transformer = MochiTransformer3DModel(
         patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=3, pooled_projection_dim=16,
         in_channels=4, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",

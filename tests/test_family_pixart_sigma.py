@@ -8,8 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 from family_harness import FamilyCase, check_family
-from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_t5_tokenizer, tiny_vae
-from transformers import T5Config, T5EncoderModel
+from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
 
 
 @pytest.fixture(autouse=True)
@@ -25,11 +24,7 @@ def tiny_pixart_sigma_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
     """16x16 latents, patch 2 -> 64 tokens, 3 blocks (self, cross, MLP), 1-layer T5."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
-                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                 decoder_start_token_id=0)
-    ).eval()
+    text_encoder = tiny_t5_encoder(tokenizer)
     transformer = PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=3, sample_size=16,
         patch_size=2, cross_attention_dim=32, caption_channels=32, norm_num_groups=4,

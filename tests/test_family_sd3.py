@@ -7,7 +7,6 @@ has batch size 1 and runs without the skipped layers.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,8 +19,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 from family_harness import FamilyCase, check_family, run
-from tiny_pipelines import tiny_t5_tokenizer
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+from tiny_pipelines import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer
 
 from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.api import get_engine
@@ -38,34 +36,20 @@ def _single_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """A character-level CLIP BPE tokenizer (no merges), built in memory."""
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    pieces = specials + list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
-    vocab = {piece: i for i, piece in enumerate(pieces)}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_LEN)
-
-
-def tiny_clip(vocab_size: int, seed: int) -> CLIPTextModelWithProjection:
+def tiny_clip(tokenizer, seed: int):
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=TEXT_LEN, projection_dim=32,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return CLIPTextModelWithProjection(config).eval()
+    return tiny_clip_text_encoder(tokenizer, hidden=16, intermediate=24, max_positions=TEXT_LEN, projection_dim=32,
+                                  with_projection=True)
 
 
 def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """16x16 latents, patch 2 -> 64 image tokens, 16 text tokens, 4 MMDiT blocks (SD3.5: attn2 in block 0)."""
-    clip_tokenizer = tiny_clip_tokenizer()
+    clip_tokenizer = tiny_clip_tokenizer(TEXT_LEN)
     t5_tokenizer = tiny_t5_tokenizer()
-    text_encoder = tiny_clip(len(clip_tokenizer), seed)
-    text_encoder_2 = tiny_clip(len(clip_tokenizer), seed + 1)
+    text_encoder = tiny_clip(clip_tokenizer, seed)
+    text_encoder_2 = tiny_clip(clip_tokenizer, seed + 1)
     torch.manual_seed(seed)
-    text_encoder_3 = T5EncoderModel(
-        T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
-                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                 decoder_start_token_id=0)
-    ).eval()
+    text_encoder_3 = tiny_t5_encoder(t5_tokenizer)
     transformer = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
@@ -80,7 +64,7 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=text_encoder, tokenizer=clip_tokenizer, text_encoder_2=text_encoder_2,
-        tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer,
+        tokenizer_2=tiny_clip_tokenizer(TEXT_LEN), text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

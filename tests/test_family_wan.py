@@ -16,8 +16,7 @@ from diffusers import (
     WanVACETransformer3DModel,
 )
 from family_harness import FamilyCase, check_family, check_partial_self_attention, run
-from tiny_pipelines import tiny_t5_tokenizer
-from transformers import UMT5Config, UMT5EncoderModel
+from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 from dualcache_diffusers import disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.api import get_engine
@@ -35,11 +34,7 @@ CALL = dict(prompt_embeds=_EMBEDS[0], negative_prompt_embeds=_EMBEDS[1], height=
 def _text(seed: int):
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
-                   relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-                   decoder_start_token_id=0)
-    ).eval()
+    encoder = tiny_t5_encoder(tokenizer, d_model=16, d_ff=24, num_heads=2, umt5=True)
     return tokenizer, encoder
 
 

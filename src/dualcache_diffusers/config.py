@@ -266,11 +266,12 @@ def check_plan_fits(plan: CachePlan, layout: PlanLayout) -> None:
         for b, row in enumerate(step.fractions):
             for m, fraction in enumerate(row):
                 name = plan.modules[m]
-                if 0.0 < fraction < 1.0 and plan.present(b, m) and name not in layout.partial:
+                if 0.0 < fraction < 1.0 and plan.present(b, m) and not layout.can_partial(b, name):
+                    partial = sorted(layout.block_partial[b] if layout.block_partial else layout.partial)
                     raise ValueError(
                         f"the cache plan recomputes {fraction:.2f} of the rows of {name!r} (step {i}, block {b}), but "
-                        f"{name!r} can only be computed or reused whole on this model (role "
-                        f"{layout.roles.get(name, '?')}); partial modules here: {sorted(layout.partial)}"
+                        f"{name!r} can only be computed or reused whole in that block (role "
+                        f"{layout.role(b, name)}); partial modules there: {partial}"
                     )
 
 

@@ -105,7 +105,7 @@ class Denoiser:
         self.modules: list[tuple[torch.nn.Module, CachedModule]] = [
             (getattr(info.block, spec.name),
              CachedModule(info.index, columns[spec.name], spec.name, spec, info.spec.grid,
-                          ModuleCost.of(getattr(info.block, spec.name))))
+                          ModuleCost.of(getattr(info.block, spec.name), spec.kernel)))
             for info in self.infos
             for spec in info.modules
         ]
@@ -186,6 +186,7 @@ class Call:
     recording: bool  # full step that records token scores
     counting: bool  # first call for this input shape: FLOPs are being recorded
     history: int = 0  # full computations to keep per output (max forecast order + 1; 0 = none)
+    signature: tuple = ()  # what the call's FLOPs depend on (input shape and branch): key of its Costs
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
     block: int | None = None
     block_calls: dict[int, int] = field(default_factory=dict)
@@ -355,7 +356,9 @@ class DualCacheEngine:
         state = branch.models.get(d_index)
         if state is None:
             state = branch.models[d_index] = ModelState()
-        signature = (tuple(latents.shape), latents.dtype, latents.device)
+        # per branch too: a CFG branch called on its own may see another caption length (Lumina2 trims
+        # its rows to the caption's true length inside the model, which no input shape tells)
+        signature = (tuple(latents.shape), latents.dtype, latents.device, key)
         costs = den.costs.get(signature)
         plan = den.plan(branch.plan_steps)
         step_plan = plan.steps[branch.step] if state.primed else plan.steps[0]  # nothing cached yet: full
@@ -365,7 +368,8 @@ class DualCacheEngine:
             step_plan = dataclasses.replace(step_plan, skip_blocks=False, kind="reuse")
         state.primed = True
         keep = plan.max_forecast_order + 1 if plan.max_forecast_order else 0
-        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None, history=keep)
+        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None, history=keep,
+                    signature=signature)
         state.costs = costs if costs is not None else Costs()
         state.stats.step_kinds.append(step_plan.kind)
         state.stats.num_calls += 1
@@ -762,8 +766,6 @@ class DenoiserHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         call = self.engine.begin_call(self.d_index, args, kwargs)
-        latents = call.denoiser.adapter.hidden_states(args, kwargs)
-        signature = (tuple(latents.shape), latents.dtype, latents.device)
         try:
             if call.counting:
                 with _FlopRecorder(self.engine):
@@ -774,7 +776,7 @@ class DenoiserHook(ModelHook):
             self.engine._local.call = None
             self.engine.reset()  # an interrupted generation leaves nothing half-done behind
             raise
-        self.engine.end_call(call, signature)
+        self.engine.end_call(call, call.signature)
         return output
 
 

@@ -33,9 +33,13 @@ class PlanLayout:
     """The part of a model a plan describes: its blocks in execution order and their cached modules.
 
     ``modules`` are the plan's columns (every module name of any block); ``block_modules[b]`` are the
-    ones block ``b`` has (a cell of a module a block lacks is ignored). ``roles`` maps a module name
-    to its role (see ``adapters.base.ROLES``) and ``partial`` names the modules whose rows can be
-    recomputed one by one.
+    ones block ``b`` has (a cell of a module a block lacks is ignored). ``block_roles[b]`` gives the
+    role (see ``adapters.base.ROLES``) of each of block ``b``'s modules, in the order of
+    ``block_modules[b]``, and ``block_partial[b]`` names those whose rows can be recomputed one by
+    one: one module name may play different roles in different block lists (Lumina2's
+    ``feed_forward`` is the caption's MLP in the context refiner, the image MLP in the main layers).
+    ``roles`` and ``partial`` summarise them per name (the first block's role; partial only where
+    every block allows it) and stand in for the per-block fields when those are empty.
     """
 
     modules: tuple[str, ...]
@@ -43,10 +47,32 @@ class PlanLayout:
     block_names: tuple[str, ...] = ()
     roles: dict[str, str] = field(default_factory=dict)
     partial: frozenset[str] = frozenset()
+    block_roles: tuple[tuple[str, ...], ...] = ()
+    block_partial: tuple[frozenset[str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, per_block in (("block_roles", self.block_roles), ("block_partial", self.block_partial)):
+            if per_block and len(per_block) != len(self.block_modules):
+                raise ValueError(f"PlanLayout.{name} has {len(per_block)} entries for {len(self.block_modules)} blocks")
+        for b, (names, roles) in enumerate(zip(self.block_modules, self.block_roles)):
+            if len(names) != len(roles):
+                raise ValueError(f"PlanLayout.block_roles[{b}] has {len(roles)} roles for the modules {names}")
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_modules)
+
+    def role(self, block: int, module: str) -> str:
+        """The role of ``module`` in block ``block`` ("mlp" where nothing says otherwise)."""
+        if self.block_roles and module in self.block_modules[block]:
+            return self.block_roles[block][self.block_modules[block].index(module)]
+        return self.roles.get(module, "mlp")
+
+    def can_partial(self, block: int, module: str) -> bool:
+        """Whether block ``block`` may recompute a subset of ``module``'s rows."""
+        if self.block_partial:
+            return module in self.block_partial[block]
+        return module in self.partial
 
     @property
     def uniform(self) -> bool:
@@ -476,16 +502,16 @@ def _rows(num_blocks: int, num_modules: int, value: float) -> list[list[float]]:
 
 
 def conservative_fraction(
-    layout: PlanLayout, module: str, ratio: float, self_attention: str = "reuse"
+    layout: PlanLayout, module: str, ratio: float, self_attention: str = "reuse", block: int = 0
 ) -> float:
-    """What a conservative step does with ``module``: recompute ``ratio`` of its rows where it can,
-    reuse it where it cannot (Sana's conv MLP; self- and joint attention unless "partial"),
+    """What a conservative step does with ``module`` of block ``block``: recompute ``ratio`` of its rows
+    where it can, reuse it where it cannot (Sana's conv MLP; self- and joint attention unless "partial"),
     compute it whole for the text stream's MLP (text rows are few)."""
-    role = layout.roles.get(module, "mlp")
+    role = layout.role(block, module)
     if role == "text_mlp":
         return 1.0
     attention = role in ("self_attention", "joint_attention")
-    if module not in layout.partial or (attention and self_attention != "partial"):
+    if not layout.can_partial(block, module) or (attention and self_attention != "partial"):
         return 0.0
     return ratio
 
@@ -522,7 +548,7 @@ def plan_from_kinds(
             rows = [
                 [
                     conservative_fraction(
-                        layout, m, ratio_fn(step, num_steps, b, num_blocks, layout.roles.get(m, "mlp")), self_attention
+                        layout, m, ratio_fn(step, num_steps, b, num_blocks, layout.role(b, m)), self_attention, b
                     )
                     for m in modules
                 ]

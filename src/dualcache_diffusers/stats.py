@@ -17,7 +17,11 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop, shape_wrapper
 
-_KV_PROJECTIONS = ("to_k", "to_v", "add_k_proj", "add_v_proj")
+_KV_PROJECTIONS = ("to_k", "to_v")
+#: projections of an added context (Wan I2V's image keys / values next to the text's, the text stream of a
+#: joint attention): each key / value row goes through ``to_k`` / ``to_v`` or through these, never both, so
+#: the key / value rows priced at ``to_k`` + ``to_v`` stand for them
+_ADDED_KV_PROJECTIONS = ("add_k_proj", "add_v_proj")
 
 
 @dataclass(frozen=True)
@@ -29,18 +33,28 @@ class ModuleCost:
     per_pair: int  # attention core: QK^T and PV, per (query, key) pair
 
     @classmethod
-    def of(cls, module: torch.nn.Module) -> ModuleCost:
+    def of(cls, module: torch.nn.Module, kernel: str = "softmax") -> ModuleCost:
+        """The cost of ``module``; ``kernel`` "linear" prices its attention core as linear attention
+        (the key-value summary per key row, its product with the queries per query row)."""
         q = kv = 0
         for name, sub in module.named_modules():
             if isinstance(sub, torch.nn.Linear):
                 flops = 2 * sub.in_features * sub.out_features
+                if name.split(".")[-1] in _ADDED_KV_PROJECTIONS:
+                    continue
                 if name.split(".")[-1] in _KV_PROJECTIONS:
                     kv += flops
                 else:
                     q += flops
         pair = 0
         if hasattr(module, "to_q") and hasattr(module, "heads"):
-            pair = 4 * module.to_q.out_features
+            if kernel == "linear":  # (d + 1) x d summary per head and key row (values padded with ones)
+                head = module.to_q.out_features // module.heads
+                core = 2 * module.heads * head * (head + 1)
+                kv += core
+                q += core
+            else:
+                pair = 4 * module.to_q.out_features
         return cls(q, kv, pair)
 
     def flops(self, batch: int, query_rows: int, kv_rows: int) -> int:

@@ -19,4 +19,3 @@ ALLEGRO_BLOCK_MODULES = (
 class AllegroAdapter(ModelAdapter):
     model_classes = {"AllegroTransformer3DModel": "allegro"}
     block_lists = (BlockListSpec("transformer_blocks", ALLEGRO_BLOCK_MODULES, inputs="h,e", value="attn1.to_v"),)
-    patch_attrs = ("patch_size_t", "patch_size", "patch_size")

@@ -24,6 +24,7 @@ _ROW_WISE_ROLES = ("cross_attention", "mlp", "single")
 TEXT_ROWS = ("none", "first", "last")
 LAYOUTS = ("h", "h,e", "e,h")
 GRIDS = ("all", "space", "time")
+KERNELS = ("softmax", "linear")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class ModuleSpec:
             keys and values itself, with the table sliced to the selected rows (see
             ``partial_attention.RotaryAttention``). A joint module returning ``(image, text)`` gets
             the selected image rows scattered into its cached image output and a fresh text output.
+        kernel: how the attention core's cost grows with the rows (the FLOPs model of partial
+            recompute): ``"softmax"`` (a query x key term) or ``"linear"`` (Sana's ReLU linear
+            attention: a key-value summary over the key rows, then a product per query row).
     """
 
     name: str
@@ -59,8 +63,11 @@ class ModuleSpec:
     calls: tuple[str, ...] = ("image",)
     partial_attention: bool = False
     rotary: RotaryAttention | None = None
+    kernel: str = "softmax"
 
     def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"module {self.name!r}: kernel={self.kernel!r}; allowed: {', '.join(KERNELS)}")
         if self.role not in ROLES:
             raise ValueError(f"module {self.name!r}: role={self.role!r}; allowed: {', '.join(ROLES)}")
         if self.text_rows not in TEXT_ROWS:
@@ -133,10 +140,17 @@ class ModelAdapter:
     #: the pipeline calls the denoiser once per CFG branch without a ``cache_context``: tell the
     #: branches apart by the order of calls at the same timestep
     branches_by_timestep: bool = False
-    #: patch size of the token grid: (frames, rows, cols)
-    patch_attrs: tuple[str | None, str, str] = (None, "patch_size", "patch_size")
+    #: config attributes holding the patch size of the token grid's (frames, rows, cols) axes; a scalar
+    #: is that axis' size, a (t, h, w) tuple (Wan's ``patch_size``) gives every axis, an (h, w) tuple the
+    #: spatial ones; a missing attribute is 1 (or the t of a (t, h, w) tuple named for another axis)
+    patch_attrs: tuple[str | None, str, str] = ("patch_size_t", "patch_size", "patch_size")
+    #: axes of 5-D latents: "BCFHW" (most video models) or "BFCHW" (CogVideoX)
+    latent_layout: str = "BCFHW"
     #: keyword (or position) of the timestep in the denoiser call
     timestep_arg: tuple[str, int] = ("timestep", 2)
+    #: call keywords whose tensors are the same for every sample (not batched), such as Flux's
+    #: ``img_ids``: the L2C trainer passes them whole instead of slicing rows out of them
+    shared_inputs: tuple[str, ...] = ()
     #: presets of this family by method name ("duca", "toca", "fora"), DualCacheConfig fields; methods
     #: left out take the default presets. Say in docs/methods.md whether each is published or ours.
     presets: dict[str, dict[str, Any]] = {}
@@ -167,7 +181,10 @@ class ModelAdapter:
         return [info.block for info in self.block_infos(model)]
 
     def module_specs(self, model: torch.nn.Module) -> dict[str, ModuleSpec]:
-        """One spec per module name (the first list's, where lists share a name), in plan column order."""
+        """One spec per module name (the first list's, where lists share a name), in plan column order.
+
+        A summary: blocks of different lists may give one name different specs; the plan layout and
+        the engine keep each block's own (:meth:`layout`, :meth:`block_infos`)."""
         specs: dict[str, ModuleSpec] = {}
         for info in self.block_infos(model):
             for spec in info.modules:
@@ -183,7 +200,7 @@ class ModelAdapter:
         return tuple(self.module_specs(model))
 
     def layout(self, model: torch.nn.Module) -> PlanLayout:
-        """What a plan for this model describes: blocks, their modules, each module's role."""
+        """What a plan for this model describes: blocks, their modules, each module's role in each block."""
         infos = self.block_infos(model)
         specs = self.module_specs(model)
         return PlanLayout(
@@ -192,6 +209,8 @@ class ModelAdapter:
             block_names=tuple(info.name for info in infos),
             roles={name: spec.role for name, spec in specs.items()},
             partial=frozenset(name for name, spec in specs.items() if spec.can_partial),
+            block_roles=tuple(tuple(m.role for m in info.modules) for info in infos),
+            block_partial=tuple(frozenset(m.name for m in info.modules if m.can_partial) for info in infos),
         )
 
     def value_projection(self, block: torch.nn.Module):
@@ -216,18 +235,37 @@ class ModelAdapter:
     def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
         """(frames, rows, cols) of image tokens. Default: latents (B, C, H, W) or (B, C, F, H, W)."""
         latents = self.hidden_states(args, kwargs)
-        config = model.config
-        pt, ph, pw = (_patch(config, attr) for attr in self.patch_attrs)
+        pt, ph, pw = patch_sizes(model.config, self.patch_attrs)
         if latents.ndim == 5:
-            return latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw
+            layout = self.latent_layout
+            frames, rows, cols = (latents.shape[layout.index(axis)] for axis in "FHW")
+            return frames // pt, rows // ph, cols // pw
         return 1, latents.shape[-2] // ph, latents.shape[-1] // pw
 
 
-def _patch(config: Any, attr: str | None) -> int:
-    if attr is None:
-        return 1
-    value = getattr(config, attr, 1) or 1
-    return int(value[0] if isinstance(value, (tuple, list)) else value)
+def patch_sizes(config: Any, attrs: tuple[str | None, str | None, str | None]) -> tuple[int, int, int]:
+    """(t, h, w) patch sizes from the config attributes ``attrs`` named for the (frames, rows, cols) axes.
+
+    A scalar is the size of its axis, a 3-tuple is (t, h, w) and gives the size of the axis it is
+    named for, a 2-tuple is (h, w); an axis whose attribute is missing takes the t / h / w entry of a
+    3-tuple named for another axis, or 1.
+    """
+    values = [getattr(config, attr, None) if attr else None for attr in attrs]
+    triple = next((v for v in values if isinstance(v, (tuple, list)) and len(v) == 3), None)
+    sizes = []
+    for axis, value in enumerate(values):
+        if value is None and triple is not None:
+            value = triple[axis]
+        elif isinstance(value, (tuple, list)):
+            if len(value) == 3:
+                value = value[axis]
+            elif len(value) == 2:
+                value = value[axis - 1] if axis else None
+            else:
+                raise ValueError(f"config {attrs[axis]}={tuple(value)!r}: a patch size is a number, (h, w) or "
+                                 "(t, h, w)")
+        sizes.append(int(value or 1))
+    return sizes[0], sizes[1], sizes[2]
 
 
 def resolve(root: torch.nn.Module, path: str) -> torch.nn.Module | None:

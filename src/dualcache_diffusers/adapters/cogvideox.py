@@ -14,8 +14,6 @@ all keys and values. The presets reuse `attn1` whole at conservative steps.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
@@ -43,8 +41,4 @@ class CogVideoXAdapter(ModelAdapter):
             inputs="h,e", outputs="h,e", value="attn1.to_v", value_text_rows="first",
         ),
     )
-
-    def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
-        frames, _, height, width = self.hidden_states(args, kwargs).shape[1:]
-        p, p_t = model.config.patch_size, model.config.patch_size_t or 1
-        return -(-frames // p_t), height // p, width // p
+    latent_layout = "BFCHW"  # the pipeline pads the latent frames to a multiple of patch_size_t

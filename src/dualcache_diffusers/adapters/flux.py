@@ -78,5 +78,7 @@ class FluxAdapter(ModelAdapter):
         "fora": dict(method="fora", interval=3),
     }
 
+    shared_inputs = ("img_ids", "txt_ids")  # (N, 3) / (T, 3) position ids, the same for every sample
+
     def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
         return packed_token_grid(self.hidden_states(args, kwargs), kwargs.get("img_ids"))

@@ -59,6 +59,5 @@ HUNYUAN_DUCA = dict(method="duca", interval=5, fresh_ratio=0.1, ratio_schedule="
 class HunyuanVideoAdapter(ModelAdapter):
     model_classes = {"HunyuanVideoTransformer3DModel": "hunyuan_video"}
     block_lists = (DOUBLE_BLOCKS, SINGLE_BLOCKS)
-    patch_attrs = ("patch_size_t", "patch_size", "patch_size")
     timestep_arg = ("timestep", 1)  # forward(hidden_states, timestep, ...)
     presets = {"duca": HUNYUAN_DUCA}

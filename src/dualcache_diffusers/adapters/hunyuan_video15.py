@@ -15,5 +15,4 @@ from .hunyuan_video import DOUBLE_BLOCKS
 class HunyuanVideo15Adapter(ModelAdapter):
     model_classes = {"HunyuanVideo15Transformer3DModel": "hunyuan_video15"}
     block_lists = (DOUBLE_BLOCKS,)
-    patch_attrs = ("patch_size_t", "patch_size", "patch_size")
     timestep_arg = ("timestep", 1)  # forward(hidden_states, timestep, ...)

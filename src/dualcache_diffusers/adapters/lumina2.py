@@ -3,7 +3,9 @@
 All three lists hold `Lumina2TransformerBlock`s that take one stream and return one tensor, with
 `attn` (self-attention with RoPE, so computed or reused whole) and the row-wise `feed_forward`.
 The context refiner sees caption rows only and does not depend on the timestep: its `attn` is
-cached (reused whole), its `feed_forward` runs whenever the block runs. The noise refiner sees the
+cached (reused whole) and its `feed_forward` is the caption's MLP (role ``text_mlp``: computed at
+conservative steps, reused at aggressive ones), while the same name is the image MLP of the other
+lists (roles are per block, see ``PlanLayout.block_roles``). The noise refiner sees the
 image rows; the main `layers` see each sample's [caption; image; padding] rows, with the caption's
 true length taken from the mask. A batch whose captions have different lengths puts the image rows
 of each sample at another offset, which one `text_rows` layout cannot describe: the adapter refuses
@@ -28,9 +30,8 @@ _ATTN = ModuleSpec("attn", "self_attention")  # RoPE: no partial queries
 class Lumina2Adapter(ModelAdapter):
     model_classes = {"Lumina2Transformer2DModel": "lumina2"}
     block_lists = (
-        # the plan keeps one role per module name: a text_mlp `feed_forward` here would make every
-        # `feed_forward` a text MLP (computed whole); the refiner's MLP is left uncached instead
-        BlockListSpec("context_refiner", (ModuleSpec("attn", "joint_attention"),)),
+        BlockListSpec("context_refiner",
+                      (ModuleSpec("attn", "joint_attention"), ModuleSpec("feed_forward", "text_mlp"))),
         BlockListSpec("noise_refiner", (_ATTN, ModuleSpec("feed_forward", "mlp")), value="attn.to_v"),
         BlockListSpec("layers", (ModuleSpec("attn", "joint_attention", text_rows="first"),
                                  ModuleSpec("feed_forward", "mlp", text_rows="first")),

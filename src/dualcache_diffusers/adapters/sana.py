@@ -6,11 +6,11 @@ to the caption, partial recompute of selected rows) and `ff`, a
 depend on their neighbours, so `ff` is only ever computed or reused whole (``token_wise=False``).
 Blocks take and return the image tokens only. CFG is batched [uncond, cond] in one call.
 
-`attn1` could recompute selected queries against all rows exactly (the linear-attention processor
-takes ``encoder_hidden_states``), but the engine's cost model prices attention as softmax attention
-(a query x key term), while linear attention pays its key-value summary over all rows whatever the
-number of queries: with ``self_attention="partial"`` the engine's FLOP count came out 4-9% below the
-measured one. Until the cost model knows linear attention, `attn1` is computed or reused whole.
+`attn1` recomputes selected queries against all rows exactly (the linear-attention processor takes
+``encoder_hidden_states``), with ``self_attention="partial"``; the presets reuse it whole, as DuCa does.
+Its FLOPs are priced as linear attention (``kernel="linear"``): the key-value summary is paid over
+every row whatever the number of queries, so the engine's count of a partial step matches
+``FlopCounterMode`` (priced as softmax attention it came out 4-9% low).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class SanaAdapter(ModelAdapter):
         BlockListSpec(
             "transformer_blocks",
             (
-                ModuleSpec("attn1", "self_attention"),
+                ModuleSpec("attn1", "self_attention", partial_attention=True, kernel="linear"),
                 ModuleSpec("attn2", "cross_attention"),
                 ModuleSpec("ff", "mlp", token_wise=False),
             ),

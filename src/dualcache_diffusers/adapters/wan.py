@@ -15,8 +15,6 @@ recompute a subset of rows. Wan VACE caches its main `blocks` only: the `vace_bl
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..partial_attention import RotaryAttention
@@ -52,9 +50,4 @@ class WanAdapter(ModelAdapter):
     }
     block_lists = (BlockListSpec("blocks", WAN_BLOCK_MODULES, inputs="h,e", value="attn1.to_v"),)
     timestep_arg = ("timestep", 1)
-
-    def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
-        """Latents (B, C, F, H, W) over the (t, h, w) patch size tuple."""
-        latents = self.hidden_states(args, kwargs)
-        pt, ph, pw = model.config.patch_size
-        return latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw
+    # token grid: latents (B, C, F, H, W) over the config's (t, h, w) `patch_size` (the default reading)

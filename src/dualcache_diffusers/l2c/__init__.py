@@ -37,12 +37,14 @@ def plan_cost(pipe, **call_kwargs) -> PlanCost:
     from .data import _Recorder
 
     model = pipe.transformer
-    rec = _Recorder(model, stop_after_first=True)
+    adapter = find_adapter(model)
+    rec = _Recorder(model, stop_after_first=True, shared=adapter.shared_inputs)
     with rec:
         pipe(**call_kwargs)
     hidden = rec.hidden[0][:1]
-    kwargs = {"timestep": rec.timesteps[0][:1], **_slice(rec.cond)}
-    return measure_plan_cost(model, find_adapter(model), lambda: model(hidden, **kwargs, return_dict=False))
+    kwargs = {"timestep": rec.timesteps[0][:1], **rec.shared, **_slice(rec.cond)}
+    grid = adapter.token_grid(model, (hidden,), kwargs)
+    return measure_plan_cost(model, adapter, lambda: model(hidden, **kwargs, return_dict=False), grid)
 
 
 def _slice(tree):

@@ -1,10 +1,15 @@
 """FLOPs of a cache plan from per-module costs, the same accounting the engine uses.
 
-A :class:`PlanCost` is measured once from one probe call of the denoiser: the
-:class:`~dualcache_diffusers.stats.ModuleCost` of every cached module, the rows it sees, and the
-FLOPs of every Linear / Conv layer outside the cached modules (per call, and per block). A plan's
-FLOPs are then summed step by step exactly as the engine counts them, so the predicted fraction
-agrees with ``count_flops`` around a real pipeline call.
+A :class:`PlanCost` is measured once from one probe call of the denoiser with
+``FlopCounterMode``'s formulas, attributed per module: the FLOPs of every cached module's full
+call, of each block outside its cached modules, and of the model outside its blocks. A partial
+module (rows recomputed one by one) costs its full FLOPs scaled by the
+:class:`~dualcache_diffusers.stats.ModuleCost` of the rows it computes (the selected image rows plus
+every text row), as the engine scales them. A plan's FLOPs are then summed step by step exactly as
+the engine counts them, so the predicted fraction agrees with ``count_flops`` around a real pipeline
+call. Blocks of several lists with different modules (Flux's double and single stream, SD3.5's
+``attn2`` in some blocks) are described by the adapter's :class:`~dualcache_diffusers.plan.PlanLayout`:
+a module a block lacks costs nothing.
 """
 
 from __future__ import annotations
@@ -16,33 +21,47 @@ import torch
 
 from ..adapters import ModelAdapter
 from ..plan import CachePlan, StepPlan, num_fresh_tokens
-from ..stats import ModuleCost, layer_flops
+from ..stats import ModuleCost, flop_counter
 
 
 @dataclass
 class PlanCost:
-    """Per-sample FLOPs of one denoiser call, split the way the engine splits it."""
+    """Per-sample FLOPs of one denoiser call, split the way the engine splits it.
 
-    tokens: int
+    ``full[b][m]`` is the FLOPs of block ``b``'s module column ``m`` computed whole (0 where the block
+    lacks it); ``rows[b][m]`` its (query rows, key/value rows, image rows) and ``module_costs[b][m]``
+    its :class:`ModuleCost` (None where absent); ``partial_ok[b][m]`` whether a fraction in (0, 1)
+    recomputes rows (otherwise the engine computes the module whole).
+    """
+
+    tokens: int  # image tokens of the call (frames x rows x cols)
     overhead_model: int
     overhead_blocks: int
-    module_costs: list[list[ModuleCost]]  # [block][module]
-    kv_rows: list[list[int]]  # [block][module]: key/value rows (tokens for self-attention, text for cross)
+    full: list[list[int]]
+    rows: list[list[tuple[int, int, int]]]
+    module_costs: list[list[ModuleCost | None]]
+    partial_ok: list[list[bool]]
 
     @property
     def num_blocks(self) -> int:
-        return len(self.module_costs)
+        return len(self.full)
 
     def module_flops(self, block: int, module: int, fraction: float) -> int:
-        rows = num_fresh_tokens(fraction, self.tokens)
-        if rows == 0:
+        full = self.full[block][module]
+        if fraction <= 0.0 or full == 0:
             return 0
-        return self.module_costs[block][module].flops(1, rows, self.kv_rows[block][module])
+        if fraction >= 1.0 or not self.partial_ok[block][module]:
+            return full
+        query, kv, image = self.rows[block][module]
+        fresh = num_fresh_tokens(fraction, image)
+        if fresh == 0:  # the engine returns the cache as it is
+            return 0
+        cost = self.module_costs[block][module]
+        whole = cost.flops(1, query, kv)
+        return round(full * cost.flops(1, fresh + query - image, kv) / whole) if whole else full
 
     def full_call(self) -> int:
-        return self.overhead_model + self.overhead_blocks + sum(
-            self.module_flops(b, m, 1.0) for b in range(self.num_blocks) for m in range(len(self.module_costs[b]))
-        )
+        return self.overhead_model + self.overhead_blocks + sum(map(sum, self.full))
 
     def step_flops(self, step: StepPlan) -> int:
         if step.skip_blocks:
@@ -63,11 +82,11 @@ class PlanCost:
     def tensors(self, partial_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(full, partial) FLOPs per [block, module] as float64 tensors, for differentiable expectations."""
         full = torch.tensor(
-            [[self.module_flops(b, m, 1.0) for m in range(len(r))] for b, r in enumerate(self.module_costs)],
+            [[self.module_flops(b, m, 1.0) for m in range(len(r))] for b, r in enumerate(self.full)],
             dtype=torch.float64,
         )
         part = torch.tensor(
-            [[self.module_flops(b, m, partial_ratio) for m in range(len(r))] for b, r in enumerate(self.module_costs)],
+            [[self.module_flops(b, m, partial_ratio) for m in range(len(r))] for b, r in enumerate(self.full)],
             dtype=torch.float64,
         )
         return full, part
@@ -81,69 +100,84 @@ class PlanCost:
         }
 
 
-def measure_plan_cost(
-    model: torch.nn.Module, adapter: ModelAdapter, call: Any
-) -> PlanCost:
-    """Run ``call()`` (one denoiser call with batch 1 or more) and record the cost model.
+def image_rows(grid: tuple[int, int, int], axes: str) -> int:
+    """Image rows a block sees for the (frames, rows, cols) token ``grid`` (``BlockListSpec.grid`` axes)."""
+    frames, rows, cols = grid
+    return {"all": frames * rows * cols, "space": rows * cols, "time": frames}[axes]
 
-    FLOPs are normalised per sample (divided by the batch size of the probe call).
+
+def _kv_rows(args: tuple, kwargs: dict) -> tuple[int, int]:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    encoder = kwargs.get("encoder_hidden_states")
+    return hidden.shape[1], hidden.shape[1] if encoder is None else encoder.shape[1]
+
+
+def measure_plan_cost(
+    model: torch.nn.Module, adapter: ModelAdapter, call: Any, grid: tuple[int, int, int] | None = None,
+    batch: int = 1,
+) -> PlanCost:
+    """Run ``call()`` (one denoiser call of ``batch`` samples) and record the cost model.
+
+    ``grid`` is the call's (frames, rows, cols) token grid (``adapter.token_grid``); without it every
+    row a module sees counts as an image row. FLOPs are normalised per sample.
     """
-    blocks = adapter.blocks(model)
-    names = adapter.module_names(model)
-    cached_layers: set[int] = set()
-    seen: dict[tuple[int, int], tuple[int, int, int]] = {}  # (b, m) -> (batch, tokens, kv rows)
+    layout = adapter.layout(model)
+    infos = adapter.block_infos(model)
+    columns = {name: i for i, name in enumerate(layout.modules)}
+    seen: dict[tuple[int, int], tuple[int, int]] = {}  # (b, m) -> (query rows, kv rows) of its first call
     handles = []
-    in_block: list[int | None] = [None]
-    totals = {"model": 0, "blocks": 0}
 
     def module_pre(b: int, m: int):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            encoder = kwargs.get("encoder_hidden_states")
-            kv = hidden.shape[1] if encoder is None else encoder.shape[1]
-            seen[b, m] = (hidden.shape[0], hidden.shape[1], kv)
+            seen.setdefault((b, m), _kv_rows(args, kwargs))
 
         return hook
-
-    def block_pre(b: int):
-        def hook(module, args, kwargs):
-            in_block[0] = b
-
-        return hook
-
-    def block_post(module, args, kwargs, output):
-        in_block[0] = None
-
-    def layer_hook(layer, inputs, output):
-        flops = layer_flops(layer, inputs, output)
-        totals["model" if in_block[0] is None else "blocks"] += flops
 
     try:
-        for b, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(block_pre(b), with_kwargs=True))
-            handles.append(block.register_forward_hook(block_post, with_kwargs=True))
-            for m, name in enumerate(names):
-                module = getattr(block, name)
-                cached_layers.update(id(x) for x in module.modules())
-                handles.append(module.register_forward_pre_hook(module_pre(b, m), with_kwargs=True))
-        counted = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-        for layer in model.modules():
-            if isinstance(layer, counted) and id(layer) not in cached_layers:
-                handles.append(layer.register_forward_hook(layer_hook))
-        with torch.no_grad():
+        for info in infos:
+            for spec in info.modules:
+                module = getattr(info.block, spec.name)
+                handles.append(module.register_forward_pre_hook(module_pre(info.index, columns[spec.name]),
+                                                                with_kwargs=True))
+        counter = flop_counter()
+        with torch.no_grad(), counter:
             call()
     finally:
         for h in handles:
             h.remove()
-    if len(seen) != len(blocks) * len(names):
-        raise RuntimeError("the probe call did not run every cached module; cannot measure the plan cost")
-    batch, tokens, _ = seen[0, 0]
-    costs = [[ModuleCost.of(getattr(block, name)) for name in names] for block in blocks]
-    kv_rows = [[seen[b, m][2] for m in range(len(names))] for b in range(len(blocks))]
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    total = counts.get("Global", 0)
+    width = len(layout.modules)
+    full = [[0] * width for _ in infos]
+    rows = [[(0, 0, 0)] * width for _ in infos]
+    module_costs: list[list[ModuleCost | None]] = [[None] * width for _ in infos]
+    partial_ok = [[False] * width for _ in infos]
+    in_blocks = 0
+    for info in infos:
+        prefix = f"{root}.{info.name}"
+        in_blocks += counts.get(prefix, 0)
+        for spec in info.modules:
+            m = columns[spec.name]
+            if (info.index, m) not in seen:
+                raise RuntimeError(f"the probe call did not run {spec.name} of {info.name}; cannot measure the plan "
+                                   "cost")
+            query, kv = seen[info.index, m]
+            image = query if grid is None else min(query, image_rows(grid, info.spec.grid))
+            full[info.index][m] = counts.get(f"{prefix}.{spec.name}", 0) // batch
+            rows[info.index][m] = (query, kv, image)
+            module_costs[info.index][m] = ModuleCost.of(getattr(info.block, spec.name), spec.kernel)
+            partial_ok[info.index][m] = spec.can_partial and spec.calls == ("image",)
+    modules = sum(map(sum, full))
+    if in_blocks == 0 or modules == 0:
+        raise RuntimeError(f"the probe call's FLOPs could not be attributed to the blocks of {root} (module names "
+                           f"seen: {sorted(counts)[:5]}...); cannot measure the plan cost")
     return PlanCost(
-        tokens=tokens,
-        overhead_model=totals["model"] // batch,
-        overhead_blocks=totals["blocks"] // batch,
-        module_costs=costs,
-        kv_rows=kv_rows,
+        tokens=grid[0] * grid[1] * grid[2] if grid is not None else rows[0][0][2],
+        overhead_model=(total - in_blocks) // batch,
+        overhead_blocks=max(0, in_blocks // batch - modules),
+        full=full,
+        rows=rows,
+        module_costs=module_costs,
+        partial_ok=partial_ok,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,8 +79,10 @@ def tree_from(skeleton: Any, tensors: dict[str, torch.Tensor], prefix: str = "")
 class TrajectoryData:
     """Per step ``s``: ``hidden[s]`` (rows, ...) denoiser inputs, ``timesteps[s]`` (rows,), ``teacher[s]`` outputs.
 
-    ``cond`` holds the conditioning kwargs of every row (constant over steps); ``cond_rows[i]`` and
-    ``uncond_rows[i]`` are the two rows of image ``i`` (``uncond_rows`` is None without guidance).
+    ``cond`` holds the conditioning kwargs of every row (constant over steps) and ``shared`` the call
+    kwargs that are not per row (Flux's ``img_ids`` / ``txt_ids``, see ``ModelAdapter.shared_inputs``);
+    ``cond_rows[i]`` and ``uncond_rows[i]`` are the two rows of image ``i`` (``uncond_rows`` is None
+    without guidance).
     """
 
     hidden: torch.Tensor  # (steps, rows, ...)
@@ -89,6 +91,7 @@ class TrajectoryData:
     cond: dict[str, Any]
     cond_rows: torch.Tensor
     uncond_rows: torch.Tensor | None
+    shared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -102,12 +105,12 @@ class TrajectoryData:
         """The data on ``device`` (row indices stay on the CPU)."""
         move = lambda t: t.to(device)  # noqa: E731
         return TrajectoryData(move(self.hidden), move(self.timesteps), move(self.teacher), map_tree(self.cond, move),
-                              self.cond_rows, self.uncond_rows)
+                              self.cond_rows, self.uncond_rows, map_tree(self.shared, move))
 
     def call_kwargs(self, step: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Denoiser input and kwargs for one batch: row ``r`` at step ``step[r]``."""
         hidden = self.hidden[step, rows]
-        kwargs = {"timestep": self.timesteps[step, rows], **map_tree(self.cond, lambda t: t[rows])}
+        kwargs = {"timestep": self.timesteps[step, rows], **self.shared, **map_tree(self.cond, lambda t: t[rows])}
         return hidden, kwargs
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -120,11 +123,16 @@ class TrajectoryData:
         if self.uncond_rows is not None:
             tensors["uncond_rows"] = self.uncond_rows
         tensors.update({f"cond.{k}": v for k, v in tree_tensors(self.cond).items()})
-        return {k: v.contiguous() for k, v in tensors.items()}, {"cond": tree_skeleton(self.cond)}
+        tensors.update({f"shared.{k}": v for k, v in tree_tensors(self.shared).items()})
+        meta = {"cond": tree_skeleton(self.cond)}
+        if self.shared:
+            meta["shared"] = tree_skeleton(self.shared)
+        return {k: v.contiguous() for k, v in tensors.items()}, meta
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> TrajectoryData:
         cond_tensors = {k[len("cond.") :]: v for k, v in tensors.items() if k.startswith("cond.")}
+        shared_tensors = {k[len("shared.") :]: v for k, v in tensors.items() if k.startswith("shared.")}
         return cls(
             hidden=tensors["hidden"],
             timesteps=tensors["timesteps"],
@@ -132,6 +140,7 @@ class TrajectoryData:
             cond=tree_from(meta["cond"], cond_tensors),
             cond_rows=tensors["cond_rows"],
             uncond_rows=tensors.get("uncond_rows"),
+            shared=tree_from(meta.get("shared", {}), shared_tensors),
         )
 
 
@@ -142,13 +151,15 @@ def _first_output(output: Any) -> torch.Tensor:
 
 
 class _Recorder:
-    def __init__(self, model: torch.nn.Module, stop_after_first: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, stop_after_first: bool = False, shared: tuple[str, ...] = ()) -> None:
         self.model = model
         self.stop = stop_after_first
+        self.shared_names = shared
         self.hidden: list[torch.Tensor] = []
         self.timesteps: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []
         self.cond: dict[str, Any] | None = None
+        self.shared: dict[str, Any] = {}
         self.handles = []
 
     def __enter__(self) -> _Recorder:
@@ -168,9 +179,13 @@ class _Recorder:
         if t.ndim == 0:
             t = t.expand(hidden.shape[0])
         if self.cond is None:
-            self.cond = map_tree(
-                {k: v for k, v in kwargs.items() if k not in _SKIP_KWARGS}, lambda x: x.detach().clone()
-            )
+            rows = hidden.shape[0]
+            inputs = {k: v for k, v in kwargs.items() if k not in _SKIP_KWARGS}
+            shared = {k for k, v in inputs.items() if k in self.shared_names or (
+                isinstance(v, torch.Tensor) and (v.ndim == 0 or v.shape[0] != rows))}
+            clone = lambda x: x.detach().clone()  # noqa: E731
+            self.cond = map_tree({k: v for k, v in inputs.items() if k not in shared}, clone)
+            self.shared = map_tree({k: v for k, v in inputs.items() if k in shared}, clone)
         self.hidden.append(hidden.detach().clone())
         self.timesteps.append(t.detach().clone())
         if self.stop:
@@ -235,6 +250,7 @@ def _assemble(recorders: list[_Recorder], images: list[int], family: str) -> Tra
         cond=cat_trees(conds),
         cond_rows=torch.cat(cond_rows),
         uncond_rows=None if any(u is None for u in uncond_rows) else torch.cat(uncond_rows),
+        shared=recorders[0].shared,
     )
 
 
@@ -248,6 +264,7 @@ def generate_trajectories(
     prompts: list[str] | None = None,
     chunk: int = 8,
     pipeline_kwargs: dict[str, Any] | None = None,
+    shared: tuple[str, ...] = (),
 ) -> TrajectoryData:
     """Data-free training data: the uncached pipeline's own trajectories from random noise."""
     generator = torch.Generator().manual_seed(seed)
@@ -255,12 +272,16 @@ def generate_trajectories(
     recorders, sizes = [], []
     for start in range(0, num_images, chunk):
         part = conditions[start : start + chunk]
-        rec = _Recorder(pipe.transformer)
+        rec = _Recorder(pipe.transformer, shared=shared)
         with rec:
             _pipeline_call(pipe, family, part, num_steps, guidance_scale, seed + 1 + start, pipeline_kwargs or {})
         if len(rec.hidden) != num_steps:
+            per_step = len(rec.hidden) / num_steps
+            hint = (f": it calls the denoiser {per_step:g} times per step (once per CFG branch), and the router "
+                    "trainer records one call per step; train without guidance (guidance_scale=1.0, or the "
+                    "pipeline's own switch) or on a pipeline that batches CFG") if per_step in (2, 3) else ""
             raise RuntimeError(
-                f"the pipeline made {len(rec.hidden)} denoiser calls for num_inference_steps={num_steps}"
+                f"the pipeline made {len(rec.hidden)} denoiser calls for num_inference_steps={num_steps}{hint}"
             )
         recorders.append(rec)
         sizes.append(len(part))
@@ -276,6 +297,7 @@ def trajectories_from_latents(
     cycle_starts: list[int],
     seed: int,
     pipeline_kwargs: dict[str, Any] | None = None,
+    shared: tuple[str, ...] = (),
 ) -> TrajectoryData:
     """Training data from clean latents (e.g. VAE-encoded images) and their classes / prompts.
 
@@ -285,7 +307,7 @@ def trajectories_from_latents(
     if latents.shape[0] != len(conditions):
         raise ValueError(f"latents has {latents.shape[0]} samples but {len(conditions)} classes/prompts were given")
     model = pipe.transformer
-    rec = _Recorder(model, stop_after_first=True)  # conditioning probe: the pipeline builds the CFG rows
+    rec = _Recorder(model, stop_after_first=True, shared=shared)  # conditioning probe: the pipeline builds CFG rows
     with rec:
         _pipeline_call(pipe, family, list(conditions), num_steps, None, seed, pipeline_kwargs or {})
     rows = rec.hidden[0].shape[0]
@@ -314,7 +336,8 @@ def trajectories_from_latents(
             t = timesteps[s]
             model_in = step_sched.scale_model_input(x, t)
             with torch.no_grad():
-                out = _first_output(model(model_in, timestep=t.expand(rows), **rec.cond, return_dict=False))
+                out = _first_output(model(model_in, timestep=t.expand(rows), **rec.shared, **rec.cond,
+                                          return_dict=False))
             hidden[s], outputs[s] = model_in, out
             eps = out[:, :in_channels] if out.shape[1] == 2 * in_channels else out
             x = step_sched.step(eps, t, x).prev_sample
@@ -325,4 +348,5 @@ def trajectories_from_latents(
         cond=rec.cond,
         cond_rows=cond_rows,
         uncond_rows=uncond_rows,
+        shared=rec.shared,
     )

@@ -1,50 +1,96 @@
 """Training-time mixing hooks (the differentiable counterpart of the engine's compute / partial / reuse).
 
-Forward hooks on every cached module of the adapter:
+Forward hooks on every cached module of every block (the adapter's :class:`BlockInfo` list, so
+blocks of several lists with different modules are covered):
 
 * ``record``: keep the module's output (the full step fills the cache) and, for the dual
-  router, the block's self-attention values (to score tokens like the engine's V-caching).
+  router, the block's self-attention values over its image rows (to score tokens like the engine's
+  V-caching).
 * ``mix``: return a soft mixture of the freshly computed output and the cached one. L2C:
   ``s * computed + (1 - s) * cached``. Dual: ``p_c * computed + p_p * partial + p_r * cached``
-  with ``partial = mask * computed + (1 - mask) * cached``, ``mask`` the tokens the engine would
-  recompute. Recomputing a token subset is exact for these modules (token-wise MLP and
-  cross-attention, self-attention with selected queries against all keys / values), so the
-  partial branch equals what inference produces. The mixed output becomes the new cache
-  entry, as the engine's caches are updated by whatever a step computes.
+  with ``partial = mask * computed + (1 - mask) * cached``, ``mask`` the image rows the engine would
+  recompute plus every text row. Recomputing a row subset is exact for the modules that allow it
+  (row-wise MLPs and cross-attention, self-attention with selected queries against all keys and
+  values), so the partial branch equals what inference produces; modules that cannot (joint
+  attention, Sana's conv MLP) have no partial choice. Tuple outputs are mixed element by element.
+  The mixed output becomes the new cache entry, as the engine's caches are updated by whatever a
+  step computes.
 * ``off``: the hooks do nothing (teacher calls).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..adapters import ModelAdapter
+from ..adapters import ModelAdapter, ModuleSpec
+from ..adapters.base import BlockInfo, resolve
 from ..plan import num_fresh_tokens
 from ..selection import select_tokens, vnorm_score
+from .costs import image_rows
+
+
+def _map(fn, *values: Any) -> Any:
+    """``fn`` over tensors, element by element through tuples (None passes through)."""
+    first = values[0]
+    if isinstance(first, tuple):
+        return tuple(_map(fn, *items) for items in zip(*values))
+    if first is None:
+        return None
+    return fn(*values)
+
+
+def _expand(weights: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sample weights for a module whose batch folds frames or positions into the samples (Latte)."""
+    return weights if weights.shape[0] == batch else weights.repeat_interleave(batch // weights.shape[0], dim=0)
+
+
+@dataclass(frozen=True)
+class _Cell:
+    block: int
+    column: int
+    spec: ModuleSpec
+    grid: str  # the block list's token-grid axes
+    group: Any  # modules of a block sharing one selection
 
 
 class Mixer:
-    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter) -> None:
+    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, grid: tuple[int, int, int] | None = None) -> None:
         self.model = model
         self.adapter = adapter
-        self.blocks = adapter.blocks(model)
-        self.names = adapter.module_names(model)
+        self.infos = adapter.block_infos(model)
+        self.blocks = [info.block for info in self.infos]
+        self.layout = adapter.layout(model)
+        self.names = self.layout.modules
+        self.grid = grid
+        columns = {name: i for i, name in enumerate(self.names)}
+        self.cells = [
+            _Cell(info.index, columns[spec.name], spec, info.spec.grid, spec.group or columns[spec.name])
+            for info in self.infos for spec in info.modules
+        ]
         self.mode = "off"
-        self.cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.cache: dict[tuple[int, int, int], Any] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.weights: torch.Tensor | None = None  # (rows, blocks, modules) or (rows, blocks, modules, 3)
-        self.masks: dict[tuple[int, int], torch.Tensor] = {}  # (rows, tokens, 1) tokens recomputed when partial
-        self.staleness: dict[tuple[int, int], torch.Tensor] = {}
+        self.masks: dict[tuple[int, Any], torch.Tensor] = {}  # (block, group) -> (batch, image rows) 0/1
+        self.staleness: dict[tuple[int, Any], torch.Tensor] = {}
+        self.calls: dict[int, dict[int, int]] = {}
+        self.heads: dict[int, int] = {}  # block -> heads of its value projection
         self.handles: list[Any] = []
 
     def __enter__(self) -> Mixer:
-        for b, block in enumerate(self.blocks):
-            for m, name in enumerate(self.names):
-                self.handles.append(getattr(block, name).register_forward_hook(self._hook(b, m)))
-            _, _, to_v, heads = self.adapter.value_projection(block)
-            self.handles.append(to_v.register_forward_hook(self._value_hook(b, heads)))
+        for info in self.infos:
+            self.handles.append(info.block.register_forward_pre_hook(self._block_hook(info.index)))
+            value = resolve(info.block, info.spec.value) if info.spec.value else None
+            attn = resolve(info.block, info.spec.value.rsplit(".", 1)[0]) if value is not None else None
+            if value is not None and attn is not None and hasattr(attn, "heads"):
+                self.heads[info.index] = attn.heads
+                self.handles.append(value.register_forward_hook(self._value_hook(info, attn.heads)))
+        for cell in self.cells:
+            module = getattr(self.blocks[cell.block], cell.spec.name)
+            self.handles.append(module.register_forward_hook(self._hook(cell)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -52,32 +98,59 @@ class Mixer:
             h.remove()
         self.handles.clear()
 
-    def _value_hook(self, block: int, heads: int):
+    def _image_rows(self, cell_grid: str, rows: int) -> int:
+        return rows if self.grid is None else min(rows, image_rows(self.grid, cell_grid))
+
+    def _block_hook(self, block: int):
+        def hook(module, inputs):
+            self.calls[block] = {}
+
+        return hook
+
+    def _value_hook(self, info: BlockInfo, heads: int):
+        text_rows = info.spec.value_text_rows
+
         def hook(module, inputs, output):
-            if self.mode == "record" and output.shape[1] == inputs[0].shape[1]:
-                self.values[block] = output.detach()
+            if self.mode == "record":
+                image = self._image_rows(info.spec.grid, output.shape[1])
+                if text_rows == "first":
+                    output = output[:, output.shape[1] - image :]
+                elif text_rows == "last":
+                    output = output[:, :image]
+                self.values[info.index] = output.detach()
             return None
 
         return hook
 
-    def _hook(self, b: int, m: int):
+    def _hook(self, cell: _Cell):
+        b, m = cell.block, cell.column
+
         def hook(module, inputs, output):
+            calls = self.calls.setdefault(b, {})
+            index = calls.get(m, 0)
+            calls[m] = index + 1
+            key = (b, m, index)
             if self.mode == "record":
-                self.cache[b, m] = output.detach()
+                self.cache[key] = _map(torch.Tensor.detach, output)
                 return None
             if self.mode != "mix":
                 return None
-            cached = self.cache[b, m]
-            w = self.weights[:, b, m].to(output.dtype)
+            cached = self.cache[key]
+            w = self.weights[:, b, m]
             if w.ndim == 1:  # L2C: probability of computing
-                mixed = w[:, None, None] * output + (1 - w[:, None, None]) * cached
+                mixed = _map(lambda o, c: _mix2(_expand(w, o.shape[0]).to(o.dtype), o, c), output, cached)
             else:
-                mask = self.masks[b, m].to(output.dtype)
-                partial = mask * output + (1 - mask) * cached
-                mixed = (
-                    w[:, 0, None, None] * output + w[:, 1, None, None] * partial + w[:, 2, None, None] * cached
-                )
-            self.cache[b, m] = mixed
+                partial = output
+                mask = self.masks.get((b, cell.group))
+                kind = cell.spec.calls[min(index, len(cell.spec.calls) - 1)]
+                if mask is not None and cell.spec.can_partial and kind == "image":
+                    if isinstance(output, tuple):  # joint attention (image, text): image rows picked, text all fresh
+                        partial = (_partial(mask, "none", output[0], cached[0]), *output[1:])
+                    else:
+                        partial = _map(lambda o, c: _partial(mask, cell.spec.text_rows, o, c), output, cached)
+                mixed = _map(lambda o, p, c: _mix3(_expand(w, o.shape[0]).to(o.dtype), o, p, c), output, partial,
+                             cached)
+            self.cache[key] = mixed
             return mixed
 
         return hook
@@ -97,17 +170,51 @@ class Mixer:
         cell: int,
         bonus: float,
     ) -> None:
-        """Tokens the engine would recompute at the next step (V-norm score, staleness, spatial bonus)."""
-        for b in range(len(self.blocks)):
-            heads = self.adapter.value_projection(self.blocks[b])[3]
-            base = vnorm_score(self.values[b], heads, paired=False)
-            tokens = base.shape[1]
-            k = num_fresh_tokens(ratio, tokens)
-            for m in range(len(self.names)):
-                stale = self.staleness.get((b, m))
-                if stale is None:
-                    stale = self.staleness[b, m] = torch.zeros_like(base)
-                index = select_tokens(base, k, stale, staleness_weight, interval, grid, cell, bonus)
-                stale.add_(1.0).scatter_(1, index, 0.0)
-                mask = torch.zeros_like(base).scatter_(1, index, 1.0)
-                self.masks[b, m] = mask.unsqueeze(-1)
+        """Image rows the engine would recompute at the next step (V-norm score, staleness, spatial bonus),
+        one selection per (block, group) as the engine shares them. ``grid`` is the (rows, cols) grid of
+        the spatial bonus for blocks spanning every image token (None: no bonus)."""
+        self.masks = {}
+        for c in self.cells:
+            key = (c.block, c.group)
+            if key in self.masks or not c.spec.can_partial or c.block not in self.values:
+                continue
+            base = vnorm_score(self.values[c.block], self.heads[c.block], paired=False)
+            k = num_fresh_tokens(ratio, base.shape[1])
+            stale = self.staleness.get(key)
+            if stale is None:
+                stale = self.staleness[key] = torch.zeros_like(base)
+            index = select_tokens(base, k, stale, staleness_weight, interval, self._bonus_grid(c.grid, grid), cell,
+                                  bonus)
+            stale.add_(1.0).scatter_(1, index, 0.0)
+            self.masks[key] = torch.zeros_like(base).scatter_(1, index, 1.0)
+
+    def _bonus_grid(self, axes: str, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        if self.grid is None:
+            return grid
+        frames, rows, cols = self.grid
+        if axes == "space" or (axes == "all" and frames == 1):
+            return rows, cols
+        if axes == "all":
+            return frames * rows, cols
+        return None
+
+
+def _mix2(w: torch.Tensor, computed: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    w = w.view(-1, *([1] * (computed.ndim - 1)))
+    return w * computed + (1 - w) * cached
+
+
+def _mix3(w: torch.Tensor, computed: torch.Tensor, partial: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    shape = (-1, *([1] * (computed.ndim - 1)))
+    return w[:, 0].view(shape) * computed + w[:, 1].view(shape) * partial + w[:, 2].view(shape) * cached
+
+
+def _partial(mask: torch.Tensor, text_rows: str, computed: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """The selected image rows (and every text row) from ``computed``, the rest from ``cached``."""
+    mask = _expand(mask, computed.shape[0]).to(computed.dtype)
+    text = computed.shape[1] - mask.shape[1]
+    if text > 0:
+        ones = torch.ones(mask.shape[0], text, dtype=mask.dtype, device=mask.device)
+        mask = torch.cat([ones, mask] if text_rows == "first" else [mask, ones], dim=1)
+    mask = mask.view(*mask.shape, *([1] * (computed.ndim - 2)))
+    return mask * computed + (1 - mask) * cached

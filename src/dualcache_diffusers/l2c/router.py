@@ -7,6 +7,12 @@ branches are the adapter's cached modules: DiT ``attn1`` (attention) and ``ff`` 
 additionally ``attn2`` (cross-attention), routed as a branch of its own.
 
 The dual router has three logits per (cache step, block, module): compute / partial / reuse.
+
+Models whose blocks differ (Flux's double then single stream blocks, SD3.5's ``attn2`` in some
+blocks, Lumina2's refiners) keep one logit per (block, module column) of the plan; the spec records
+which modules each block has (``block_modules``) and which of them may recompute rows one by one
+(``block_partial``). A module a block lacks is neither trained nor exported (its plan cell is
+ignored), and the partial choice of a module that cannot recompute rows has probability 0.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..plan import FULL, CachePlan, StepPlan
+from ..plan import FULL, CachePlan, PlanLayout, StepPlan
 from .costs import PlanCost
 
 LEARNED = "learned"
@@ -32,9 +38,48 @@ class RouterSpec:
     modules: tuple[str, ...]
     interval: int = 2
     partial_ratio: float = 0.25
+    #: modules of each block (None: every block has every module)
+    block_modules: tuple[tuple[str, ...], ...] | None = None
+    #: modules of each block that may recompute rows one by one (None: every module of every block)
+    block_partial: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         self.modules = tuple(self.modules)
+        if self.block_modules is not None:
+            self.block_modules = tuple(tuple(b) for b in self.block_modules)
+            if all(b == self.modules for b in self.block_modules):
+                self.block_modules = None
+        if self.block_partial is not None:
+            self.block_partial = tuple(tuple(b) for b in self.block_partial)
+            if self.block_partial == tuple(self._present(b) for b in range(self.num_blocks)):
+                self.block_partial = None
+        for name in ("block_modules", "block_partial"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_blocks:
+                raise ValueError(f"router spec: {name} has {len(value)} entries for num_blocks={self.num_blocks}")
+
+    @classmethod
+    def from_layout(cls, kind: str, num_steps: int, layout: PlanLayout, **kwargs: Any) -> RouterSpec:
+        """The spec of a router for a model of ``layout`` (``adapter.layout(model)``)."""
+        partial = tuple(tuple(m for m in names if layout.can_partial(b, m))
+                        for b, names in enumerate(layout.block_modules))
+        return cls(kind, num_steps, layout.num_blocks, layout.modules, block_modules=layout.block_modules,
+                   block_partial=partial, **kwargs)
+
+    def _present(self, block: int) -> tuple[str, ...]:
+        return self.modules if self.block_modules is None else self.block_modules[block]
+
+    @property
+    def present(self) -> torch.Tensor:
+        """(blocks, modules) bool: the cells a router decides."""
+        return torch.tensor([[m in self._present(b) for m in self.modules] for b in range(self.num_blocks)])
+
+    @property
+    def partial(self) -> torch.Tensor:
+        """(blocks, modules) bool: the cells whose partial choice is allowed."""
+        allowed = [self._present(b) if self.block_partial is None else self.block_partial[b]
+                   for b in range(self.num_blocks)]
+        return torch.tensor([[m in allowed[b] for m in self.modules] for b in range(self.num_blocks)])
 
     @property
     def full_steps(self) -> list[int]:
@@ -50,10 +95,15 @@ class RouterSpec:
         return (*shape, 3) if self.kind == "dual" else shape
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "kind": self.kind, "num_steps": self.num_steps, "num_blocks": self.num_blocks,
             "modules": list(self.modules), "interval": self.interval, "partial_ratio": self.partial_ratio,
         }
+        for name in ("block_modules", "block_partial"):  # left out for uniform models, as before they existed
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = [list(b) for b in value]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RouterSpec:
@@ -79,8 +129,19 @@ def check_logits(logits: Any, shape: tuple[int, ...] | None = None, source: str 
 
 
 def probabilities(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
-    """L2C: sigmoid (probability of computing); dual: softmax over (compute, partial, reuse)."""
-    return torch.softmax(logits, dim=-1) if spec.kind == "dual" else torch.sigmoid(logits)
+    """L2C: sigmoid (probability of computing); dual: softmax over (compute, partial, reuse), the partial
+    choice left out where the module cannot recompute rows. Cells of modules a block lacks: 0."""
+    present = spec.present.to(logits.device)
+    if spec.kind != "dual":
+        return torch.sigmoid(logits) * present
+    return torch.softmax(_masked(spec, logits), dim=-1) * present[..., None]
+
+
+def _masked(spec: RouterSpec, logits: torch.Tensor) -> torch.Tensor:
+    """Dual logits with the partial choice at -inf where it is not allowed."""
+    blocked = torch.zeros(logits.shape[1:], dtype=torch.bool, device=logits.device)
+    blocked[..., 1] = ~spec.partial.to(logits.device)
+    return logits.masked_fill(blocked, -math.inf)
 
 
 def expected_fraction(spec: RouterSpec, probs: torch.Tensor, cost: PlanCost) -> torch.Tensor:
@@ -104,12 +165,13 @@ def _plan(spec: RouterSpec, fractions: torch.Tensor, metadata: dict[str, Any], m
             steps.append(StepPlan(LEARNED, rows, interval=spec.interval))
         else:
             steps.append(StepPlan(FULL, [list(r) for r in rows_full], interval=spec.interval))
-    return CachePlan(spec.num_steps, spec.num_blocks, spec.modules, steps, method=method, metadata=metadata)
+    return CachePlan(spec.num_steps, spec.num_blocks, spec.modules, steps, method=method, metadata=metadata,
+                     block_modules=spec.block_modules)
 
 
 def _choose_threshold(scores: torch.Tensor, fraction_of, budget: float) -> float:
     """Threshold on ``scores`` (compute where score > threshold) whose plan FLOPs fraction is nearest ``budget``."""
-    values = sorted({float(v) for v in scores.flatten().tolist()}, reverse=True)
+    values = sorted({float(v) for v in scores.flatten().tolist() if v < 1.0}, reverse=True)
     candidates = [math.inf] + [v - 1e-12 for v in values]  # each candidate adds one more score level
     best, best_err = candidates[0], math.inf
     for thr in candidates:
@@ -132,6 +194,7 @@ def export_l2c(
     (from ``cost``) is nearest ``budget``."""
     check_logits(logits, spec.logit_shape)
     scores = torch.sigmoid(logits.detach().double())
+    scores = torch.where(spec.present, scores, torch.ones_like(scores))  # absent cells: computed (ignored)
     meta = dict(metadata or {})
     if budget is not None:
         if cost is None:
@@ -165,7 +228,9 @@ def export_dual(
     log-probability per FLOP while staying within the budget.
     """
     check_logits(logits, spec.logit_shape)
-    logp = torch.log_softmax(logits.detach().double(), dim=-1)
+    logp = torch.log_softmax(_masked(spec, logits.detach().double()), dim=-1)
+    present = spec.present
+    logp = torch.where(present[..., None], logp, torch.zeros_like(logp))  # absent cells: no preference
     choice = logp.argmax(dim=-1)  # (cache steps, blocks, modules)
     ratios = torch.tensor([1.0, spec.partial_ratio, 0.0], dtype=torch.float64)
     full_t, part_t = cost.tensors(spec.partial_ratio)
@@ -181,8 +246,10 @@ def export_dual(
 
     current = fraction(choice)
     flat_flops = flops_of.expand(choice.shape[0], -1, -1, -1)
+    blocked = ~spec.partial  # where the partial choice is not allowed, cheaper / richer skip it
     while current > budget:  # downgrade
         cheaper = (choice + 1).clamp(max=2)
+        cheaper = torch.where((cheaper == 1) & blocked, torch.full_like(cheaper, 2), cheaper)
         saved = flat_flops.gather(-1, choice.unsqueeze(-1)).squeeze(-1) - flat_flops.gather(
             -1, cheaper.unsqueeze(-1)
         ).squeeze(-1)
@@ -195,6 +262,7 @@ def export_dual(
         current = fraction(choice)
     while True:  # upgrade while within budget
         richer = (choice - 1).clamp(min=0)
+        richer = torch.where((richer == 1) & blocked, torch.zeros_like(richer), richer)
         added = flat_flops.gather(-1, richer.unsqueeze(-1)).squeeze(-1) - flat_flops.gather(
             -1, choice.unsqueeze(-1)
         ).squeeze(-1)

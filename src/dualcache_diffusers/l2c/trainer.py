@@ -135,16 +135,22 @@ class RouterTrainer:
         )
         rows = data.cond_rows[:1]
         hidden, kwargs = data.call_kwargs(torch.zeros(1, dtype=torch.long), rows)
-        frames, rows, cols = self.adapter.token_grid(self.model, (hidden,), {})
+        self.token_grid = self.adapter.token_grid(self.model, (hidden,), kwargs)
+        frames, rows, cols = self.token_grid
         self.grid = (rows, cols) if frames == 1 else None
         self.cost: PlanCost = measure_plan_cost(
-            self.model, self.adapter, lambda: self.model(hidden, **kwargs, return_dict=False)
+            self.model, self.adapter, lambda: self.model(hidden, **kwargs, return_dict=False), self.token_grid,
+            batch=hidden.shape[0],
         )
         cache_index = torch.full((spec.num_steps,), -1, dtype=torch.long)
         for i, s in enumerate(spec.cache_steps):
             cache_index[s] = i
         self.cache_index = cache_index
         self.full_steps = torch.tensor(spec.full_steps, dtype=torch.long)
+
+    def mixer(self) -> Mixer:
+        """The training hooks for this model and its token grid (enter them with ``with``)."""
+        return Mixer(self.model, self.adapter, self.token_grid)
 
     # ---- one batch ---------------------------------------------------------------------------
     def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +239,7 @@ class RouterTrainer:
         for p in params:
             p.requires_grad_(False)
         try:
-            with Mixer(self.model, self.adapter) as mixer:
+            with self.mixer() as mixer:
                 if self.iteration == 0:
                     self._calibrate(mixer)
                 bar = None
@@ -491,7 +497,8 @@ def train_router(
     """Learn a static cache schedule for ``pipe`` at ``num_inference_steps`` and export it as a plan.
 
     Args:
-        pipe: a supported pipeline (DiT, PixArt); any dual cache on it is removed first.
+        pipe: a pipeline of a supported family (its ``transformer``; several block lists and modules
+            present in some blocks only are fine); any dual cache on it is removed first.
         num_inference_steps: the step count the plan is for (recorded in its metadata).
         budget: target FLOPs fraction of the plan (cached / uncached denoiser FLOPs). L2C: the
             export threshold is chosen to hit it (None: published threshold export). Dual: required.
@@ -541,8 +548,8 @@ def train_router(
     model = getattr(pipe, "transformer", None)
     adapter = find_adapter(model)
     disable_dual_cache(pipe)
-    spec = RouterSpec(kind, num_inference_steps, len(adapter.blocks(model)), adapter.module_names(model),
-                      interval=interval, partial_ratio=partial_ratio)
+    spec = RouterSpec.from_layout(kind, num_inference_steps, adapter.layout(model), interval=interval,
+                                  partial_ratio=partial_ratio)
     family = adapter.family(model)
     if resume is not None:
         resume = Path(resume)
@@ -554,10 +561,10 @@ def train_router(
         if conditions is None:
             raise ValueError("latents=... needs conditions=[class id or prompt per latent]")
         data = trajectories_from_latents(pipe, family, num_inference_steps, latents, conditions, spec.full_steps,
-                                         seed, pipeline_kwargs)
+                                         seed, pipeline_kwargs, shared=adapter.shared_inputs)
     else:
         data = generate_trajectories(pipe, family, num_inference_steps, num_images, seed, guidance_scale, prompts,
-                                     pipeline_kwargs=pipeline_kwargs)
+                                     pipeline_kwargs=pipeline_kwargs, shared=adapter.shared_inputs)
     if data.uncond_rows is None and dropout > 0:
         logger.warning("the pipeline ran without guidance: no unconditional rows, label dropout is off")
     trainer = RouterTrainer(pipe, spec, data, budget=budget, lr=lr, l1=l1, batch_size=batch_size, dropout=dropout,
