@@ -154,6 +154,12 @@ def train(args: argparse.Namespace) -> None:
     model = build_transformer(text_encoder.config.d_model).train()
     if args.init == "pixart":
         init_from_pixart(model)
+    elif args.init != "random":  # continue from a saved video pipeline (its transformer and text encoder)
+        from diffusers import LatteTransformer3DModel
+        from transformers import T5EncoderModel
+
+        model = LatteTransformer3DModel.from_pretrained(Path(args.init) / "transformer").float().train()
+        text_encoder = T5EncoderModel.from_pretrained(Path(args.init) / "text_encoder").float().train()
     captions = ["", *sorted(set(clip_captions))]
     index = {c: i for i, c in enumerate(captions)}
     caption_idx = torch.tensor([index[c] for c in clip_captions])
@@ -302,8 +308,9 @@ def main() -> None:
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--unit-latents", action="store_true",
                         help="rescale the latents to unit std over the training clips (default: the VAE's factor)")
-    parser.add_argument("--init", default="random", choices=["pixart", "random"],
-                        help="start the transformer from the PixArt digits model or from random weights")
+    parser.add_argument("--init", default="random",
+                        help="'random', 'pixart' (start from the PixArt digits transformer) or a saved video "
+                             "pipeline directory to continue from")
     parser.add_argument("--save-every", type=int, default=0, help="also save the EMA pipeline every N steps")
     parser.add_argument("--cond-dropout", type=float, default=0.1, help="caption dropout for CFG")
     parser.add_argument("--work-dir", default=str(ref.DEFAULT_WORK_DIR))
