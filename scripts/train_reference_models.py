@@ -244,10 +244,14 @@ def train_diffusion(
     args: argparse.Namespace,
     gen: torch.Generator,
     default_steps: int,
+    prediction_type: str = "epsilon",
+    on_step: Callable[[int, list[torch.nn.Module]], None] | None = None,
 ) -> tuple[list[torch.nn.Module], float, float]:
-    """Epsilon-prediction DDPM training with min-SNR(5) weighting and EMA.
+    """DDPM training with min-SNR(5) weighting and EMA, predicting the noise (``prediction_type="epsilon"``)
+    or the velocity (``"v_prediction"``; the same weights then put more weight on high noise levels).
 
-    ``predict(noisy_latents, timesteps, batch_index)`` runs the model on the given rows of the dataset.
+    ``predict(noisy_latents, timesteps, batch_index)`` runs the model on the given rows of the dataset;
+    ``on_step(steps_done, ema_modules)``, if given, is called after every optimizer step (e.g. to save checkpoints).
     Returns the EMA copies of ``modules``, the final smoothed loss and the wall time.
     """
     from diffusers import DDPMScheduler
@@ -271,7 +275,8 @@ def train_diffusion(
         noise = torch.randn(z0.shape, generator=gen)
         noisy = noise_sched.add_noise(z0, noise, t)
         pred = predict(noisy, t, idx)
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        target = noise if prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
+        loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (loss * loss_weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -281,6 +286,8 @@ def train_diffusion(
         for ema, module in zip(emas, modules, strict=True):
             ema.update(module, step)
         bar.set_postfix(loss=f"{avg.update(loss.item()):.4f}")
+        if on_step is not None:
+            on_step(step + 1, [e.module for e in emas])
     return [e.module for e in emas], avg.value or float("nan"), time.time() - start
 
 

@@ -17,6 +17,7 @@ text encoder to start from from ``assets/pixart-digits/text_encoder``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -35,6 +36,7 @@ from dualcache_diffusers.reference.moving_digits import LATTE_CALL_KWARGS, VIDEO
 PIPELINE_MAX_LENGTH = 120
 # Transformer: 4 spatial + 4 temporal blocks of width 64.
 HEADS, HEAD_DIM, NUM_LAYERS = 4, 16, 4
+DEFAULT_STEPS = 3600
 # How LattePipeline hands text to the transformer (never with an attention mask):
 #   "full":      mask_feature=False -> all 120 T5 outputs for prompt and negative prompt (any batch size);
 #   "truncated": one prompt and one clip, mask_feature=True (the default) -> the caption tokens only, the
@@ -69,6 +71,37 @@ def build_transformer(caption_channels: int):  # -> LatteTransformer3DModel
         caption_channels=caption_channels,
         video_length=moving_digits.NUM_FRAMES,
     )
+
+
+# The PixArt digits transformer's blocks that initialise the spatial blocks (first and last two of its six).
+PIXART_SOURCE_BLOCKS = (0, 1, 4, 5)
+
+
+@torch.no_grad()
+def init_from_pixart(model) -> None:
+    """Start the Latte transformer from the shipped PixArt digits transformer (same width, heads, patch size,
+    caption width): patch embedding, timestep and caption embedders, final modulation and the first half of the
+    output projection, the spatial blocks from ``PIXART_SOURCE_BLOCKS``; the temporal blocks start as the
+    identity (their attention and MLP output projections zeroed), so at step 0 every frame is denoised by the
+    still-digit model and training adds the motion."""
+    from diffusers import PixArtTransformer2DModel
+
+    pixart = PixArtTransformer2DModel.from_pretrained(digits.PIXART_DIGITS_DIR / "transformer").float()
+    source = pixart.state_dict()
+    block_map = {f"transformer_blocks.{i}.": f"transformer_blocks.{j}." for i, j in enumerate(PIXART_SOURCE_BLOCKS)}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("temporal_transformer_blocks."):
+            if ".attn1.to_out.0." in name or ".ff.net.2." in name:
+                tensor.zero_()
+            continue
+        key = next((src + name[len(dst):] for dst, src in block_map.items() if name.startswith(dst)), name)
+        if key not in source:
+            continue
+        if name.startswith("proj_out."):  # rows (p, p, channel): copy the latent channels, leave the unused half
+            p = model.config.patch_size
+            tensor.view(p, p, 2, -1)[:, :, 0].copy_(source[key].view(p, p, 1, -1)[:, :, 0])
+        else:
+            tensor.copy_(source[key])
 
 
 def load_text_encoder(tokenizer):  # -> T5EncoderModel
@@ -110,10 +143,23 @@ def train(args: argparse.Namespace) -> None:
     print(f"{len(data.labels)} training clips encoded in {time.time() - start:.0f}s; latents {tuple(latents[0].shape)}")
     clip_captions = data.captions
     del data  # the rendered frames are no longer needed
+    scaling_factor = vae.config.scaling_factor
+    if args.unit_latents:  # rescale the latents to unit std (the video pipeline's copy of the VAE carries the factor)
+        scaling_factor /= float((latents[0] * scaling_factor).std())
+        vae.register_to_config(scaling_factor=scaling_factor)
+    print(f"latent scaling factor {scaling_factor:.4f}")
 
     tokenizer = moving_digits.build_caption_tokenizer()
     text_encoder = load_text_encoder(tokenizer).train()
     model = build_transformer(text_encoder.config.d_model).train()
+    if args.init == "pixart":
+        init_from_pixart(model)
+    elif args.init != "random":  # continue from a saved video pipeline (its transformer and text encoder)
+        from diffusers import LatteTransformer3DModel
+        from transformers import T5EncoderModel
+
+        model = LatteTransformer3DModel.from_pretrained(Path(args.init) / "transformer").float().train()
+        text_encoder = T5EncoderModel.from_pretrained(Path(args.init) / "text_encoder").float().train()
     captions = ["", *sorted(set(clip_captions))]
     index = {c: i for i, c in enumerate(captions)}
     caption_idx = torch.tensor([index[c] for c in clip_captions])
@@ -145,20 +191,29 @@ def train(args: argparse.Namespace) -> None:
         out = model(video, timestep=t, encoder_hidden_states=emb).sample[:, : ref.LATENT_CHANNELS]
         return out.reshape(noisy.shape)
 
-    (ema, ema_text), loss, wall = ref.train_diffusion(
-        "video", [model, text_encoder], predict, latents, vae.config.scaling_factor, args, gen, default_steps=3600
-    )
-    scheduler = DPMSolverMultistepScheduler(**ref.BETA_KWARGS)
-    pipe = LattePipeline(
-        tokenizer=tokenizer, text_encoder=ema_text, vae=vae, transformer=ema.half(), scheduler=scheduler
-    )
+    scheduler = DPMSolverMultistepScheduler(**ref.BETA_KWARGS, prediction_type=args.prediction_type)
     out_dir = Path(args.out_dir)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    # Name the tokenizer class that loads tokenizer.json on both transformers 4.x and 5.x (as for PixArt).
-    index_path = out_dir / "model_index.json"
-    model_index = json.loads(index_path.read_text())
-    model_index["tokenizer"] = ["transformers", "T5TokenizerFast"]
-    index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+
+    def save(transformer, text, path: Path) -> None:
+        pipe = LattePipeline(
+            tokenizer=tokenizer, text_encoder=text, vae=vae, transformer=transformer.half(), scheduler=scheduler
+        )
+        pipe.save_pretrained(path, safe_serialization=True)
+        # Name the tokenizer class that loads tokenizer.json on both transformers 4.x and 5.x (as for PixArt).
+        index_path = path / "model_index.json"
+        model_index = json.loads(index_path.read_text())
+        model_index["tokenizer"] = ["transformers", "T5TokenizerFast"]
+        index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+
+    def checkpoint(step: int, emas: list[torch.nn.Module]) -> None:
+        if args.save_every and step % args.save_every == 0 and step < (args.steps or DEFAULT_STEPS):
+            save(copy.deepcopy(emas[0]), emas[1], out_dir.with_name(f"{out_dir.name}-step{step}"))
+
+    (ema, ema_text), loss, wall = ref.train_diffusion(
+        "video", [model, text_encoder], predict, latents, scaling_factor, args, gen,
+        default_steps=DEFAULT_STEPS, prediction_type=args.prediction_type, on_step=checkpoint,
+    )
+    save(ema, ema_text, out_dir)
     print(f"[video] final loss {loss:.4f}  wall {wall:.0f}s  saved {out_dir} ({ref.dir_size_mb(out_dir):.2f} MB)")
 
 
@@ -250,6 +305,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 3600)")
     parser.add_argument("--batch-size", type=int, default=8, help="clips per step")
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--unit-latents", action="store_true",
+                        help="rescale the latents to unit std over the training clips (default: the VAE's factor)")
+    parser.add_argument("--init", default="random",
+                        help="'random', 'pixart' (start from the PixArt digits transformer) or a saved video "
+                             "pipeline directory to continue from")
+    parser.add_argument("--save-every", type=int, default=0, help="also save the EMA pipeline every N steps")
     parser.add_argument("--cond-dropout", type=float, default=0.1, help="caption dropout for CFG")
     parser.add_argument("--work-dir", default=str(ref.DEFAULT_WORK_DIR))
     parser.add_argument("--vae-dir", default=str(ref.DEFAULT_WORK_DIR / "vae"))
