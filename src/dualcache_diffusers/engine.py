@@ -43,7 +43,8 @@ from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .config import DualCacheConfig
 from .forecast import extrapolate
-from .plan import CachePlan, PlanLayout, StepPlan, num_fresh_tokens
+from .budget import CostModel
+from .plan import CachePlan, PlanLayout, StepPlan, full_plan, num_fresh_tokens
 from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
 from .stats import CacheStats, ModuleCost, flop_formulas
 
@@ -131,10 +132,28 @@ class Denoiser:
                 if value is not None and attn is not None and hasattr(attn, "heads"):
                     self.value_modules[info.index] = (value, attn, info.spec.value_text_rows)
 
-    def plan(self, num_steps: int) -> CachePlan:
+    def plan(self, num_steps: int, costs: Costs | None = None) -> CachePlan:
+        if self.config.budget is not None and self.config.plan is None:
+            return self._budget_plan(num_steps, costs)
         if num_steps not in self.plans:
             self.plans[num_steps] = self.config.build_plan(num_steps, self.layout)
         return self.plans[num_steps]
+
+    def _budget_plan(self, num_steps: int, costs: Costs | None) -> CachePlan:
+        """A budget's plan needs the model's costs, recorded at its first (full) call: until they are known
+        the plan is full steps that keep the forecast history (only its first step is used)."""
+        if costs is None:
+            known = [plan for (steps, _), plan in self.plans.items() if steps == num_steps]
+            if known:
+                return known[-1]
+            plan = full_plan(num_steps, self.layout)
+            for step in plan.steps:
+                step.forecast_order = self.config.forecast_order or 1
+            return plan
+        key = (num_steps, id(costs))
+        if key not in self.plans:
+            self.plans[key] = self.config.build_plan(num_steps, self.layout, CostModel.from_engine(costs, self.modules))
+        return self.plans[key]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,7 +396,7 @@ class DualCacheEngine:
             state = branch.models[d_index] = ModelState()
         signature = (tuple(latents.shape), latents.dtype, latents.device)
         costs = den.costs.get(signature)
-        plan = den.plan(branch.plan_steps)
+        plan = den.plan(branch.plan_steps, costs)
         step_plan = plan.steps[branch.step] if state.primed else plan.steps[0]  # nothing cached yet: full
         if step_plan.skip_blocks and state.stack_cache is None:
             # the last block never ran in this branch (SD3's skip-layer guidance can skip it): reuse every
