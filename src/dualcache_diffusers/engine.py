@@ -41,9 +41,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
+from .budget import CostModel
 from .config import DualCacheConfig
 from .forecast import extrapolate
-from .budget import CostModel
 from .plan import CachePlan, PlanLayout, StepPlan, full_plan, num_fresh_tokens
 from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
 from .stats import CacheStats, ModuleCost, flop_formulas
