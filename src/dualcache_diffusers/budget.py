@@ -8,15 +8,18 @@ small set of principles, none fitted to a model (docs/methods.md, "Budget-driven
    budget affords (``budget`` -> the number K of full steps), and spends only what is left on
    partial recomputation. (Searching the interval last, rather than first, is what keeps a tight
    budget from buying long gaps filled with expensive partial steps.)
-2. **Front-loaded.** The first k + 1 steps are full (the forecast has its points); the remaining
-   full steps are placed on a time grid whose gaps grow towards the end, ``a_j ~ (j / J) ** warp``,
-   because features change fastest at high noise and errors made early are carried by every
-   later step.
+2. **Evenly spaced after a warm-up.** The first k + 1 steps are full (the forecast has its points
+   from the start); the remaining full steps are spread evenly over the rest of the run, since an
+   order-k extrapolation's error grows with the gap as ``gap ** (k + 1)``, and equal gaps keep the
+   largest one smallest. (Front-loading the rest, gaps growing towards the end, was the other
+   principled candidate: ``warp`` > 1 does it; it lost on both shipped models at every budget,
+   docs/methods.md, so the default is even spacing, ``warp=1``; ``dualcache calibrate`` tries both.)
 3. **Forecast, then recompute.** Every other step forecasts every cached output at ``order`` (1:
    linear extrapolation over the actual step spacing) and, with what the budget leaves, recomputes
    a constant fraction of the tokens of the modules that can be recomputed row by row (MLP and
-   cross-attention; self-attention stays forecast, as in DuCa). Where not even that is affordable
-   the step skips the block stack and forecasts its output.
+   cross-attention; self-attention stays forecast, as in DuCa), running the blocks so that the
+   current timestep's gates and norms apply. Where not even that is affordable the step skips the
+   block stack and forecasts its output.
 
 The cost of each step comes from the engine's own FLOPs accounting of the model (the costs it
 records at its first call), so the plan reaches the budget as the engine counts it. :class:`Schedule`
@@ -149,7 +152,7 @@ class Schedule:
 
     full_steps: int
     warmup: int = 2
-    warp: float = 1.5
+    warp: float = 1.0
     order: int = 1
     fresh_ratio: float | None = None
     ratio_schedule: str = "constant"
@@ -246,8 +249,9 @@ def _top_up(low: CachePlan, high: CachePlan, budget: float, cost: CostModel) -> 
 
 
 def budget_schedule(num_steps: int, layout: PlanLayout, budget: float, cost: CostModel, order: int = 1,
-                    warp: float = 1.5) -> CachePlan:
-    """The default budget rule (module docstring): as many full steps as fit, front-loaded, the rest
+                    warp: float = 1.0) -> CachePlan:
+    """The default budget rule (module docstring): as many full steps as fit, evenly spaced after order + 1
+    leading ones, the rest
     forecast at ``order`` with a constant fresh ratio filling what the budget leaves."""
     budget = check_budget(budget)
     k = affordable_full_steps(num_steps, budget, cost, layout, order)
