@@ -30,6 +30,7 @@ SELECTIONS = ("vnorm", "random", "attention")
 AGGRESSIVE_VARIANTS = ("skip", "reuse")
 SELF_ATTENTION_MODES = ("reuse", "partial")
 SCHEDULES = ("cycle", "dit-duca")
+CFG_SELECTIONS = ("shared", "separate")
 
 
 MAX_SEED = 2**63 - 1
@@ -114,6 +115,9 @@ class DualCacheConfig:
         num_inference_steps: only needed when caching a bare transformer without its pipeline's
             scheduler (the engine then cannot read the step count).
         seed: seed of the random scorer (selection is deterministic given the seed).
+        cfg_selection: for a batch holding both CFG halves of the same latents, "shared" (one score per
+            image, the halves averaged, so both halves recompute the same tokens; DuCa's PixArt code)
+            or "separate" (each half scores and picks its own tokens, as the authors' DiT code does).
         forecast_order: 0 reuses cached outputs as they are; k in 1..4 extrapolates every reused
             output (and the skipped block stack) from the last k + 1 full computations, a degree-k
             polynomial in the step (TaylorSeer's forecast, at the actual step spacing).
@@ -139,6 +143,7 @@ class DualCacheConfig:
     first_full_steps: int = 1
     num_inference_steps: int | None = None
     seed: int = 0
+    cfg_selection: str = "shared"
     forecast_order: int = 0
     budget: float | None = None
     plan: CachePlan | None = field(default=None, repr=False)
@@ -169,6 +174,7 @@ class DualCacheConfig:
             self.num_inference_steps = _number("num_inference_steps", self.num_inference_steps, 1,
                                                MAX_INFERENCE_STEPS, integer=True)
         self.seed = _number("seed", self.seed, 0, MAX_SEED, integer=True)
+        self.cfg_selection = _choice("cfg_selection", self.cfg_selection, CFG_SELECTIONS)
         self.forecast_order = _number("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER, integer=True)
         if self.budget is not None:
             self.budget = check_budget(self.budget)

@@ -438,7 +438,8 @@ class DualCacheEngine:
     ) -> BranchState:
         batch = latents.shape[0]
         # one host sync per generation and branch, never per step
-        paired = batch % 2 == 0 and bool(torch.equal(latents[: batch // 2], latents[batch // 2 :]))
+        paired = (self.config.cfg_selection == "shared" and batch % 2 == 0
+                  and bool(torch.equal(latents[: batch // 2], latents[batch // 2 :])))
         return BranchState(gen.num_steps, paired, den.adapter.token_grid(den.model, args, kwargs), generator=None)
 
     def _check_alignment(self, branch: BranchState, gen: Generation, timestep: float | None) -> None:
