@@ -279,6 +279,8 @@ def _budget_method() -> Method:
 #: seeds the `calibrated` method calibrates on: apart from the evaluation seeds (0, 1, ...) and the knob search's
 CALIBRATE_SEEDS = (2000, 2001)
 CALIBRATE_CONDITIONS = 4
+#: the knobs the benchmark's `calibrated` searches (a subset of `dualcache calibrate`'s, to keep CPU runs short)
+BENCH_CALIBRATE_SPACE = {"full_steps": (0, -1), "warp": (1.0, 1.5), "warmup": (1, 2, 3), "order": (1, 2)}
 _CALIBRATED: weakref.WeakKeyDictionary[DiffusionPipeline, dict[tuple, CachePlan]] = weakref.WeakKeyDictionary()
 
 
@@ -302,7 +304,8 @@ def _calibrated_method() -> Method:
         plans = _CALIBRATED.setdefault(workload.pipe, {})
         key = (workload.steps, workload.guidance_scale, round(float(setting["budget"]), 6))
         if key not in plans:
-            plans[key] = calibrate(workload.pipe, calibration_workload(workload), setting["budget"])
+            plans[key] = calibrate(workload.pipe, calibration_workload(workload), setting["budget"],
+                                   space=BENCH_CALIBRATE_SPACE)
         enable_dual_cache(workload.pipe, plan=plans[key])
         return lambda: disable_dual_cache(workload.pipe)
 
