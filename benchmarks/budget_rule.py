@@ -67,7 +67,7 @@ def main() -> None:
         rows.sort(reverse=True)
         print(f"\n{args.model}, {args.steps} steps, budget {budget:g}x (engine FLOPs): PSNR dB | schedule | "
               "fresh ratio | FLOPs ratio | pattern")
-        for row in rows[:8] + [None] + rows[-3:]:
+        for row in [*rows[:8], None, *rows[-3:]]:
             print("  ..." if row is None else f"  {row[0]:6.2f} | {row[1]} | {row[2]:.3f} | {row[3]:.3f}x | {row[4]}")
         default = budget_schedule(args.steps, layout, budget, cost)
         print(f"  default rule: {score(default):6.2f} dB at {cost.ratio(default):.3f}x, "
