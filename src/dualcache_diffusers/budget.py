@@ -79,7 +79,9 @@ class ModuleCall:
     column: int
     flops: float  # full call
     scale: Callable[[int], float]  # rows computed -> share of ``flops``
-    rows: int  # query rows of a full call (image tokens)
+    rows: int  # image rows of a full call (the rows a fraction is taken of)
+    text_rows: int = 0  # rows recomputed with every partial call (a joint block's text tokens)
+    partial: bool = True  # False: a fraction in (0, 1) computes the module whole
 
 
 @dataclass
@@ -100,10 +102,11 @@ class CostModel:
         total = self.model + self.blocks
         for c in self.calls:
             fraction = step.fractions[c.block][c.column]
-            if fraction >= 1.0:
+            if fraction >= 1.0 or (fraction > 0.0 and not c.partial):
                 total += c.flops
             elif fraction > 0.0:
-                total += c.flops * c.scale(num_fresh_tokens(fraction, c.rows))
+                fresh = num_fresh_tokens(fraction, c.rows)  # none: the engine returns the cache untouched
+                total += c.flops * c.scale(fresh + c.text_rows) if fresh else 0.0
         return total
 
     def ratio(self, plan: CachePlan) -> float:
@@ -111,19 +114,24 @@ class CostModel:
         return plan.num_steps * self.full / sum(self.step(s) for s in plan.steps)
 
     @classmethod
-    def from_engine(cls, costs: Any, modules: Sequence[Any]) -> CostModel:
-        """From the engine's recorded :class:`~.engine.Costs` and its denoiser's cached modules."""
+    def from_engine(cls, costs: Any, modules: Sequence[Any], image_rows: Callable[[str], int] | None = None
+                    ) -> CostModel:
+        """From the engine's recorded :class:`~.engine.Costs`, its denoiser's cached modules and the image rows
+        of each token-grid kind (``image_rows("space")``; without it every row is an image row)."""
         by_place = {(m.block, m.column): m for _, m in modules}
         calls = []
         for key, flops in costs.modules.items():
-            block, column = key[0], key[1]
+            block, column, index = key
             cached = by_place.get((block, column))
             rows, kv = costs.rows.get(key, (0, 0))
             if cached is None or not rows:
                 continue
+            image = min(rows, image_rows(cached.grid)) if image_rows is not None else rows
+            partial = cached.spec.can_partial and cached.call_kind(index) == "image"
             full = cached.cost.flops(1, rows, kv) or 1
             calls.append(ModuleCall(block, column, float(flops),
-                                    lambda r, c=cached.cost, kv=kv, full=full: c.flops(1, r, kv) / full, rows))
+                                    lambda r, c=cached.cost, kv=kv, full=full: c.flops(1, r, kv) / full,
+                                    image, rows - image, partial))
         return cls(float(costs.model), float(sum(costs.blocks.values())), calls)
 
     @classmethod

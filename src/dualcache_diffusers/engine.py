@@ -132,14 +132,14 @@ class Denoiser:
                 if value is not None and attn is not None and hasattr(attn, "heads"):
                     self.value_modules[info.index] = (value, attn, info.spec.value_text_rows)
 
-    def plan(self, num_steps: int, costs: Costs | None = None) -> CachePlan:
+    def plan(self, num_steps: int, costs: Costs | None = None, image_rows: Any = None) -> CachePlan:
         if self.config.budget is not None and self.config.plan is None:
-            return self._budget_plan(num_steps, costs)
+            return self._budget_plan(num_steps, costs, image_rows)
         if num_steps not in self.plans:
             self.plans[num_steps] = self.config.build_plan(num_steps, self.layout)
         return self.plans[num_steps]
 
-    def _budget_plan(self, num_steps: int, costs: Costs | None) -> CachePlan:
+    def _budget_plan(self, num_steps: int, costs: Costs | None, image_rows: Any = None) -> CachePlan:
         """A budget's plan needs the model's costs, recorded at its first (full) call: until they are known
         the plan is full steps that keep the forecast history (only its first step is used)."""
         if costs is None:
@@ -152,7 +152,8 @@ class Denoiser:
             return plan
         key = (num_steps, id(costs))
         if key not in self.plans:
-            self.plans[key] = self.config.build_plan(num_steps, self.layout, CostModel.from_engine(costs, self.modules))
+            cost = CostModel.from_engine(costs, self.modules, image_rows)
+            self.plans[key] = self.config.build_plan(num_steps, self.layout, cost)
         return self.plans[key]
 
 
@@ -222,8 +223,7 @@ class Call:
     bucket: tuple = ("model",)
 
     def image_rows(self, grid: str) -> int:
-        frames, rows, cols = self.branch.grid
-        return {"all": frames * rows * cols, "space": rows * cols, "time": frames}[grid]
+        return _image_rows_of(self.branch, grid)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ class DualCacheEngine:
             state = branch.models[d_index] = ModelState()
         signature = (tuple(latents.shape), latents.dtype, latents.device)
         costs = den.costs.get(signature)
-        plan = den.plan(branch.plan_steps, costs)
+        plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch))
         step_plan = plan.steps[branch.step] if state.primed else plan.steps[0]  # nothing cached yet: full
         if step_plan.skip_blocks and state.stack_cache is None:
             # the last block never ran in this branch (SD3's skip-layer guidance can skip it): reuse every
@@ -867,6 +867,11 @@ def _timestep_value(timestep: Any, sync: bool) -> float | None:
     if isinstance(timestep, torch.Tensor) and timestep.numel() and (sync or timestep.device.type == "cpu"):
         return float(timestep.detach().reshape(-1)[0])
     return None
+
+
+def _image_rows_of(branch: BranchState, grid: str) -> int:
+    frames, rows, cols = branch.grid
+    return {"all": frames * rows * cols, "space": rows * cols, "time": frames}[grid]
 
 
 def _remember(history: list[tuple[int, Any]], step: int, value: Any, keep: int) -> None:
