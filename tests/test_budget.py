@@ -118,3 +118,13 @@ def test_the_budget_is_reached_on_joint_and_video_blocks(family):
     run(pipe, case, steps=20)
     assert cache_stats(pipe).flops_speedup == pytest.approx(2.5, rel=0.01)
     disable_dual_cache(pipe)
+
+
+def test_two_leading_full_steps_only_where_they_do_not_lengthen_the_largest_gap():
+    from dualcache_diffusers.budget import largest_gap, leading_full_steps
+
+    assert leading_full_steps(20, 9) == 2  # [0, 1, 3, 6, ...]: gaps of 3 either way
+    assert leading_full_steps(20, 4) == 1  # [0, 5, 10, 15] rather than [0, 1, 7, 14]
+    for k in range(2, 20):
+        chosen = full_step_positions(20, k, leading_full_steps(20, k), 1.0)
+        assert largest_gap(20, chosen) == min(largest_gap(20, full_step_positions(20, k, w, 1.0)) for w in (1, 2))

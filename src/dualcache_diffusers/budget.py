@@ -9,7 +9,9 @@ small set of principles, none fitted to a model (docs/methods.md, "Budget-driven
    partial recomputation. (Searching the interval last, rather than first, is what keeps a tight
    budget from buying long gaps filled with expensive partial steps.)
 2. **Evenly spaced after a warm-up.** The first k + 1 steps are full (the forecast has its points
-   from the start); the remaining full steps are spread evenly over the rest of the run, since an
+   from the start) unless that would lengthen the largest gap between full steps (few full steps:
+   then only the first is, and the first gap reuses); the remaining full steps are spread evenly
+   over the rest of the run, since an
    order-k extrapolation's error grows with the gap as ``gap ** (k + 1)``, and equal gaps keep the
    largest one smallest. (Front-loading the rest, gaps growing towards the end, was the other
    principled candidate: ``warp`` > 1 does it; it lost on both shipped models at every budget,
@@ -29,6 +31,7 @@ holds the knobs; :func:`budget_schedule` is the default rule and ``dualcache cal
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -196,6 +199,22 @@ def _distinct_steps(points: list[float], num_steps: int) -> list[int]:
     return out
 
 
+def largest_gap(num_steps: int, positions: Sequence[int]) -> int:
+    """The most steps any step is from the full step before it, plus one (the tail runs to the end)."""
+    ends = [*positions, num_steps]
+    return max(b - a for a, b in itertools.pairwise(ends))
+
+
+def leading_full_steps(num_steps: int, full_steps: int, order: int = 1, warp: float = 1.0) -> int:
+    """order + 1 leading full steps (the forecast has its points from the start), or 1 where those would
+    lengthen the largest gap between full steps: with few full steps, a second leading one costs every
+    later gap a step, which is worse than reusing (order 0) through the first gap."""
+    wanted = min(order + 1, full_steps)
+    spread = largest_gap(num_steps, full_step_positions(num_steps, full_steps, 1, warp))
+    packed = largest_gap(num_steps, full_step_positions(num_steps, full_steps, wanted, warp))
+    return wanted if packed <= spread else 1
+
+
 def schedule_plan(num_steps: int, layout: PlanLayout, schedule: Schedule, fresh_ratio: float = 0.0,
                   metadata: dict[str, Any] | None = None) -> CachePlan:
     """The plan of ``schedule`` (its fresh ratio, or ``fresh_ratio`` when the schedule leaves it open)."""
@@ -263,14 +282,15 @@ def budget_schedule(num_steps: int, layout: PlanLayout, budget: float, cost: Cos
     forecast at ``order`` with a constant fresh ratio filling what the budget leaves."""
     budget = check_budget(budget)
     k = affordable_full_steps(num_steps, budget, cost, layout, order)
+    warmup = leading_full_steps(num_steps, k, order, warp)
     for skip in (False, True):
-        base = Schedule(k, warmup=order + 1, warp=warp, order=order, skip=skip)
+        base = Schedule(k, warmup=warmup, warp=warp, order=order, skip=skip)
         fitted = fit_ratio(num_steps, layout, base, budget, cost)
         if fitted is not None:
             plan, ratio = fitted
             break
     else:  # not even skipping every other step reaches it (a budget beyond steps / K): skip with K full steps
-        plan, ratio = schedule_plan(num_steps, layout, Schedule(k, warmup=order + 1, warp=warp, order=order,
+        plan, ratio = schedule_plan(num_steps, layout, Schedule(k, warmup=warmup, warp=warp, order=order,
                                                                 skip=True)), 0.0
     plan.metadata["budget"] = {"target": budget, "predicted": round(cost.ratio(plan), 4), "rule": "default",
                                "fresh_ratio": round(ratio, 4)}
