@@ -15,6 +15,7 @@ from dualcache_diffusers.budget import (
     check_budget,
     fit_ratio,
     full_step_positions,
+    leading_full_steps,
     schedule_plan,
 )
 from dualcache_diffusers.plan import PlanLayout
@@ -29,7 +30,8 @@ def test_the_plan_reaches_the_budget_on_the_cost_model(budget, steps):
     cost = CostModel.uniform(LAYOUT, tokens=64)
     plan = budget_schedule(steps, LAYOUT, budget, cost)
     full = [i for i, s in enumerate(plan.steps) if s.is_full]
-    assert full[0] == 0 and (full[1] == 1 or len(full) < steps // 3)  # two leading full steps unless few
+    assert full == full_step_positions(steps, len(full), leading_full_steps(steps, len(full)), 1.0)
+    assert full[0] == 0 and (full[1] == 1 or len(full) <= steps // 2)  # two leading full steps unless few
     assert cost.ratio(plan) == pytest.approx(budget, rel=0.03)
     assert cost.ratio(plan) >= budget * 0.999  # from below in FLOPs: never more compute than asked
     assert plan.metadata["budget"]["target"] == budget
@@ -122,7 +124,7 @@ def test_the_budget_is_reached_on_joint_and_video_blocks(family):
 
 
 def test_two_leading_full_steps_only_where_they_do_not_lengthen_the_largest_gap():
-    from dualcache_diffusers.budget import largest_gap, leading_full_steps
+    from dualcache_diffusers.budget import largest_gap
 
     assert leading_full_steps(20, 9) == 2  # [0, 1, 3, 6, ...]: gaps of 3 either way
     assert leading_full_steps(20, 4) == 1  # [0, 5, 10, 15] rather than [0, 1, 7, 14]
