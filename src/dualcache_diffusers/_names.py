@@ -16,7 +16,8 @@ CLASS_CONDITIONAL_PIPELINES = ("DiTPipeline",)
 
 # `dualcache bench --methods`: every method of the benchmark, in table order
 METHOD_ORDER = (
-    "uncached", "steps", "fora", "toca", "duca", "duca-reuse", "duca-random", "duca-attention",
+    "uncached", "steps", "fora", "toca", "duca", "duca-budget", "calibrated", "duca-reuse", "duca-random",
+    "duca-attention",
     "fbcache", "taylorseer", "magcache", "pab", "fastercache", "seacache", "dbcache",
 )
 

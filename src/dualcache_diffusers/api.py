@@ -18,6 +18,9 @@ from .stats import CacheStats
 
 logger = logging.getLogger(__name__)
 
+#: schedule options a ``budget`` replaces (passing one of them with a budget is an error)
+BUDGET_REPLACES = ("interval", "schedule", "fresh_ratio", "ratio_schedule", "first_full_steps", "plan")
+
 _ENGINE_ATTR = "_dualcache_engine"
 #: pipeline attributes that hold denoisers (Wan 2.2 A14B has a second expert in ``transformer_2``)
 DENOISER_ATTRS = ("transformer", "transformer_2")
@@ -43,6 +46,14 @@ def _make_config(
     config: str | DualCacheConfig | None, family: str, overrides: dict[str, Any], plan: Any
 ) -> DualCacheConfig:
     check_override_names(overrides)
+    if overrides.get("budget") is not None:
+        fixed = sorted(set(overrides) & set(BUDGET_REPLACES))
+        if fixed or plan is not None:
+            what = ", ".join(f"{name}=" for name in fixed) or "plan="
+            raise ValueError(
+                f"budget={overrides['budget']!r} builds the whole schedule (which steps are full, the fresh ratio), "
+                f"so it cannot be combined with {what}...; pass either budget or the schedule options"
+            )
     if plan is not None and config is not None:
         raise ValueError(
             f"pass either config={config if isinstance(config, str) else 'DualCacheConfig(...)'!r} or plan=..., "
@@ -81,7 +92,9 @@ def enable_dual_cache(
             of the model's family, or a :class:`DualCacheConfig`.
         plan: a :class:`CachePlan` or the path of a plan JSON (e.g. exported by the router trainer);
             it replaces the preset's schedule (so it cannot be combined with ``config``).
-        **overrides: any :class:`DualCacheConfig` field, e.g. ``interval=4``,
+        **overrides: any :class:`DualCacheConfig` field, e.g. ``budget=3`` (3x fewer denoiser FLOPs: the
+            schedule is built for that budget from the model's measured costs; see docs/methods.md),
+            ``interval=4``,
             ``fresh_ratio=0.2``, ``selection="random"``, ``aggressive="reuse"``.
 
     Returns a copy of the effective config (changing it changes nothing; enable again to change

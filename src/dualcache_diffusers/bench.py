@@ -248,6 +248,8 @@ class Method:
     start: Setting = field(default_factory=dict)  # knob values used before / besides the search
     steps: Callable[[Setting, int], int] = lambda setting, steps: steps
     family: str = "dualcache"  # reference | steps | dualcache | plan | baseline
+    #: take the setting another method's search found at each budget (a method too costly to search itself)
+    search_as: str | None = None
 
 
 def _no_op(workload: Workload, setting: Setting) -> Undo:
@@ -266,6 +268,55 @@ def _dual_cache_method(name: str, preset: str, description: str, **fixed: Any) -
     interval = Knob("interval", 2, 64, integer=True)
     fine = Knob("fresh_ratio", 0.0, 1.0, faster_when="lower") if preset != "fora" else None
     return Method(name, description, _dual_cache(preset, **fixed), knob=interval, fine_knob=fine)
+
+
+def _budget_method() -> Method:
+    """``enable_dual_cache(pipe, budget=b)``, the default: the knob is the denoiser budget ``b``, searched so that
+    the whole pipeline's FLOPs (VAE decode included, which no cache saves) meet the row's budget."""
+
+    def apply(workload: Workload, setting: Setting) -> Undo:
+        enable_dual_cache(workload.pipe, budget=setting["budget"])
+        return lambda: disable_dual_cache(workload.pipe)
+
+    return Method("duca-budget", "enable_dual_cache(pipe, budget=b): the budget rule (default)", apply,
+                  knob=Knob("budget", 1.01, 10.0, log=True))
+
+
+#: seeds the `calibrated` method calibrates on: apart from the evaluation seeds (0, 1, ...) and the knob search's
+CALIBRATE_SEEDS = (2000, 2001)
+CALIBRATE_CONDITIONS = 4
+#: the knobs the benchmark's `calibrated` searches (a subset of `dualcache calibrate`'s, to keep CPU runs short)
+BENCH_CALIBRATE_SPACE = {"full_steps": (0, -1), "warp": (1.0, 1.5), "warmup": (1, 2, 3), "order": (1, 2)}
+_CALIBRATED: weakref.WeakKeyDictionary[DiffusionPipeline, dict[tuple, CachePlan]] = weakref.WeakKeyDictionary()
+
+
+def calibration_workload(workload: Workload) -> Workload:
+    """The images `calibrated` searches its schedule on: :data:`CALIBRATE_SEEDS` x a spread of the conditions."""
+    conditions = list(workload.conditions)
+    step = max(1, len(conditions) // CALIBRATE_CONDITIONS)
+    conditions = conditions[::step][:CALIBRATE_CONDITIONS]
+    seeds = list(CALIBRATE_SEEDS)
+    return dataclasses.replace(workload, seeds=seeds, conditions=conditions, batch_size=len(seeds) * len(conditions),
+                               paired=False)
+
+
+def _calibrated_method() -> Method:
+    """A plan from ``dualcache calibrate`` at the budget ``duca-budget`` found (so at the same FLOPs), calibrated
+    on :data:`CALIBRATE_SEEDS`, never on the evaluation images."""
+
+    def apply(workload: Workload, setting: Setting) -> Undo:
+        from .calibrate import calibrate
+
+        plans = _CALIBRATED.setdefault(workload.pipe, {})
+        key = (workload.steps, workload.guidance_scale, round(float(setting["budget"]), 6))
+        if key not in plans:
+            plans[key] = calibrate(workload.pipe, calibration_workload(workload), setting["budget"],
+                                   space=BENCH_CALIBRATE_SPACE)
+        enable_dual_cache(workload.pipe, plan=plans[key])
+        return lambda: disable_dual_cache(workload.pipe)
+
+    return Method("calibrated", "dualcache calibrate --budget b (seeds 2000-2001), its plan", apply,
+                  knob=Knob("budget", 1.01, 10.0, log=True), search_as="duca-budget", family="plan")
 
 
 def _plan_method(name: str, path: Path) -> Method:
@@ -339,6 +390,8 @@ def build_methods(steps: int, plans: dict[str, Path] | None = None) -> dict[str,
         "toca": _dual_cache_method("toca", "toca", "ToCa: full / conservative (token-wise partial) steps"),
         "duca": _dual_cache_method("duca", "duca", "DuCa, aggressive=skip, V-caching selection",
                                    aggressive="skip", selection="vnorm"),
+        "duca-budget": _budget_method(),
+        "calibrated": _calibrated_method(),
         "duca-reuse": _dual_cache_method("duca-reuse", "duca", "DuCa, aggressive=reuse (FORA-style aggressive step)",
                                          aggressive="reuse", selection="vnorm"),
         "duca-random": _dual_cache_method("duca-random", "duca", "DuCa, random token selection",
@@ -631,8 +684,11 @@ def run_benchmark(
     result = BenchResult([], {}, len(workload), workload.steps, has_classifier=classifier is not None, frames=frames)
     for method in methods.values():
         budgets: list[float | None] = list(config.budgets) if method.knob is not None else [None]
+        searcher = methods.get(method.search_as) or build_methods(workload.steps).get(method.search_as) \
+            if method.search_as else None
         try:
-            result.rows += _evaluate_method(method, budgets, workload, calibrator, reference, judge, progress)
+            result.rows += _evaluate_method(method, budgets, workload, calibrator, reference, judge, progress,
+                                            searcher)
         except Exception as error:  # a competitor that cannot run on this model is skipped, not fatal
             logger.warning("method %s skipped: %s: %s", method.name, type(error).__name__, error)
             result.skipped[method.name] = f"{type(error).__name__}: {error}"
@@ -656,6 +712,7 @@ def _evaluate_method(
     reference: Generation,
     judge: Judge,
     progress: Any,
+    searcher: Method | None = None,
 ) -> list[BenchRow]:
     rows: list[BenchRow] = []
     done: dict[str, tuple[Generation, Quality]] = {}
@@ -664,7 +721,7 @@ def _evaluate_method(
         if budget is None:
             setting, calib_ratio = dict(method.start), calibrator.ratio(method, dict(method.start))
         else:
-            setting, calib_ratio = calibrator.search(method, budget)
+            setting, calib_ratio = calibrator.search(searcher or method, budget)
         key = json.dumps(setting, sort_keys=True, default=str)
         if key not in done:
             generation = reference if method.family == "reference" else generate_with(method, workload, setting)

@@ -5,6 +5,7 @@
     dualcache demo --model video        # the shipped moving-digits LattePipeline: clips, an animated GIF
     dualcache bench --out bench-dit     # fidelity at matched FLOPs budgets: CSV, markdown, plot
     dualcache bench --quick             # a reduced setting (seconds on tiny models)
+    dualcache calibrate --model dit --budget 3 --out plan.json   # a schedule searched for 3x fewer FLOPs
     dualcache report a/results.csv b/results.csv --out both   # one table + plot from runs on the same images
 
 Subcommands are registered with :func:`register_subcommand`; a module that adds one (say
@@ -507,10 +508,56 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- calibrate
+
+
+def _configure_calibrate(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, steps=20, model_default=None)
+    parser.add_argument("--budget", type=finite_float, required=True,
+                        help="FLOPs reduction of the denoiser to reach, e.g. 3 (in (1, 10]; required)")
+    parser.add_argument("--out", type=Path, required=True, help="the plan JSON to write (required)")
+    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[1000, 1001],
+                        help="calibration seeds (keep them apart from the seeds you evaluate on)")
+    parser.add_argument("--conditions", type=positive_int, default=4,
+                        help="classes / captions per seed (spread over the digits)")
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from .budget import check_budget
+
+    check_budget(args.budget)
+    if args.out.is_dir():
+        raise UserError(f"--out {str(args.out)!r} is a directory; give the plan file to write, e.g. plan.json")
+    if not args.out.parent.is_dir():
+        raise UserError(f"--out {str(args.out)!r}: the folder {str(args.out.parent)!r} does not exist")
+    ref = check_model_arguments(args)
+    from .bench import Workload, default_conditions
+    from .calibrate import calibrate, search_size
+
+    pipe = _load(args, ref)
+    conditions = args.prompt or default_conditions(pipe, 10)
+    step = max(1, len(conditions) // args.conditions)
+    conditions = list(conditions)[::step][: args.conditions]
+    workload = Workload(pipe, args.steps, list(args.seeds), conditions, guidance_scale=args.guidance,
+                        batch_size=len(args.seeds) * len(conditions))
+    with _progress(search_size(), "calibrate") as bar:
+        plan = calibrate(pipe, workload, args.budget, progress=bar)
+    plan.to_json(args.out)
+    info = plan.metadata["calibration"]
+    print(plan.summary().splitlines()[1].strip())
+    print(f"budget {args.budget:g}x: predicted {info['predicted_flops_ratio']:.3f}x, calibration PSNR "
+          f"{info['psnr']:.2f} dB (default rule {info['default_rule_psnr']:.2f} dB) on {info['images']} images; "
+          f"use it with enable_dual_cache(pipe, plan={str(args.out)!r})")
+    print(f"wrote {args.out}")
+    return 0
+
+
 register_subcommand("demo", "uncached vs DuCa / FORA / ToCa on the same seeds: speed, FLOPs, PSNR / SSIM, a grid",
                     _configure_demo, _run_demo)
 register_subcommand("bench", "fidelity benchmark at matched FLOPs budgets: CSV, markdown table, speed-quality plot",
                     _configure_bench, _run_bench)
+register_subcommand("calibrate", "search a DuCa forecasting schedule for a FLOPs budget on a few seeds; write a plan",
+                    _configure_calibrate, _run_calibrate)
 register_subcommand("report", "merge `dualcache bench` results (CSV) of runs on the same images: one table and plot",
                     _configure_report, _run_report)
 

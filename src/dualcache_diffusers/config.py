@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .budget import CostModel, budget_schedule, check_budget
 from .plan import (
     AGGRESSIVE,
     CONSERVATIVE,
@@ -20,6 +21,7 @@ from .plan import (
     PlanLayout,
     cycle_step_kinds,
     dit_duca_step_kinds,
+    dit_toca_step_kinds,
     plan_from_kinds,
 )
 
@@ -28,6 +30,7 @@ SELECTIONS = ("vnorm", "random", "attention")
 AGGRESSIVE_VARIANTS = ("skip", "reuse")
 SELF_ATTENTION_MODES = ("reuse", "partial")
 SCHEDULES = ("cycle", "dit-duca")
+CFG_SELECTIONS = ("shared", "separate")
 
 
 MAX_SEED = 2**63 - 1
@@ -113,8 +116,9 @@ class DualCacheConfig:
         method: "duca" (full / conservative / aggressive), "toca" (full / conservative),
             "fora" (full / reuse every module), "full" (no caching).
         interval: cycle length N (a full step every N steps). For ``schedule="dit-duca"`` it is
-            DuCa's base threshold from which the dynamic DiT interval is derived.
-        schedule: "cycle" (fixed cycles counted from step 0) or "dit-duca" (DuCa's DiT rule).
+            the authors' base threshold from which the dynamic DiT interval is derived.
+        schedule: "cycle" (fixed cycles counted from step 0) or "dit-duca" (the DiT DDIM rule of the
+            ToCa / DuCa code: F,C,A,... for method "duca", F,C,C,... for "toca").
         fresh_ratio: base fraction of tokens recomputed at conservative steps, in [0, 1].
         ratio_schedule: how the fresh ratio varies over steps, layers and modules:
             "constant", "dit", "pixart", "pixart-toca" (the published ToCa/DuCa schedulers).
@@ -133,9 +137,16 @@ class DualCacheConfig:
         num_inference_steps: only needed when caching a bare transformer without its pipeline's
             scheduler (the engine then cannot read the step count).
         seed: seed of the random scorer (selection is deterministic given the seed).
+        cfg_selection: for a batch holding both CFG halves of the same latents, "shared" (one score per
+            image, the halves averaged, so both halves recompute the same tokens; DuCa's PixArt code)
+            or "separate" (each half scores and picks its own tokens, as the authors' DiT code does).
         forecast_order: 0 reuses cached outputs as they are; k in 1..4 extrapolates every reused
             output (and the skipped block stack) from the last k + 1 full computations, a degree-k
             polynomial in the step (TaylorSeer's forecast, at the actual step spacing).
+        budget: a FLOPs reduction of the denoiser (e.g. 3 for 3x fewer FLOPs, in (1, 10]): the schedule
+            is then built for it by :func:`budget.budget_schedule` from the model's measured costs,
+            replacing interval / schedule / fresh_ratio / ratio_schedule / first_full_steps (the
+            forecast order, selection and token options still apply).
         plan: a fixed :class:`CachePlan` (or a path to its JSON) overriding the schedule options.
         family: the model family whose preset this config is (enabling it on another family is refused).
         cache_device: where cached features (module outputs, the block stack's output, forecast history)
@@ -159,7 +170,9 @@ class DualCacheConfig:
     first_full_steps: int = 1
     num_inference_steps: int | None = None
     seed: int = 0
+    cfg_selection: str = "shared"
     forecast_order: int = 0
+    budget: float | None = None
     plan: CachePlan | None = field(default=None, repr=False)
     family: str | None = None  # the model family whose preset this is (set by from_preset)
     cache_device: str | None = None
@@ -189,8 +202,16 @@ class DualCacheConfig:
             self.num_inference_steps = _number("num_inference_steps", self.num_inference_steps, 1,
                                                MAX_INFERENCE_STEPS, integer=True)
         self.seed = _number("seed", self.seed, 0, MAX_SEED, integer=True)
+        self.cfg_selection = _choice("cfg_selection", self.cfg_selection, CFG_SELECTIONS)
         self.forecast_order = _number("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER, integer=True)
         self.cache_device = _cache_device(self.cache_device)
+        if self.budget is not None:
+            self.budget = check_budget(self.budget)
+            if self.plan is not None:
+                raise ValueError("pass either budget=... or plan=..., not both: a plan fixes its own FLOPs")
+            if self.method != "duca":
+                raise ValueError(f"budget={self.budget:g} builds a DuCa forecasting schedule; it cannot be combined "
+                                 f"with method={self.method!r} (use method='duca', or drop budget)")
         if self.plan is not None:
             self.method = "plan"
 
@@ -209,8 +230,16 @@ class DualCacheConfig:
         check_override_names(overrides)
         return dataclasses.replace(self, **overrides)
 
-    def build_plan(self, num_steps: int, layout: PlanLayout) -> CachePlan:
-        """The plan for one generation of ``num_steps`` denoiser calls of a model of ``layout``."""
+    def build_plan(self, num_steps: int, layout: PlanLayout, cost: CostModel | None = None) -> CachePlan:
+        """The plan for one generation of ``num_steps`` denoiser calls of a model of ``layout``.
+
+        With a ``budget``, ``cost`` (the model's FLOPs per step, :class:`budget.CostModel`) sizes the
+        schedule; without one a rough uniform cost model is used."""
+        if self.budget is not None and self.plan is None:
+            order = self.forecast_order or 1
+            plan = budget_schedule(num_steps, layout, self.budget, cost or CostModel.uniform(layout), order=order)
+            plan.metadata["config"] = self.to_dict()
+            return plan
         if self.plan is not None:
             if self.plan.num_steps != num_steps:
                 raise ValueError(
@@ -224,6 +253,8 @@ class DualCacheConfig:
             kinds = [FULL] * num_steps
         elif self.schedule == "dit-duca" and self.method == "duca":
             kinds = dit_duca_step_kinds(num_steps, self.interval)
+        elif self.schedule == "dit-duca" and self.method == "toca":
+            kinds = dit_toca_step_kinds(num_steps, self.interval)
         else:
             kinds = cycle_step_kinds(num_steps, self.interval, self.method, self.first_full_steps)
         kinds = [FULL if i < self.first_full_steps else k for i, k in enumerate(kinds)]
@@ -292,8 +323,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # run; on our DiT it lost to FORA at equal FLOPs (15.5 vs 27.4 dB PSNR at 2.5x).
         "duca": dict(method="duca", schedule="cycle", interval=3, fresh_ratio=0.06, ratio_schedule="pixart",
                      selection="vnorm", aggressive="skip", spatial_bonus=0.8, spatial_grid=2, forecast_order=1),
-        "toca": dict(method="toca", interval=4, fresh_ratio=0.07, ratio_schedule="dit", selection="vnorm",
-                     spatial_bonus=0.6, spatial_grid=2),
+        # ToCa on DiT as the authors run it with DDIM: their interval rule (schedule="dit-duca", threshold 4:
+        # 7 full steps in 20, forced every other step in [0.2, 0.4) of the run), fresh ratio 0.07 with their DiT
+        # ratio scheduler. Selection is V-norm (flash-compatible) instead of their attention score
+        # (selection="attention" gives it); docs/methods.md lists every departure.
+        "toca": dict(method="toca", schedule="dit-duca", interval=4, fresh_ratio=0.07, ratio_schedule="dit",
+                     selection="vnorm", spatial_bonus=0.6, spatial_grid=2),
         "fora": dict(method="fora", interval=3),
         "full": dict(method="full"),
     },

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import weakref
@@ -42,11 +43,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import scheduler_watch
 from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
+from .budget import CostModel
 from .cache_storage import CacheStorage
 from .config import DualCacheConfig
 from .forecast import extrapolate
 from .partial_attention import joint_flops, rotary_partial_attention
-from .plan import CachePlan, PlanLayout, StepPlan, num_fresh_tokens
+from .plan import CachePlan, PlanLayout, StepPlan, full_plan, num_fresh_tokens
 from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
 from .stats import CacheStats, ModuleCost, flop_formulas, weight_bytes
 
@@ -119,10 +121,29 @@ class Denoiser:
                 if value is not None and attn is not None and hasattr(attn, "heads"):
                     self.value_modules[info.index] = (value, attn, info.spec.value_text_rows)
 
-    def plan(self, num_steps: int) -> CachePlan:
+    def plan(self, num_steps: int, costs: Costs | None = None, image_rows: Any = None) -> CachePlan:
+        if self.config.budget is not None and self.config.plan is None:
+            return self._budget_plan(num_steps, costs, image_rows)
         if num_steps not in self.plans:
             self.plans[num_steps] = self.config.build_plan(num_steps, self.layout)
         return self.plans[num_steps]
+
+    def _budget_plan(self, num_steps: int, costs: Costs | None, image_rows: Any = None) -> CachePlan:
+        """A budget's plan needs the model's costs, recorded at its first (full) call: until they are known
+        the plan is full steps that keep the forecast history (only its first step is used)."""
+        if costs is None:
+            known = [plan for (steps, _), plan in self.plans.items() if steps == num_steps]
+            if known:
+                return known[-1]
+            plan = full_plan(num_steps, self.layout)
+            for step in plan.steps:
+                step.forecast_order = self.config.forecast_order or 1
+            return plan
+        key = (num_steps, id(costs))
+        if key not in self.plans:
+            cost = CostModel.from_engine(costs, self.modules, image_rows)
+            self.plans[key] = self.config.build_plan(num_steps, self.layout, cost)
+        return self.plans[key]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,8 +214,7 @@ class Call:
     bucket: tuple = ("model",)
 
     def image_rows(self, grid: str) -> int:
-        frames, rows, cols = self.branch.grid
-        return {"all": frames * rows * cols, "space": rows * cols, "time": frames}[grid]
+        return _image_rows_of(self.branch, grid)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,7 +380,7 @@ class DualCacheEngine:
         # its rows to the caption's true length inside the model, which no input shape tells)
         signature = (tuple(latents.shape), latents.dtype, latents.device, key)
         costs = den.costs.get(signature)
-        plan = den.plan(branch.plan_steps)
+        plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch))
         step_plan = plan.steps[branch.step] if state.primed else plan.steps[0]  # nothing cached yet: full
         if step_plan.skip_blocks and state.stack_cache is None:
             # the last block never ran in this branch (SD3's skip-layer guidance can skip it): reuse every
@@ -405,7 +425,8 @@ class DualCacheEngine:
     ) -> BranchState:
         batch = latents.shape[0]
         # one host sync per generation and branch, never per step
-        paired = batch % 2 == 0 and bool(torch.equal(latents[: batch // 2], latents[batch // 2 :]))
+        paired = (self.config.cfg_selection == "shared" and batch % 2 == 0
+                  and bool(torch.equal(latents[: batch // 2], latents[batch // 2 :])))
         return BranchState(gen.num_steps, paired, den.adapter.token_grid(den.model, args, kwargs), generator=None)
 
     def _check_alignment(self, branch: BranchState, gen: Generation, timestep: float | None) -> None:
@@ -919,6 +940,11 @@ def _timestep_value(timestep: Any, sync: bool) -> float | None:
     if isinstance(timestep, torch.Tensor) and timestep.numel() and (sync or timestep.device.type == "cpu"):
         return float(timestep.detach().reshape(-1)[0])
     return None
+
+
+def _image_rows_of(branch: BranchState, grid: str) -> int:
+    frames, rows, cols = branch.grid
+    return {"all": frames * rows * cols, "space": rows * cols, "time": frames}[grid]
 
 
 def _remember(history: list[tuple[int, Any]], step: int, value: Any, keep: int) -> None:

@@ -1,0 +1,297 @@
+"""Budget-driven schedules: a DuCa forecasting plan that spends a given FLOPs reduction well.
+
+``enable_dual_cache(pipe, budget=3)`` asks for 3x fewer denoiser FLOPs. The plan is built from a
+small set of principles, none fitted to a model (docs/methods.md, "Budget-driven schedules"):
+
+1. **Full steps first.** A forecast of order k needs k + 1 full computations, and a full step is
+   the only step that re-anchors every feature, so the schedule takes as many full steps as the
+   budget affords (``budget`` -> the number K of full steps), and spends only what is left on
+   partial recomputation. (Searching the interval last, rather than first, is what keeps a tight
+   budget from buying long gaps filled with expensive partial steps.)
+2. **Evenly spaced after a warm-up.** The first k + 1 steps are full (the forecast has its points
+   from the start) unless that would lengthen the largest gap between full steps (few full steps:
+   then only the first is, and the first gap reuses); the remaining full steps are spread evenly
+   over the rest of the run, since an
+   order-k extrapolation's error grows with the gap as ``gap ** (k + 1)``, and equal gaps keep the
+   largest one smallest. (Front-loading the rest, gaps growing towards the end, was the other
+   principled candidate: ``warp`` > 1 does it; it lost on both shipped models at every budget,
+   docs/methods.md, so the default is even spacing, ``warp=1``; ``dualcache calibrate`` tries both.)
+3. **Forecast, then recompute.** Every other step forecasts every cached output at ``order`` (1:
+   linear extrapolation over the actual step spacing) and, with what the budget leaves, recomputes
+   a constant fraction of the tokens of the modules that can be recomputed row by row (MLP and
+   cross-attention; self-attention stays forecast, as in DuCa), running the blocks so that the
+   current timestep's gates and norms apply. Where not even that is affordable the step skips the
+   block stack and forecasts its output.
+
+The cost of each step comes from the engine's own FLOPs accounting of the model (the costs it
+records at its first call), so the plan reaches the budget as the engine counts it. :class:`Schedule`
+holds the knobs; :func:`budget_schedule` is the default rule and ``dualcache calibrate``
+(:mod:`.calibrate`) searches the same knobs on calibration images.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .plan import (
+    AGGRESSIVE,
+    CONSERVATIVE,
+    FULL,
+    RATIO_SCHEDULES,
+    CachePlan,
+    PlanLayout,
+    StepPlan,
+    num_fresh_tokens,
+    plan_from_kinds,
+)
+
+MIN_BUDGET = 1.0  # exclusive: a budget of 1 is no caching
+MAX_BUDGET = 10.0
+#: tolerance within which a plan is said to reach its budget (relative, on the FLOPs ratio)
+BUDGET_TOLERANCE = 0.03
+
+
+def check_budget(value: Any) -> float:
+    """``value`` as a float in (1, 10], else a clear TypeError / ValueError naming ``budget``."""
+    import numpy as np
+
+    if isinstance(value, np.generic) and isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"budget must be a number (the FLOPs reduction, e.g. 3 for 3x fewer FLOPs) in "
+                        f"({MIN_BUDGET:g}, {MAX_BUDGET:g}], got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if math.isnan(value) or not MIN_BUDGET < value <= MAX_BUDGET:
+        raise ValueError(f"budget={value!r} is out of range: it is the FLOPs reduction of the denoiser "
+                         f"(3 = 3x fewer FLOPs) and must be in ({MIN_BUDGET:g}, {MAX_BUDGET:g}]")
+    return value
+
+
+# --------------------------------------------------------------------------------------------- costs
+
+
+@dataclass
+class ModuleCall:
+    """One cached module call of a full step: its FLOPs and how they scale with the rows computed."""
+
+    block: int
+    column: int
+    flops: float  # full call
+    scale: Callable[[int], float]  # rows computed -> share of ``flops``
+    rows: int  # image rows of a full call (the rows a fraction is taken of)
+    text_rows: int = 0  # rows recomputed with every partial call (a joint block's text tokens)
+    partial: bool = True  # False: a fraction in (0, 1) computes the module whole
+
+
+@dataclass
+class CostModel:
+    """FLOPs of one denoiser call under a :class:`StepPlan`, as the engine counts them."""
+
+    model: float  # outside every block (always run)
+    blocks: float  # inside blocks, outside cached modules (run unless the stack is skipped)
+    calls: list[ModuleCall] = field(default_factory=list)
+
+    @property
+    def full(self) -> float:
+        return self.model + self.blocks + sum(c.flops for c in self.calls)
+
+    def step(self, step: StepPlan) -> float:
+        if step.skip_blocks:
+            return self.model
+        total = self.model + self.blocks
+        for c in self.calls:
+            fraction = step.fractions[c.block][c.column]
+            if fraction >= 1.0 or (fraction > 0.0 and not c.partial):
+                total += c.flops
+            elif fraction > 0.0:
+                fresh = num_fresh_tokens(fraction, c.rows)  # none: the engine returns the cache untouched
+                total += c.flops * c.scale(fresh + c.text_rows) if fresh else 0.0
+        return total
+
+    def ratio(self, plan: CachePlan) -> float:
+        """FLOPs reduction of ``plan``: uncached FLOPs over the plan's."""
+        return plan.num_steps * self.full / sum(self.step(s) for s in plan.steps)
+
+    @classmethod
+    def from_engine(cls, costs: Any, modules: Sequence[Any], image_rows: Callable[[str], int] | None = None
+                    ) -> CostModel:
+        """From the engine's recorded :class:`~.engine.Costs`, its denoiser's cached modules and the image rows
+        of each token-grid kind (``image_rows("space")``; without it every row is an image row)."""
+        by_place = {(m.block, m.column): m for _, m in modules}
+        calls = []
+        for key, flops in costs.modules.items():
+            block, column, index = key
+            cached = by_place.get((block, column))
+            rows, kv = costs.rows.get(key, (0, 0))
+            if cached is None or not rows:
+                continue
+            image = min(rows, image_rows(cached.grid)) if image_rows is not None else rows
+            partial = cached.spec.can_partial and cached.call_kind(index) == "image"
+            full = cached.cost.flops(1, rows, kv) or 1
+            calls.append(ModuleCall(block, column, float(flops),
+                                    lambda r, c=cached.cost, kv=kv, full=full: c.flops(1, r, kv) / full,
+                                    image, rows - image, partial))
+        return cls(float(costs.model), float(sum(costs.blocks.values())), calls)
+
+    @classmethod
+    def uniform(cls, layout: PlanLayout, tokens: int = 256, overhead: float = 0.02) -> CostModel:
+        """A rough model for when nothing was measured (tests, plans made offline): equal modules, linear in rows."""
+        calls = [ModuleCall(b, m, 1.0, lambda r, t=tokens: r / t, tokens)
+                 for b, names in enumerate(layout.block_modules) for m, name in enumerate(layout.modules)
+                 if name in names]
+        return cls(overhead * len(calls), 0.0, calls)
+
+
+# ----------------------------------------------------------------------------------------- schedules
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The knobs of a budget schedule (what ``dualcache calibrate`` searches).
+
+    full_steps: K, the number of full steps; warmup: leading full steps (at least order + 1 where K
+    allows); warp: placement of the rest (1 = even gaps, > 1 gaps growing towards the end);
+    order: forecast order; fresh_ratio: fraction of tokens the partial modules recompute at the
+    other steps (None: what the budget leaves); ratio_schedule: how that fraction varies over steps
+    and layers (see :data:`plan.RATIO_SCHEDULES`); skip: the other steps skip the block stack
+    instead of running the blocks with forecast outputs.
+    """
+
+    full_steps: int
+    warmup: int = 2
+    warp: float = 1.0
+    order: int = 1
+    fresh_ratio: float | None = None
+    ratio_schedule: str = "constant"
+    skip: bool = False
+
+    def describe(self) -> str:
+        ratio = "-" if self.fresh_ratio is None else f"{self.fresh_ratio:.3f}"
+        return (f"K={self.full_steps} warmup={self.warmup} warp={self.warp:g} order={self.order} "
+                f"ratio={ratio} ({self.ratio_schedule}){' skip' if self.skip else ''}")
+
+
+def full_step_positions(num_steps: int, full_steps: int, warmup: int, warp: float) -> list[int]:
+    """Which steps are full: the first ``warmup``, then the rest on a grid with gaps growing as ``warp``."""
+    full_steps = max(1, min(num_steps, full_steps))
+    warmup = max(1, min(warmup, full_steps))
+    positions = list(range(warmup))
+    rest = full_steps - warmup
+    if rest:
+        start, span = warmup - 1, num_steps - warmup + 1  # the grid runs from the last warm-up step to the end
+        for j in range(1, rest + 1):
+            positions.append(start + span * (j / (rest + 1)) ** warp)
+        positions = _distinct_steps(positions, num_steps)
+    return positions
+
+
+def _distinct_steps(points: list[float], num_steps: int) -> list[int]:
+    """Round increasing points to distinct step indices in [0, num_steps)."""
+    out: list[int] = []
+    for i, p in enumerate(points):
+        step = max(round(p), out[-1] + 1 if out else 0)
+        step = min(step, num_steps - (len(points) - i))  # leave room for the points still to come
+        out.append(step)
+    return out
+
+
+def largest_gap(num_steps: int, positions: Sequence[int]) -> int:
+    """The most steps any step is from the full step before it, plus one (the tail runs to the end)."""
+    ends = [*positions, num_steps]
+    return max(b - a for a, b in itertools.pairwise(ends))
+
+
+def leading_full_steps(num_steps: int, full_steps: int, order: int = 1, warp: float = 1.0) -> int:
+    """order + 1 leading full steps (the forecast has its points from the start), or 1 where those would
+    lengthen the largest gap between full steps: with few full steps, a second leading one costs every
+    later gap a step, which is worse than reusing (order 0) through the first gap."""
+    wanted = min(order + 1, full_steps)
+    spread = largest_gap(num_steps, full_step_positions(num_steps, full_steps, 1, warp))
+    packed = largest_gap(num_steps, full_step_positions(num_steps, full_steps, wanted, warp))
+    return wanted if packed <= spread else 1
+
+
+def schedule_plan(num_steps: int, layout: PlanLayout, schedule: Schedule, fresh_ratio: float = 0.0,
+                  metadata: dict[str, Any] | None = None) -> CachePlan:
+    """The plan of ``schedule`` (its fresh ratio, or ``fresh_ratio`` when the schedule leaves it open)."""
+    full = set(full_step_positions(num_steps, schedule.full_steps, schedule.warmup, schedule.warp))
+    other = AGGRESSIVE if schedule.skip else CONSERVATIVE
+    kinds = [FULL if i in full else other for i in range(num_steps)]
+    ratio = schedule.fresh_ratio if schedule.fresh_ratio is not None else fresh_ratio
+    plan = plan_from_kinds(kinds, layout, ratio_fn=RATIO_SCHEDULES[schedule.ratio_schedule](ratio),
+                           aggressive="skip", interval=max(1, round(num_steps / max(1, len(full)))),
+                           method="duca", forecast_order=schedule.order, metadata=dict(metadata or {}))
+    plan.metadata.setdefault("schedule", {**schedule.__dict__, "fresh_ratio": ratio})
+    return plan
+
+
+def affordable_full_steps(num_steps: int, budget: float, cost: CostModel, layout: PlanLayout, order: int = 1) -> int:
+    """The most full steps whose plan (the other steps forecast, recomputing nothing) stays within ``budget``."""
+    best = 1
+    for k in range(1, num_steps + 1):
+        plan = schedule_plan(num_steps, layout, Schedule(k, warmup=order + 1, order=order), 0.0)
+        if cost.ratio(plan) < budget * (1 - 1e-9):
+            break
+        best = k
+    return best
+
+
+def fit_ratio(num_steps: int, layout: PlanLayout, schedule: Schedule, budget: float, cost: CostModel,
+              iterations: int = 30) -> tuple[CachePlan, float] | None:
+    """The plan of ``schedule`` whose fresh ratio brings it nearest ``budget`` from below (or exactly to it).
+
+    None when even recomputing nothing stays above the budget's FLOPs."""
+    def plan_at(r: float) -> CachePlan:
+        return schedule_plan(num_steps, layout, replace(schedule, fresh_ratio=r))
+
+    low_plan = plan_at(0.0)
+    if cost.ratio(low_plan) < budget * (1 - BUDGET_TOLERANCE):
+        return None
+    high_plan = plan_at(1.0)
+    if cost.ratio(high_plan) >= budget:  # nothing left to fit (e.g. steps that skip the stack): on budget or not at all
+        return (high_plan, 1.0) if cost.ratio(high_plan) <= budget * (1 + BUDGET_TOLERANCE) else None
+    low, high = 0.0, 1.0
+    for _ in range(iterations):  # ratio falls as the fresh ratio grows
+        mid = (low + high) / 2
+        if cost.ratio(plan_at(mid)) >= budget:
+            low = mid
+        else:
+            high = mid
+    return _top_up(plan_at(low), plan_at(high), budget, cost), low
+
+
+def _top_up(low: CachePlan, high: CachePlan, budget: float, cost: CostModel) -> CachePlan:
+    """``low`` with its earliest steps taken from ``high`` while the budget holds (tokens come in whole
+    rows, so one fresh ratio for every step can land a few percent off the budget)."""
+    total, target = sum(cost.step(s) for s in low.steps), low.num_steps * cost.full / budget
+    for i, (a, b) in enumerate(zip(low.steps, high.steps)):
+        extra = cost.step(b) - cost.step(a)
+        if extra > 0 and total + extra <= target:
+            low.steps[i], total = b, total + extra
+    return low
+
+
+def budget_schedule(num_steps: int, layout: PlanLayout, budget: float, cost: CostModel, order: int = 1,
+                    warp: float = 1.0) -> CachePlan:
+    """The default budget rule (module docstring): as many full steps as fit, evenly spaced after order + 1
+    leading ones, the rest
+    forecast at ``order`` with a constant fresh ratio filling what the budget leaves."""
+    budget = check_budget(budget)
+    k = affordable_full_steps(num_steps, budget, cost, layout, order)
+    warmup = leading_full_steps(num_steps, k, order, warp)
+    for skip in (False, True):
+        base = Schedule(k, warmup=warmup, warp=warp, order=order, skip=skip)
+        fitted = fit_ratio(num_steps, layout, base, budget, cost)
+        if fitted is not None:
+            plan, ratio = fitted
+            break
+    else:  # not even skipping every other step reaches it (a budget beyond steps / K): skip with K full steps
+        plan, ratio = schedule_plan(num_steps, layout, Schedule(k, warmup=warmup, warp=warp, order=order,
+                                                                skip=True)), 0.0
+    plan.metadata["budget"] = {"target": budget, "predicted": round(cost.ratio(plan), 4), "rule": "default",
+                               "fresh_ratio": round(ratio, 4)}
+    return plan

@@ -1,0 +1,168 @@
+"""Calibration: search a budget schedule on a few images of the model itself and write it as a plan.
+
+``dualcache calibrate --model DIR --budget 3 --out plan.json`` (or :func:`calibrate` from Python):
+
+1. generate the calibration images uncached (the reference) and once with the default budget rule,
+   which also records the model's FLOPs per step (the engine's own count);
+2. search the knobs of :class:`~.budget.Schedule` (number of full steps, leading full steps, how the
+   rest are spread, forecast order, how the recomputed tokens are spread over steps and layers,
+   whether the other steps skip the block stack), one knob at a time from the default rule; every
+   candidate gets the fresh ratio that brings it to the budget (within 3%, from below) and is
+   scored by PSNR against the reference;
+3. (hook) fit learned forecast weights for the best plan where the library provides them;
+4. return the best plan; its metadata records the budget, the predicted FLOPs ratio, the scores
+   and the search.
+
+Calibrating on a handful of seeds takes about a minute per 20 candidates on CPU for the shipped
+models. The seeds should differ from the ones a plan is evaluated on (``dualcache bench`` does so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .budget import CostModel, Schedule, affordable_full_steps, budget_schedule, check_budget, fit_ratio
+from .plan import CachePlan
+
+logger = logging.getLogger(__name__)
+
+#: the values tried for each knob (coordinate search from the default rule, in this order)
+SEARCH_SPACE: dict[str, Sequence[Any]] = {
+    "full_steps": (0, -1, -2, 1),  # offsets from the most full steps the budget affords
+    "warp": (1.0, 1.5, 2.0, 2.5),
+    "warmup": (1, 2, 3, 4),
+    "order": (1, 2),
+    "ratio_schedule": ("constant", "pixart"),
+    "skip": (False, True),
+}
+
+
+@dataclass
+class Candidate:
+    schedule: Schedule
+    plan: CachePlan
+    psnr: float
+    ratio: float  # predicted FLOPs reduction (engine accounting)
+
+
+def cost_model(pipe: Any, workload: Any, budget: float) -> tuple[CostModel, Any]:
+    """The FLOPs per step of the pipeline's denoiser, recorded by the engine in one budget-rule generation,
+    with the images of that generation."""
+    from .api import disable_dual_cache, enable_dual_cache, get_engine
+
+    enable_dual_cache(pipe, budget=budget)
+    try:
+        images = workload.generate()
+        den = get_engine(pipe).denoisers[0]
+        costs = next(iter(den.costs.values()))
+        return CostModel.from_engine(costs, den.modules), images
+    finally:
+        disable_dual_cache(pipe)
+
+
+def score_plan(pipe: Any, workload: Any, plan: CachePlan, reference: np.ndarray) -> float:
+    """Mean PSNR (dB) of the workload generated with ``plan`` against ``reference``."""
+    from . import metrics
+    from .api import disable_dual_cache, enable_dual_cache
+
+    enable_dual_cache(pipe, plan=plan)
+    try:
+        images = workload.generate()
+    finally:
+        disable_dual_cache(pipe)
+    return float(metrics.fidelity(images, reference)["psnr"])
+
+
+def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
+              space: dict[str, Sequence[Any]] | None = None) -> CachePlan:
+    """The best budget schedule found for ``pipe`` on ``workload`` (a :class:`bench.Workload`)."""
+    from . import metrics
+
+    budget = check_budget(budget)
+    space = dict(SEARCH_SPACE if space is None else space)
+    progress = progress or _NoProgress()
+    steps = workload.steps
+    reference = workload.generate()
+    cost, default_images = cost_model(pipe, workload, budget)
+    from .adapters import find_adapter
+
+    layout = find_adapter(pipe.transformer).layout(pipe.transformer)
+    progress.update(1)
+    k0 = affordable_full_steps(steps, budget, cost, layout)
+    default = budget_schedule(steps, layout, budget, cost)
+    best = Candidate(Schedule(k0), default, float(metrics.fidelity(default_images, reference)["psnr"]),
+                     cost.ratio(default))
+    tried: dict[Schedule, float] = {best.schedule: best.psnr}
+    log = [{"schedule": best.schedule.describe(), "psnr": round(best.psnr, 3), "rule": "default"}]
+    for knob, values in space.items():
+        for value in values:
+            if knob == "full_steps":
+                value = max(1, min(steps, k0 + int(value)))
+            schedule = replace(best.schedule, **{knob: value}, fresh_ratio=None)
+            if schedule in tried:
+                continue
+            fitted = fit_ratio(steps, layout, schedule, budget, cost)
+            progress.update(1)
+            if fitted is None:
+                tried[schedule] = float("-inf")
+                continue
+            plan, _ = fitted
+            psnr = score_plan(pipe, workload, plan, reference)
+            tried[schedule] = psnr
+            log.append({"schedule": schedule.describe(), "psnr": round(psnr, 3)})
+            progress.set_postfix_str(f"best {max(psnr, best.psnr):.2f} dB")
+            if psnr > best.psnr:
+                best = Candidate(schedule, plan, psnr, cost.ratio(plan))
+    plan = _with_learned_forecast(pipe, workload, best, reference)
+    plan.metadata.update({
+        "calibration": {
+            "budget": budget, "predicted_flops_ratio": round(best.ratio, 4), "psnr": round(best.psnr, 3),
+            "default_rule_psnr": log[0]["psnr"], "seeds": list(workload.seeds), "images": len(workload),
+            "schedule": dataclasses.asdict(best.schedule), "search": log,
+        },
+        "num_inference_steps": steps,
+    })
+    plan.method = "duca-calibrated"
+    return plan
+
+
+def _with_learned_forecast(pipe: Any, workload: Any, best: Candidate, reference: np.ndarray) -> CachePlan:
+    """Hook for learned forecast weights (ridge regression on the calibration trajectories).
+
+    When :mod:`.forecast` provides ``fit_forecast_weights(pipe, plan, seeds)`` returning a plan with
+    learned weights, it is fitted here and kept if it scores better on the calibration images.
+    """
+    from . import forecast
+
+    fit = getattr(forecast, "fit_forecast_weights", None)
+    if fit is None:
+        return best.plan
+    try:
+        learned = fit(pipe, best.plan, list(workload.seeds))
+    except Exception as error:  # a learned forecast is an improvement, never a requirement
+        logger.warning("learned forecast weights skipped: %s: %s", type(error).__name__, error)
+        return best.plan
+    if not isinstance(learned, CachePlan):
+        return best.plan
+    psnr = score_plan(pipe, workload, learned, reference)
+    if psnr > best.psnr:
+        best.psnr = psnr
+        return learned
+    return best.plan
+
+
+def search_size(space: dict[str, Sequence[Any]] | None = None) -> int:
+    """Progress-bar length: the reference + default run, and at most one fit per knob value."""
+    return 1 + sum(len(v) for v in (SEARCH_SPACE if space is None else space).values())
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None: ...
+
+    def set_postfix_str(self, text: str) -> None: ...

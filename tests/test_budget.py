@@ -1,0 +1,133 @@
+"""Budget-driven schedules: enable_dual_cache(pipe, budget=b) reaches b as the engine and FlopCounterMode count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import engine_dit_pipeline, generate
+
+from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
+from dualcache_diffusers.api import get_engine
+from dualcache_diffusers.budget import (
+    CostModel,
+    Schedule,
+    budget_schedule,
+    check_budget,
+    fit_ratio,
+    full_step_positions,
+    leading_full_steps,
+    schedule_plan,
+)
+from dualcache_diffusers.plan import PlanLayout
+from dualcache_diffusers.stats import count_flops
+
+LAYOUT = PlanLayout.uniform_layout(4, ("attn1", "ff"))
+
+
+@pytest.mark.parametrize("budget", [1.8, 2.5, 3.0, 4.0])
+@pytest.mark.parametrize("steps", [10, 20])
+def test_the_plan_reaches_the_budget_on_the_cost_model(budget, steps):
+    cost = CostModel.uniform(LAYOUT, tokens=64)
+    plan = budget_schedule(steps, LAYOUT, budget, cost)
+    full = [i for i, s in enumerate(plan.steps) if s.is_full]
+    assert full == full_step_positions(steps, len(full), leading_full_steps(steps, len(full)), 1.0)
+    assert full[0] == 0 and (full[1] == 1 or len(full) <= steps // 2)  # two leading full steps unless few
+    assert cost.ratio(plan) == pytest.approx(budget, rel=0.03)
+    assert cost.ratio(plan) >= budget * 0.999  # from below in FLOPs: never more compute than asked
+    assert plan.metadata["budget"]["target"] == budget
+
+
+def test_more_budget_means_fewer_full_steps():
+    cost = CostModel.uniform(LAYOUT, tokens=64)
+    fulls = [sum(s.is_full for s in budget_schedule(20, LAYOUT, b, cost).steps) for b in (1.5, 2, 3, 4, 6)]
+    assert fulls == sorted(fulls, reverse=True) and fulls[0] > fulls[-1]
+
+
+def test_full_steps_start_the_run_and_are_spread_over_it():
+    assert full_step_positions(20, 5, 2, 1.0)[:2] == [0, 1]
+    even = full_step_positions(20, 6, 2, 1.0)
+    front = full_step_positions(20, 6, 2, 2.0)
+    assert len(set(even)) == 6 and len(set(front)) == 6 and max(even) < 20
+    assert sum(front) < sum(even)  # warp > 1 moves full steps towards the start
+    assert full_step_positions(5, 5, 2, 1.5) == [0, 1, 2, 3, 4]
+
+
+def test_a_schedule_that_cannot_reach_the_budget_is_refused():
+    cost = CostModel.uniform(LAYOUT, tokens=64)
+    assert fit_ratio(20, LAYOUT, Schedule(15), 3.0, cost) is None  # 15 full steps of 20 cost more than 1/3
+    skip = Schedule(4, skip=True)
+    fitted = fit_ratio(20, LAYOUT, skip, cost.ratio(schedule_plan(20, LAYOUT, skip)), cost)
+    assert fitted is not None and fitted[1] == 1.0
+
+
+@pytest.mark.parametrize("value", [1, 1.0, 0.5, 11, float("nan"), float("inf"), -2])
+def test_a_budget_outside_its_range_is_a_clear_error(value):
+    with pytest.raises(ValueError, match=r"budget=.*\(1, 10\]"):
+        check_budget(value)
+
+
+@pytest.mark.parametrize("value", ["3", None, True, [3]])
+def test_a_budget_that_is_no_number_is_a_type_error(value):
+    with pytest.raises(TypeError, match="budget must be a number"):
+        check_budget(value)
+
+
+def test_budget_conflicts_with_explicit_schedule_options():
+    pipe = engine_dit_pipeline(num_layers=2)
+    for options in ({"interval": 4}, {"fresh_ratio": 0.2}, {"first_full_steps": 3}, {"schedule": "cycle"}):
+        with pytest.raises(ValueError, match="cannot be combined with"):
+            enable_dual_cache(pipe, budget=3, **options)
+    with pytest.raises(ValueError, match="budget"):
+        enable_dual_cache(pipe, "fora", budget=3)
+    assert get_engine(pipe) is None  # nothing was attached
+
+
+@pytest.mark.parametrize("budget", [2.0, 3.0])
+def test_enable_with_a_budget_reaches_it_as_counted(budget):
+    pipe = engine_dit_pipeline()
+    with torch.inference_mode(), count_flops() as uncached:
+        generate(pipe, steps=20)
+    enable_dual_cache(pipe, budget=budget)
+    with torch.inference_mode(), count_flops() as cached:
+        generate(pipe, steps=20)
+    stats = cache_stats(pipe)
+    assert stats.flops_speedup == pytest.approx(budget, rel=0.03)
+    plan = next(iter(get_engine(pipe).denoisers[0].plans.values()))
+    assert plan.metadata["budget"]["predicted"] == pytest.approx(stats.flops_speedup, rel=1e-3)
+    # the whole pipeline (VAE decode included) saves a little less than the denoiser
+    whole = uncached.get_total_flops() / cached.get_total_flops()
+    assert 1.0 < whole <= stats.flops_speedup * 1.001
+    assert stats.flops_uncached - stats.flops == pytest.approx(
+        uncached.get_total_flops() - cached.get_total_flops(), rel=0.01)
+    # a second generation reuses the plan, and other step counts get their own
+    generate(pipe, steps=20)
+    assert cache_stats(pipe).flops_speedup == pytest.approx(stats.flops_speedup)
+    generate(pipe, steps=12)
+    assert cache_stats(pipe).flops_speedup == pytest.approx(budget, rel=0.05)
+    disable_dual_cache(pipe)
+
+
+@pytest.mark.parametrize("family", ["test_family_flux", "test_family_latte"])
+def test_the_budget_is_reached_on_joint_and_video_blocks(family):
+    """Flux's joint blocks recompute their text rows with every partial call; Latte's temporal blocks see frames,
+    not image tokens, and have no cross-attention: the cost model follows the engine's accounting of both."""
+    import importlib
+
+    from family_harness import run
+
+    case = importlib.import_module(family).CASE
+    pipe = case.build()
+    enable_dual_cache(pipe, budget=2.5)
+    run(pipe, case, steps=20)
+    assert cache_stats(pipe).flops_speedup == pytest.approx(2.5, rel=0.01)
+    disable_dual_cache(pipe)
+
+
+def test_two_leading_full_steps_only_where_they_do_not_lengthen_the_largest_gap():
+    from dualcache_diffusers.budget import largest_gap
+
+    assert leading_full_steps(20, 9) == 2  # [0, 1, 3, 6, ...]: gaps of 3 either way
+    assert leading_full_steps(20, 4) == 1  # [0, 5, 10, 15] rather than [0, 1, 7, 14]
+    for k in range(2, 20):
+        chosen = full_step_positions(20, k, leading_full_steps(20, k), 1.0)
+        assert largest_gap(20, chosen) == min(largest_gap(20, full_step_positions(20, k, w, 1.0)) for w in (1, 2))
