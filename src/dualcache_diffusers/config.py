@@ -24,7 +24,7 @@ from .plan import (
 )
 
 METHODS = ("duca", "toca", "fora", "full")
-SELECTIONS = ("vnorm", "random", "attention")
+SELECTIONS = ("vnorm", "random", "attention", "forecast_error", "forecast_error+vnorm")
 AGGRESSIVE_VARIANTS = ("skip", "reuse")
 SELF_ATTENTION_MODES = ("reuse", "partial")
 SCHEDULES = ("cycle", "dit-duca")
@@ -99,7 +99,11 @@ class DualCacheConfig:
             "constant", "dit", "pixart", "pixart-toca" (the published ToCa/DuCa schedulers).
         selection: token scorer: "vnorm" (V-caching: smallest value norms recomputed; works with
             fused attention kernels), "random", or "attention" (ToCa's attention score; needs
-            explicit attention probabilities, computed at full steps, so not flash-compatible).
+            explicit attention probabilities, computed at full steps, so not flash-compatible),
+            "forecast_error" (dual forecasting: the tokens whose forecast was worst at the last full
+            step, i.e. the distance between what the forecast of order ``forecast_order`` (reuse at 0)
+            predicted for that step and what it computed; V-norm before the first measured error) or
+            "forecast_error+vnorm" (the sum of both scores). Both are flash-compatible.
         aggressive: "skip" (reuse the block stack's cached output) or "reuse" (run the blocks,
             reuse every module's cached output).
         self_attention: at conservative steps "reuse" self-attention whole (DuCa) or recompute it
@@ -114,6 +118,9 @@ class DualCacheConfig:
         forecast_order: 0 reuses cached outputs as they are; k in 1..4 extrapolates every reused
             output (and the skipped block stack) from the last k + 1 full computations, a degree-k
             polynomial in the step (TaylorSeer's forecast, at the actual step spacing).
+        forecast_reanchor: when forecasting, a partial step's output (forecast rows plus the recomputed
+            ones) joins the history of full computations, so the next forecasts of the recomputed rows
+            start from their fresh values; the other rows continue on the same polynomial.
         plan: a fixed :class:`CachePlan` (or a path to its JSON) overriding the schedule options.
         family: the model family whose preset this config is (enabling it on another family is refused).
     """
@@ -133,6 +140,7 @@ class DualCacheConfig:
     num_inference_steps: int | None = None
     seed: int = 0
     forecast_order: int = 0
+    forecast_reanchor: bool = False
     plan: CachePlan | None = field(default=None, repr=False)
     family: str | None = None  # the model family whose preset this is (set by from_preset)
 
@@ -162,6 +170,9 @@ class DualCacheConfig:
                                                MAX_INFERENCE_STEPS, integer=True)
         self.seed = _number("seed", self.seed, 0, MAX_SEED, integer=True)
         self.forecast_order = _number("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER, integer=True)
+        if not isinstance(self.forecast_reanchor, (bool, np.bool_)):
+            raise TypeError(f"forecast_reanchor must be True or False, got {_describe(self.forecast_reanchor)}")
+        self.forecast_reanchor = bool(self.forecast_reanchor)
         if self.plan is not None:
             self.method = "plan"
 

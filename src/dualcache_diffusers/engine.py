@@ -42,9 +42,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .config import DualCacheConfig
-from .forecast import extrapolate
+from .forecast import extrapolate, weighted
 from .plan import CachePlan, PlanLayout, StepPlan, num_fresh_tokens
-from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
+from .selection import (
+    ERROR_SELECTIONS,
+    attention_score,
+    attention_score_flops,
+    forecast_error,
+    normalize_score,
+    random_base,
+    select_tokens,
+    vnorm_score,
+)
 from .stats import CacheStats, ModuleCost, flop_formulas
 
 logger = logging.getLogger(__name__)
@@ -154,12 +163,23 @@ class ModelState:
     # forecasting: (step, output) of the last full computations, oldest first
     history: dict[tuple[int, int, int], list[tuple[int, Any]]] = field(default_factory=dict)
     stack_history: list[tuple[int, Any]] = field(default_factory=list)
+    # dual forecasting: per block, each partial module's per-token forecast error at the last full step
+    forecast_errors: dict[int, torch.Tensor] = field(default_factory=dict)
     stats: CacheStats = field(default_factory=CacheStats)
 
     def cache_bytes(self) -> int:
-        values = [*self.module_cache.values(), self.stack_cache, *self.scores.values(), *self.staleness.values()]
+        values = [*self.module_cache.values(), self.stack_cache, *self.scores.values(), *self.staleness.values(),
+                  *self.forecast_errors.values()]
         values += [v for entries in [*self.history.values(), self.stack_history] for _, v in entries]
         unique = {id(t): t for value in values for t in _tensors(value)}  # history shares the newest entry
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    def history_bytes(self) -> int:
+        """The part of :meth:`cache_bytes` kept only for forecasting: stored past computations that are
+        not also the current cache entry (k extra copies per output at order k)."""
+        cached = {id(t) for value in [*self.module_cache.values(), self.stack_cache] for t in _tensors(value)}
+        entries = [v for history in [*self.history.values(), self.stack_history] for _, v in history]
+        unique = {id(t): t for value in entries for t in _tensors(value) if id(t) not in cached}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
 
@@ -197,6 +217,7 @@ class Call:
     recording: bool  # full step that records token scores
     counting: bool  # first call for this input shape: FLOPs are being recorded
     history: int = 0  # full computations to keep per output (max forecast order + 1; 0 = none)
+    error_order: int = 0  # order of the forecast whose error full steps measure (forecast-error selection)
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
     block: int | None = None
     block_calls: dict[int, int] = field(default_factory=dict)
@@ -244,7 +265,7 @@ class DualCacheEngine:
     def _attach_recorders(self, den: Denoiser) -> None:
         selection = self.selection
         for block, (value, attn, rows) in den.value_modules.items():
-            if selection == "vnorm":
+            if selection == "vnorm" or selection in ERROR_SELECTIONS:  # V-norm: the scores before any error
                 _registry(value).register_hook(ValueRecorder(self, block, attn.heads, rows), HOOK_RECORD)
             elif selection == "attention":
                 _registry(attn.to_q).register_hook(QueryRecorder(self, block, rows), HOOK_RECORD)
@@ -384,13 +405,14 @@ class DualCacheEngine:
             # module instead of skipping the stack, since there is no stack output to stand in
             step_plan = dataclasses.replace(step_plan, skip_blocks=False, kind="reuse")
         state.primed = True
-        keep = plan.max_forecast_order + 1 if plan.max_forecast_order else 0
-        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None, history=keep)
+        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None,
+                    history=plan.history_length, error_order=plan.max_forecast_order)
         state.costs = costs if costs is not None else Costs()
         state.stats.step_kinds.append(step_plan.kind)
         state.stats.num_calls += 1
         if step_plan.is_full:
             state.staleness.clear()
+            state.forecast_errors.clear()
         if not call.counting:
             state.stats.flops += costs.model
             if not step_plan.skip_blocks:
@@ -408,6 +430,8 @@ class DualCacheEngine:
         for (_, column, _), (rows, _) in state.costs.rows.items():
             state.stats.tokens_total[den.layout.modules[column]] += rows
         state.stats.cache_bytes = max(state.stats.cache_bytes, state.cache_bytes())
+        if call.history:
+            state.stats.history_bytes = max(state.stats.history_bytes, state.history_bytes())
         gen = self._local.generation
         if gen is not None:
             self.last_stats = {
@@ -497,11 +521,36 @@ class DualCacheEngine:
         return self._recompute_rows(call, cached, key, fraction, cache, forward, args, kwargs, forecast)
 
     def _forecast(self, call: Call, history) -> Any:
-        """The step's extrapolated output, or None where the step reuses as is (or too little is stored)."""
+        """The step's forecast output (the plan's learned weights where it has them and enough is stored,
+        else Lagrange extrapolation), or None where the step reuses as is (or too little is stored)."""
         order = call.step_plan.forecast_order
         if not order or len(history) < 2:
             return None
+        weights = call.step_plan.forecast_weights
+        if weights is not None and len(history) >= len(weights):
+            return weighted(history, weights)
         return extrapolate(history, call.branch.step, order)
+
+    def _record_forecast_error(self, call: Call, cached: CachedModule, key: tuple, output: Any) -> None:
+        """At a full step: how far the forecast (order ``call.error_order``; reuse at order 0) of this
+        module's output was from the computed one, per image token, added to the block's error score."""
+        history = call.state.history.get(key, ())
+        if call.error_order and len(history) >= 2:
+            predicted = extrapolate(history, call.branch.step, call.error_order)
+        else:
+            predicted = call.state.module_cache.get(key)
+        if not isinstance(predicted, torch.Tensor) or not isinstance(output, torch.Tensor):
+            return
+        image = call.image_rows(cached.grid)
+        error = forecast_error(_image_rows(predicted, image, cached.spec.text_rows),
+                               _image_rows(output, image, cached.spec.text_rows),
+                               call.branch.paired and output.shape[0] % 2 == 0)
+        errors = call.state.forecast_errors
+        previous = errors.get(cached.block)
+        if previous is None:
+            errors[cached.block] = error
+        elif previous.shape == error.shape:
+            errors[cached.block] = previous + error
 
     def _compute(self, call: Call, cached: CachedModule, key: tuple, forward, args: tuple, kwargs: dict):
         state = call.state
@@ -516,6 +565,9 @@ class DualCacheEngine:
         else:
             output = forward(*args, **kwargs)
             state.stats.flops += state.costs.modules.get(key, 0)
+        if (call.recording and self.selection in ERROR_SELECTIONS and cached.spec.can_partial
+                and cached.call_kind(key[2]) == "image"):
+            self._record_forecast_error(call, cached, key, output)
         state.module_cache[key] = output
         if call.history:
             _remember(state.history.setdefault(key, []), call.branch.step, output, call.history)
@@ -564,6 +616,10 @@ class DualCacheEngine:
                 state.module_cache[key] = cache
         else:
             cache.scatter_(1, scatter_index, fresh.to(cache.dtype))
+        if call.history and self.config.forecast_reanchor:
+            # re-anchor: this step's output joins the history, so the recomputed rows steer the next
+            # forecasts while the other rows (forecast values, on the same polynomial) continue unchanged
+            _remember(state.history.setdefault(key, []), call.branch.step, cache, call.history)
         computed = picked.shape[1]
         full_rows, kv_rows = state.costs.rows.get(key, (rows, 0))
         full = cached.cost.flops(batch, full_rows, kv_rows)
@@ -582,7 +638,11 @@ class DualCacheEngine:
         groups = batch // 2 if paired else batch
         state = call.state
         base = None if self.selection == "random" else state.scores.get(cached.block)
-        if base is None and (self.selection == "random" or self._fused(call, cached.block)):
+        errors = state.forecast_errors.get(cached.block) if self.selection in ERROR_SELECTIONS else None
+        if errors is not None and errors.shape == (groups, tokens):
+            errors = normalize_score(errors)
+            base = errors if self.selection == "forecast_error" or base is None else base + errors
+        if base is None and (self.selection in ("random", *ERROR_SELECTIONS) or self._fused(call, cached.block)):
             base = self._random_scores(call, groups, tokens, device)
         elif base is None or base.shape != (groups, tokens):
             raise RuntimeError(

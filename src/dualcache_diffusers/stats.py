@@ -71,6 +71,7 @@ class CacheStats:
     tokens_computed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tokens_total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     cache_bytes: int = 0
+    history_bytes: int = 0  # part of cache_bytes kept only for forecasting (past full computations)
     num_calls: int = 0
     selection_flops: int = 0  # extra FLOPs of the scorer itself (attention score only)
 
@@ -97,7 +98,8 @@ class CacheStats:
             f"({self.flops_speedup:.2f}x fewer)",
             "tokens computed: "
             + "  ".join(f"{m}={self.token_fraction(m):.1%}" for m in sorted(self.tokens_total)),
-            f"cache memory: {self.cache_bytes / 2**20:.2f} MiB",
+            f"cache memory: {self.cache_bytes / 2**20:.2f} MiB"
+            + (f" (forecast history {self.history_bytes / 2**20:.2f} MiB)" if self.history_bytes else ""),
         ]
         return "\n".join(lines)
 
@@ -110,6 +112,7 @@ class CacheStats:
             "flops_speedup": self.flops_speedup,
             "token_fraction": {m: self.token_fraction(m) for m in sorted(self.tokens_total)},
             "cache_bytes": self.cache_bytes,
+            "history_bytes": self.history_bytes,
         }
 
     @staticmethod
@@ -121,6 +124,7 @@ class CacheStats:
             out.flops += p.flops
             out.flops_uncached += p.flops_uncached
             out.cache_bytes += p.cache_bytes
+            out.history_bytes += p.history_bytes
             out.num_calls += p.num_calls
             out.selection_flops += p.selection_flops
             for m, v in p.tokens_computed.items():
