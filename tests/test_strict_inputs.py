@@ -4,6 +4,7 @@ exactly as written or fail with one ValueError / TypeError that names the file a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -180,6 +181,38 @@ def test_version_2_layout_is_checked():
         with pytest.raises((ValueError, TypeError)) as info:
             validate_plan_dict(bad, "v2.json")
         assert "v2.json" in str(info.value) and field in str(info.value)
+
+
+def test_version_3_forecast_weights_are_checked():
+    data = _valid()
+    data["version"] = 3
+    data["steps"][1].update(forecast_order=1, forecast_weights=[-0.5, 1.5])
+    validate_plan_dict(data, "v3.json")
+    plan = CachePlan.from_dict(copy.deepcopy(data))
+    assert plan.steps[1].forecast_weights == (-0.5, 1.5)
+    assert CachePlan.from_json(plan.to_json()).steps[1].forecast_weights == (-0.5, 1.5)
+    assert plan.to_dict()["version"] == 3 and fora_plan(4, 2, MODULES).to_dict()["version"] == 1
+    for mutate, error, field in [
+        (lambda d: d.update(version=2), ValueError, "version 3"),
+        (lambda d: d["steps"][1].update(forecast_weights=[1.0]), ValueError, "2 to 5"),
+        (lambda d: d["steps"][1].update(forecast_weights=[0.0] * 6), ValueError, "2 to 5"),
+        (lambda d: d["steps"][1].update(forecast_weights="0.5"), TypeError, "steps[1].forecast_weights"),
+        (lambda d: d["steps"][1].update(forecast_weights=[0.5, "1"]), TypeError, "steps[1].forecast_weights[1]"),
+        (lambda d: d["steps"][1].update(forecast_weights=[0.5, True]), TypeError, "steps[1].forecast_weights[1]"),
+        (lambda d: d["steps"][1].update(forecast_weights=[float("nan"), 1.0]), ValueError, "forecast_weights[0]"),
+        (lambda d: d["steps"][1].update(forecast_weights=[1e4, 1.0]), ValueError, "forecast_weights[0]"),
+        (lambda d: d["steps"][1].update(forecast_order=0), ValueError, "forecast_order >= 1"),
+        (lambda d: d["steps"][1].pop("forecast_order"), ValueError, "forecast_order >= 1"),
+    ]:
+        bad = copy.deepcopy(data)
+        mutate(bad)
+        with pytest.raises(error) as info:
+            validate_plan_dict(bad, "v3.json")
+        assert "v3.json" in str(info.value) and field in str(info.value)
+    steps = [dataclasses.replace(s, forecast_order=0) for s in plan.steps]  # a plan built in Python: the same rule
+    with pytest.raises(ValueError, match=r"plan step 1: forecast_weights need forecast_order >= 1"):
+        CachePlan(4, 2, MODULES, steps)
+    assert plan.resample(8).steps[1].forecast_weights is None  # fitted for another step spacing: dropped
 
 
 _MUTATION_VALUES = st.one_of(

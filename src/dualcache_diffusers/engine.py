@@ -218,6 +218,7 @@ class Call:
     counting: bool  # first call for this input shape: FLOPs are being recorded
     history: int = 0  # full computations to keep per output (max forecast order + 1; 0 = none)
     error_order: int = 0  # order of the forecast whose error full steps measure (forecast-error selection)
+    stack_history: bool = False  # the plan forecasts the skipped stack: keep its past outputs
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
     block: int | None = None
     block_calls: dict[int, int] = field(default_factory=dict)
@@ -406,7 +407,8 @@ class DualCacheEngine:
             step_plan = dataclasses.replace(step_plan, skip_blocks=False, kind="reuse")
         state.primed = True
         call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None,
-                    history=plan.history_length, error_order=plan.max_forecast_order)
+                    history=plan.history_length, error_order=plan.max_forecast_order,
+                    stack_history=plan.forecasts_stack)
         state.costs = costs if costs is not None else Costs()
         state.stats.step_kinds.append(step_plan.kind)
         state.stats.num_calls += 1
@@ -495,7 +497,7 @@ class DualCacheEngine:
             call.block, call.bucket = None, ("model",)
         if is_last:
             call.state.stack_cache = output
-            if call.history and call.recording:
+            if call.history and call.recording and call.stack_history:
                 _remember(call.state.stack_history, call.branch.step, output, call.history)
         return output
 

@@ -180,6 +180,11 @@ class CachePlan:
         """Full computations to keep per cached output (0: the plan never forecasts)."""
         return max(step.history_length for step in self.steps)
 
+    @property
+    def forecasts_stack(self) -> bool:
+        """Whether some step forecasts the skipped block stack (else its past outputs need not be kept)."""
+        return any(step.skip_blocks and step.forecast_order for step in self.steps)
+
     def present(self, block: int, module: int) -> bool:
         """Whether block ``block`` has the plan's module column ``module``."""
         return self.block_modules is None or self.modules[module] in self.block_modules[block]
