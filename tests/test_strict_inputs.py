@@ -327,13 +327,14 @@ _ANY = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.integers(-3, 12),
     st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 1), st.text(max_size=8),
     st.sampled_from(["duca", "toca", "fora", "full", "plan", "vnorm", "random", "attention", "skip", "reuse",
-                     "partial", "cycle", "dit-duca", "constant", "dit", "pixart", "pixart-toca"]),
+                     "partial", "cycle", "dit-duca", "constant", "dit", "pixart", "pixart-toca", "forecast_error",
+                     "forecast_error+vnorm"]),
     st.builds(np.int64, st.integers(-5, 50)), st.builds(np.float32, st.floats(-1, 2, width=32)),
     st.builds(lambda v: np.array([v]), st.integers(0, 3)), st.lists(st.integers(0, 3), max_size=2),
 )
 _FIELDS = ["method", "interval", "schedule", "fresh_ratio", "ratio_schedule", "selection", "aggressive",
            "self_attention", "staleness_weight", "spatial_bonus", "spatial_grid", "first_full_steps",
-           "num_inference_steps", "seed"]
+           "num_inference_steps", "seed", "forecast_order", "forecast_reanchor"]
 
 
 @settings(max_examples=200, deadline=None)
@@ -347,7 +348,8 @@ def test_property_configs_construct_cleanly_or_name_the_field(fields):
     # accepted: every value is a plain, finite, bounded Python value, and a plan can be built from it
     values = config.to_dict()
     for name, value in values.items():
-        assert type(value) in (int, float, str, type(None)), (name, value)
+        assert type(value) in (int, float, str, type(None)) or (name == "forecast_reanchor" and type(value) is bool), \
+            (name, value)
         if isinstance(value, float):
             assert math.isfinite(value)
     assert 0 <= config.fresh_ratio <= 1 and 1 <= config.interval <= 1000 and 0 <= config.seed < 2**63
