@@ -12,7 +12,8 @@ columns:
     computations;
   * ``error`` / ``error+vnorm``: conservative steps recompute the tokens whose forecast was worst at the
     last full step (``selection="forecast_error"`` / ``"forecast_error+vnorm"``), Lagrange forecasts;
-  * ``... +reanchor``: the partial steps' outputs join the forecast history (``forecast_reanchor=True``).
+  * ``... +reanchor``: the partial steps' outputs join the forecast history (``forecast_reanchor=True``);
+  * ``learned, error +reanchor``: all three, the weights fitted for re-anchoring (``reanchor=True``).
 PSNR in dB against the uncached images (every evaluation seed x every condition).
 """
 
@@ -34,6 +35,7 @@ COLUMNS = {
     "error+vnorm": {"selection": "forecast_error+vnorm"},
     "vnorm +reanchor": {"forecast_reanchor": True},
     "error +reanchor": {"selection": "forecast_error", "forecast_reanchor": True},
+    "learned, error +reanchor": {"selection": "forecast_error", "forecast_reanchor": True},
 }
 
 
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=None)
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE)
     parser.add_argument("--presets", nargs="+", default=["fora", "duca"])
+    parser.add_argument("--interval", type=int, default=None, help="override the presets' interval")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipe = load_pipeline(args.model)
@@ -60,21 +63,24 @@ def main() -> None:
     for preset in args.presets:
         cells, speedups = [], set()
         for column, overrides in COLUMNS.items():
-            if preset == "fora" and column != "lagrange" and column != "learned":
+            if preset == "fora" and column not in ("lagrange", "learned"):
                 cells.append("")  # nothing is recomputed in part: selection and re-anchoring do not apply
                 continue
-            enable_dual_cache(pipe, preset, forecast_order=1, **overrides)
-            if column == "learned":
+            interval = {"interval": args.interval} if args.interval else {}
+            enable_dual_cache(pipe, preset, forecast_order=1, **interval, **overrides)
+            if column.startswith("learned"):
                 plan = get_engine(pipe).denoisers[0].plan(args.steps)
                 plan = fit_forecast_weights(pipe, plan, args.calib_seeds, conditions, guidance_scale=args.guidance,
-                                            history=args.history, ridge=args.ridge, batch_size=20)
-                enable_dual_cache(pipe, plan=plan)
+                                            history=args.history, ridge=args.ridge, batch_size=20,
+                                            reanchor=overrides.get("forecast_reanchor", False))
+                enable_dual_cache(pipe, plan=plan, **overrides)
             images = workload.generate()
             speedups.add(round(cache_stats(pipe).flops_speedup, 3))
             disable_dual_cache(pipe)
             cells.append(f"{metrics.mean_psnr(metrics.psnr(reference, images)):.2f}")
         assert len(speedups) == 1, f"columns ran at different FLOPs: {speedups}"
-        print(f"| {args.model} | {args.steps} | {preset} | {speedups.pop():.2f}x | " + " | ".join(cells) + " |",
+        name = preset + (f" interval={args.interval}" if args.interval else "")
+        print(f"| {args.model} | {args.steps} | {name} | {speedups.pop():.2f}x | " + " | ".join(cells) + " |",
               flush=True)
 
 

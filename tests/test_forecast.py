@@ -267,9 +267,13 @@ def test_reanchoring_stores_the_partial_steps_output_in_the_history():
     engine = get_engine(pipe)
     state = next(iter(engine._local.generation.branches.values())).models[0]
     kinds = engine.denoisers[0].plan(12).kinds()
-    partial = [key for key in state.history if key[1] == 1]  # the MLP ("ff") is recomputed in part
-    assert partial and all(kinds[step] in ("full", "conservative") for key in partial
-                           for step, _ in state.history[key])
-    assert any(kinds[step] == "conservative" for key in partial for step, _ in state.history[key])
+    assert kinds[9:] == ["full", "conservative", "aggressive"]
+    # the MLP ("ff") is recomputed in part at step 10: its output there, and the stack's, are the newest
+    # points the forecasts start from (the aggressive step 11 forecasts the stack from it)
+    anchors = {key: step for key, (step, _) in state.anchors.items()}
+    assert set(anchors.values()) == {10} and ("stack",) in anchors
+    assert {key[1] for key in anchors if key != ("stack",)} == {1}
+    assert all(kinds[step] == "full" for entries in state.history.values() for step, _ in entries)
+    assert cache_stats(pipe).history_bytes > 0
     with pytest.raises(TypeError, match="forecast_reanchor"):
         enable_dual_cache(pipe, "duca", forecast_reanchor="yes")

@@ -119,8 +119,9 @@ class DualCacheConfig:
             output (and the skipped block stack) from the last k + 1 full computations, a degree-k
             polynomial in the step (TaylorSeer's forecast, at the actual step spacing).
         forecast_reanchor: when forecasting, a partial step's output (forecast rows plus the recomputed
-            ones) joins the history of full computations, so the next forecasts of the recomputed rows
-            start from their fresh values; the other rows continue on the same polynomial.
+            ones) is the newest point the forecasts start from until the module's next full computation,
+            so the recomputed rows are forecast from their fresh values; the other rows continue on the
+            same polynomial. One more stored output per partially recomputed module.
         plan: a fixed :class:`CachePlan` (or a path to its JSON) overriding the schedule options.
         family: the model family whose preset this config is (enabling it on another family is refused).
     """

@@ -67,6 +67,8 @@ ALL_HOOKS = (HOOK_DENOISER, HOOK_BLOCK, HOOK_MODULE, HOOK_RECORD)
 FOREIGN_CACHE_HOOKS = ("fbc_", "faster_cache", "mag_cache", "pyramid_attention_broadcast", "sea_cache",
                        "taylorseer_cache", "text_kv_cache")
 
+STACK = ("stack",)  # the block stack's key among the re-anchored outputs
+
 # set_timesteps calls per scheduler, counted per thread (see Generation)
 _EPOCHS = threading.local()
 
@@ -165,12 +167,16 @@ class ModelState:
     stack_history: list[tuple[int, Any]] = field(default_factory=list)
     # dual forecasting: per block, each partial module's per-token forecast error at the last full step
     forecast_errors: dict[int, torch.Tensor] = field(default_factory=dict)
+    # re-anchoring: the last partial step's (step, output) since the last full computation, per module
+    # and for the block stack (key STACK)
+    anchors: dict[tuple, tuple[int, Any]] = field(default_factory=dict)
     stats: CacheStats = field(default_factory=CacheStats)
 
     def cache_bytes(self) -> int:
         values = [*self.module_cache.values(), self.stack_cache, *self.scores.values(), *self.staleness.values(),
                   *self.forecast_errors.values()]
-        values += [v for entries in [*self.history.values(), self.stack_history] for _, v in entries]
+        values += [v for entries in [*self.history.values(), self.stack_history, self.anchors.values()]
+                   for _, v in entries]
         unique = {id(t): t for value in values for t in _tensors(value)}  # history shares the newest entry
         return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -178,7 +184,8 @@ class ModelState:
         """The part of :meth:`cache_bytes` kept only for forecasting: stored past computations that are
         not also the current cache entry (k extra copies per output at order k)."""
         cached = {id(t) for value in [*self.module_cache.values(), self.stack_cache] for t in _tensors(value)}
-        entries = [v for history in [*self.history.values(), self.stack_history] for _, v in history]
+        entries = [v for history in [*self.history.values(), self.stack_history, self.anchors.values()]
+                   for _, v in history]
         unique = {id(t): t for value in entries for t in _tensors(value) if id(t) not in cached}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -488,7 +495,7 @@ class DualCacheEngine:
         if call.step_plan.skip_blocks:
             if not is_last:
                 return _pass_through(info.spec.outputs, args, kwargs)
-            forecast = self._forecast(call, call.state.stack_history)
+            forecast = self._forecast(call, _anchored(call.state, STACK))
             return call.state.stack_cache if forecast is None else forecast
         call.block, call.block_calls, call.bucket = info.index, {}, ("block", info.index)
         try:
@@ -497,8 +504,12 @@ class DualCacheEngine:
             call.block, call.bucket = None, ("model",)
         if is_last:
             call.state.stack_cache = output
-            if call.history and call.recording and call.stack_history:
-                _remember(call.state.stack_history, call.branch.step, output, call.history)
+            if call.history and call.stack_history:
+                if call.recording:
+                    _remember(call.state.stack_history, call.branch.step, output, call.history)
+                    call.state.anchors.pop(STACK, None)
+                elif self.config.forecast_reanchor:  # a partial step's stack output: the newest point
+                    call.state.anchors[STACK] = (call.branch.step, output)
         return output
 
     # ---- cached modules ---------------------------------------------------------------------------
@@ -517,7 +528,7 @@ class DualCacheEngine:
         partial = 0.0 < fraction < 1.0 and cached.spec.can_partial and cached.call_kind(index) == "image"
         if fraction >= 1.0 or cache is None or (0.0 < fraction < 1.0 and not partial):
             return self._compute(call, cached, key, forward, args, kwargs)
-        forecast = self._forecast(call, state.history.get(key, ()))
+        forecast = self._forecast(call, _anchored(state, key))
         if not partial:
             return cache if forecast is None else forecast
         return self._recompute_rows(call, cached, key, fraction, cache, forward, args, kwargs, forecast)
@@ -536,7 +547,7 @@ class DualCacheEngine:
     def _record_forecast_error(self, call: Call, cached: CachedModule, key: tuple, output: Any) -> None:
         """At a full step: how far the forecast (order ``call.error_order``; reuse at order 0) of this
         module's output was from the computed one, per image token, added to the block's error score."""
-        history = call.state.history.get(key, ())
+        history = _anchored(call.state, key)
         if call.error_order and len(history) >= 2:
             predicted = extrapolate(history, call.branch.step, call.error_order)
         else:
@@ -573,6 +584,7 @@ class DualCacheEngine:
         state.module_cache[key] = output
         if call.history:
             _remember(state.history.setdefault(key, []), call.branch.step, output, call.history)
+            state.anchors.pop(key, None)
         rows = state.costs.rows.get(key, (0, 0))[0]
         state.stats.tokens_computed[cached.name] += rows
         return output
@@ -619,9 +631,10 @@ class DualCacheEngine:
         else:
             cache.scatter_(1, scatter_index, fresh.to(cache.dtype))
         if call.history and self.config.forecast_reanchor:
-            # re-anchor: this step's output joins the history, so the recomputed rows steer the next
-            # forecasts while the other rows (forecast values, on the same polynomial) continue unchanged
-            _remember(state.history.setdefault(key, []), call.branch.step, cache, call.history)
+            # re-anchor: until the next full computation, this step's output is the newest point forecasts
+            # start from, so the recomputed rows steer them while the other rows (forecast values, on the
+            # polynomial being followed) continue unchanged
+            state.anchors[key] = (call.branch.step, cache)
         computed = picked.shape[1]
         full_rows, kv_rows = state.costs.rows.get(key, (rows, 0))
         full = cached.cost.flops(batch, full_rows, kv_rows)
@@ -909,6 +922,14 @@ def _timestep_value(timestep: Any, sync: bool) -> float | None:
     if isinstance(timestep, torch.Tensor) and timestep.numel() and (sync or timestep.device.type == "cpu"):
         return float(timestep.detach().reshape(-1)[0])
     return None
+
+
+def _anchored(state: ModelState, key: tuple) -> Any:
+    """The points a forecast of ``key`` (a module's, or STACK) starts from: its stored full computations,
+    then its re-anchored partial output if one came after them."""
+    history = state.stack_history if key == STACK else state.history.get(key, ())
+    anchor = state.anchors.get(key)
+    return history if anchor is None else [*history, anchor]
 
 
 def _remember(history: list[tuple[int, Any]], step: int, value: Any, keep: int) -> None:

@@ -14,8 +14,9 @@ in the plan's metadata gives both errors per step). Only sufficient statistics a
 Gram matrix, an ``L`` vector and a scalar per step, plus the last ``L`` computations of each output.
 
 Which computations are "stored" follows the engine: an output's history holds the steps at which the
-plan computes it whole (and, with ``reanchor``, the partial steps too, where the engine stores forecast
-plus fresh rows and the fit sees the true output); the stack's history holds the full steps. The values
+plan computes it whole (and, with ``reanchor``, the last partial step since then, where the engine stores
+forecast plus fresh rows and the fit sees the true output); the stack's history holds the full steps
+(and, with ``reanchor``, the last conservative step since then). The values
 come from uncached trajectories, whereas a cached run's stored values drift from them; that gap is not
 modelled (as in L2P).
 
@@ -99,17 +100,18 @@ class _Output:
     stream: int = 0  # the stack: which element of the last block's output is the image stream
 
 
-def _stored_at(plan: CachePlan, out: _Output, step: int, reanchor: bool) -> bool:
-    """Whether the engine stores this output's value at ``step`` in its forecast history."""
+def _stored_at(plan: CachePlan, out: _Output, step: int, reanchor: bool) -> str | None:
+    """How the engine keeps this output's value at ``step``: "full" (joins the history of full
+    computations), "anchor" (re-anchored partial output, until the next full one) or None."""
     s = plan.steps[step]
-    if out.column is None:
-        return s.is_full
     if s.skip_blocks:
-        return False
+        return None
+    if out.column is None:  # the stack: a conservative step's output is re-anchored
+        return "full" if s.is_full else ("anchor" if reanchor and s.forecast_order > 0 else None)
     action = action_of(s.fractions[out.block][out.column])
     if action is Action.COMPUTE or (action is Action.PARTIAL and not out.can_partial):
-        return True
-    return action is Action.PARTIAL and reanchor and s.forecast_order > 0
+        return "full"
+    return "anchor" if action is Action.PARTIAL and reanchor and s.forecast_order > 0 else None
 
 
 def _forecast_at(plan: CachePlan, out: _Output, step: int) -> bool:
@@ -155,6 +157,7 @@ class _Recorder:
         self.step, self.timestep, self.branch = -1, None, 0
         self.calls: Counter = Counter()
         self.history: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        self.anchors: dict[tuple, tuple[int, torch.Tensor]] = {}
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -182,15 +185,21 @@ class _Recorder:
         return hook
 
     def _observe(self, key: tuple, out: _Output, value: torch.Tensor) -> None:
-        step, history = self.step, self.history.setdefault(key, [])
+        step, full = self.step, self.history.setdefault(key, [])
+        anchor = self.anchors.get(key)
+        points = full if anchor is None else [*full, anchor]  # what the engine forecasts from (see _anchored)
         size = self.sizes[step]
-        if size and _forecast_at(self.plan, out, step) and len(history) >= size:
+        if size and _forecast_at(self.plan, out, step) and len(points) >= size:
             stats = self.stats.setdefault(step, StepStats(size))
-            stats.add([v for _, v in history[-size:]], value)
-            stats.steps[tuple(s for s, _ in history[-size:])] += 1
-        if _stored_at(self.plan, out, step, self.reanchor):
-            history.append((step, value.detach().clone()))
-            del history[: -self.keep]
+            stats.add([v for _, v in points[-size:]], value)
+            stats.steps[tuple(s for s, _ in points[-size:])] += 1
+        kept = _stored_at(self.plan, out, step, self.reanchor)
+        if kept == "full":
+            full.append((step, value.detach().clone()))
+            del full[: -self.keep]
+            self.anchors.pop(key, None)
+        elif kept == "anchor":
+            self.anchors[key] = (step, value.detach().clone())
 
 
 # ------------------------------------------------------------------------------------------------
