@@ -254,25 +254,23 @@ def test_dual_forecasting_selects_by_forecast_error_at_the_same_flops(selection,
     assert all(e.shape == (2, 64) for e in state.forecast_errors.values())
 
 
-def test_reanchoring_stores_the_partial_steps_output_in_the_history():
+def test_reanchoring_makes_the_partial_steps_output_the_newest_forecast_point():
     from dualcache_diffusers.api import get_engine
 
     pipe = engine_dit_pipeline(num_layers=3)
-    enable_dual_cache(pipe, "duca", forecast_order=1, fresh_ratio=0.3)
+    kwargs = dict(forecast_order=1, fresh_ratio=0.3, interval=4)  # F,C,A,C: the second C forecasts from the first
+    enable_dual_cache(pipe, "duca", **kwargs)
     plain = generate(pipe, steps=12)
     flops = cache_stats(pipe).flops
-    enable_dual_cache(pipe, "duca", forecast_order=1, fresh_ratio=0.3, forecast_reanchor=True)
+    enable_dual_cache(pipe, "duca", **kwargs, forecast_reanchor=True)
     anchored = generate(pipe, steps=12)
     assert cache_stats(pipe).flops == flops and not np.array_equal(anchored, plain)
     engine = get_engine(pipe)
     state = next(iter(engine._local.generation.branches.values())).models[0]
     kinds = engine.denoisers[0].plan(12).kinds()
-    assert kinds[9:] == ["full", "conservative", "aggressive"]
-    # the MLP ("ff") is recomputed in part at step 10: its output there, and the stack's, are the newest
-    # points the forecasts start from (the aggressive step 11 forecasts the stack from it)
-    anchors = {key: step for key, (step, _) in state.anchors.items()}
-    assert set(anchors.values()) == {10} and ("stack",) in anchors
-    assert {key[1] for key in anchors if key != ("stack",)} == {1}
+    assert kinds[8:] == ["full", "conservative", "aggressive", "conservative"]
+    # the MLP ("ff", column 1) is recomputed in part at step 11: its output there is each block's anchor
+    assert {key: step for key, (step, _) in state.anchors.items()} == {(b, 1, 0): 11 for b in range(3)}
     assert all(kinds[step] == "full" for entries in state.history.values() for step, _ in entries)
     assert cache_stats(pipe).history_bytes > 0
     with pytest.raises(TypeError, match="forecast_reanchor"):

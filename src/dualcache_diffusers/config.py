@@ -121,7 +121,8 @@ class DualCacheConfig:
         forecast_reanchor: when forecasting, a partial step's output (forecast rows plus the recomputed
             ones) is the newest point the forecasts start from until the module's next full computation,
             so the recomputed rows are forecast from their fresh values; the other rows continue on the
-            same polynomial. One more stored output per partially recomputed module.
+            same polynomial. One more stored output per partially recomputed module; the skipped stack
+            is not re-anchored (measured worse, docs/methods.md).
         plan: a fixed :class:`CachePlan` (or a path to its JSON) overriding the schedule options.
         family: the model family whose preset this config is (enabling it on another family is refused).
     """

@@ -67,8 +67,6 @@ ALL_HOOKS = (HOOK_DENOISER, HOOK_BLOCK, HOOK_MODULE, HOOK_RECORD)
 FOREIGN_CACHE_HOOKS = ("fbc_", "faster_cache", "mag_cache", "pyramid_attention_broadcast", "sea_cache",
                        "taylorseer_cache", "text_kv_cache")
 
-STACK = ("stack",)  # the block stack's key among the re-anchored outputs
-
 # set_timesteps calls per scheduler, counted per thread (see Generation)
 _EPOCHS = threading.local()
 
@@ -167,9 +165,8 @@ class ModelState:
     stack_history: list[tuple[int, Any]] = field(default_factory=list)
     # dual forecasting: per block, each partial module's per-token forecast error at the last full step
     forecast_errors: dict[int, torch.Tensor] = field(default_factory=dict)
-    # re-anchoring: the last partial step's (step, output) since the last full computation, per module
-    # and for the block stack (key STACK)
-    anchors: dict[tuple, tuple[int, Any]] = field(default_factory=dict)
+    # re-anchoring: per module, the last partial step's (step, output) since its last full computation
+    anchors: dict[tuple[int, int, int], tuple[int, Any]] = field(default_factory=dict)
     stats: CacheStats = field(default_factory=CacheStats)
 
     def cache_bytes(self) -> int:
@@ -495,7 +492,7 @@ class DualCacheEngine:
         if call.step_plan.skip_blocks:
             if not is_last:
                 return _pass_through(info.spec.outputs, args, kwargs)
-            forecast = self._forecast(call, _anchored(call.state, STACK))
+            forecast = self._forecast(call, call.state.stack_history)
             return call.state.stack_cache if forecast is None else forecast
         call.block, call.block_calls, call.bucket = info.index, {}, ("block", info.index)
         try:
@@ -504,12 +501,10 @@ class DualCacheEngine:
             call.block, call.bucket = None, ("model",)
         if is_last:
             call.state.stack_cache = output
-            if call.history and call.stack_history:
-                if call.recording:
-                    _remember(call.state.stack_history, call.branch.step, output, call.history)
-                    call.state.anchors.pop(STACK, None)
-                elif self.config.forecast_reanchor:  # a partial step's stack output: the newest point
-                    call.state.anchors[STACK] = (call.branch.step, output)
+            if call.history and call.recording and call.stack_history:
+                # (not re-anchored at conservative steps: forecasting the skipped stack from a conservative
+                # step's output, itself mostly forecast, lost 0.2-2 dB; docs/methods.md)
+                _remember(call.state.stack_history, call.branch.step, output, call.history)
         return output
 
     # ---- cached modules ---------------------------------------------------------------------------
@@ -925,9 +920,9 @@ def _timestep_value(timestep: Any, sync: bool) -> float | None:
 
 
 def _anchored(state: ModelState, key: tuple) -> Any:
-    """The points a forecast of ``key`` (a module's, or STACK) starts from: its stored full computations,
-    then its re-anchored partial output if one came after them."""
-    history = state.stack_history if key == STACK else state.history.get(key, ())
+    """The points a forecast of module ``key`` starts from: its stored full computations, then its
+    re-anchored partial output if one came after them."""
+    history = state.history.get(key, ())
     anchor = state.anchors.get(key)
     return history if anchor is None else [*history, anchor]
 

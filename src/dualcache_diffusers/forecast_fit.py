@@ -15,8 +15,7 @@ Gram matrix, an ``L`` vector and a scalar per step, plus the last ``L`` computat
 
 Which computations are "stored" follows the engine: an output's history holds the steps at which the
 plan computes it whole (and, with ``reanchor``, the last partial step since then, where the engine stores
-forecast plus fresh rows and the fit sees the true output); the stack's history holds the full steps
-(and, with ``reanchor``, the last conservative step since then). The values
+forecast plus fresh rows and the fit sees the true output); the stack's history holds the full steps. The values
 come from uncached trajectories, whereas a cached run's stored values drift from them; that gap is not
 modelled (as in L2P).
 
@@ -104,10 +103,10 @@ def _stored_at(plan: CachePlan, out: _Output, step: int, reanchor: bool) -> str 
     """How the engine keeps this output's value at ``step``: "full" (joins the history of full
     computations), "anchor" (re-anchored partial output, until the next full one) or None."""
     s = plan.steps[step]
+    if out.column is None:
+        return "full" if s.is_full else None
     if s.skip_blocks:
         return None
-    if out.column is None:  # the stack: a conservative step's output is re-anchored
-        return "full" if s.is_full else ("anchor" if reanchor and s.forecast_order > 0 else None)
     action = action_of(s.fractions[out.block][out.column])
     if action is Action.COMPUTE or (action is Action.PARTIAL and not out.can_partial):
         return "full"
