@@ -68,6 +68,7 @@ METHODS = {
     "toca": dict(config="toca"),
     "duca": dict(config="duca"),  # the preset forecasts (order 1)
     "duca-reuse": dict(config="duca", aggressive="reuse"),
+    "duca-error": dict(config="duca", selection="forecast_error", forecast_reanchor=True),  # dual forecasting
 }
 
 

@@ -4,6 +4,7 @@ exactly as written or fail with one ValueError / TypeError that names the file a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -182,6 +183,38 @@ def test_version_2_layout_is_checked():
         assert "v2.json" in str(info.value) and field in str(info.value)
 
 
+def test_version_3_forecast_weights_are_checked():
+    data = _valid()
+    data["version"] = 3
+    data["steps"][1].update(forecast_order=1, forecast_weights=[-0.5, 1.5])
+    validate_plan_dict(data, "v3.json")
+    plan = CachePlan.from_dict(copy.deepcopy(data))
+    assert plan.steps[1].forecast_weights == (-0.5, 1.5)
+    assert CachePlan.from_json(plan.to_json()).steps[1].forecast_weights == (-0.5, 1.5)
+    assert plan.to_dict()["version"] == 3 and fora_plan(4, 2, MODULES).to_dict()["version"] == 1
+    for mutate, error, field in [
+        (lambda d: d.update(version=2), ValueError, "version 3"),
+        (lambda d: d["steps"][1].update(forecast_weights=[1.0]), ValueError, "2 to 5"),
+        (lambda d: d["steps"][1].update(forecast_weights=[0.0] * 6), ValueError, "2 to 5"),
+        (lambda d: d["steps"][1].update(forecast_weights="0.5"), TypeError, "steps[1].forecast_weights"),
+        (lambda d: d["steps"][1].update(forecast_weights=[0.5, "1"]), TypeError, "steps[1].forecast_weights[1]"),
+        (lambda d: d["steps"][1].update(forecast_weights=[0.5, True]), TypeError, "steps[1].forecast_weights[1]"),
+        (lambda d: d["steps"][1].update(forecast_weights=[float("nan"), 1.0]), ValueError, "forecast_weights[0]"),
+        (lambda d: d["steps"][1].update(forecast_weights=[1e4, 1.0]), ValueError, "forecast_weights[0]"),
+        (lambda d: d["steps"][1].update(forecast_order=0), ValueError, "forecast_order >= 1"),
+        (lambda d: d["steps"][1].pop("forecast_order"), ValueError, "forecast_order >= 1"),
+    ]:
+        bad = copy.deepcopy(data)
+        mutate(bad)
+        with pytest.raises(error) as info:
+            validate_plan_dict(bad, "v3.json")
+        assert "v3.json" in str(info.value) and field in str(info.value)
+    steps = [dataclasses.replace(s, forecast_order=0) for s in plan.steps]  # a plan built in Python: the same rule
+    with pytest.raises(ValueError, match=r"plan step 1: forecast_weights need forecast_order >= 1"):
+        CachePlan(4, 2, MODULES, steps)
+    assert plan.resample(8).steps[1].forecast_weights is None  # fitted for another step spacing: dropped
+
+
 _MUTATION_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(10**20), max_value=10**20),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5),
@@ -294,13 +327,14 @@ _ANY = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.integers(-3, 12),
     st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 1), st.text(max_size=8),
     st.sampled_from(["duca", "toca", "fora", "full", "plan", "vnorm", "random", "attention", "skip", "reuse",
-                     "partial", "cycle", "dit-duca", "constant", "dit", "pixart", "pixart-toca"]),
+                     "partial", "cycle", "dit-duca", "constant", "dit", "pixart", "pixart-toca", "forecast_error",
+                     "forecast_error+vnorm"]),
     st.builds(np.int64, st.integers(-5, 50)), st.builds(np.float32, st.floats(-1, 2, width=32)),
     st.builds(lambda v: np.array([v]), st.integers(0, 3)), st.lists(st.integers(0, 3), max_size=2),
 )
 _FIELDS = ["method", "interval", "schedule", "fresh_ratio", "ratio_schedule", "selection", "aggressive",
            "self_attention", "staleness_weight", "spatial_bonus", "spatial_grid", "first_full_steps",
-           "num_inference_steps", "seed"]
+           "num_inference_steps", "seed", "forecast_order", "forecast_reanchor"]
 
 
 @settings(max_examples=200, deadline=None)
@@ -314,7 +348,8 @@ def test_property_configs_construct_cleanly_or_name_the_field(fields):
     # accepted: every value is a plain, finite, bounded Python value, and a plan can be built from it
     values = config.to_dict()
     for name, value in values.items():
-        assert type(value) in (int, float, str, type(None)), (name, value)
+        assert type(value) in (int, float, str, type(None)) or (name == "forecast_reanchor" and type(value) is bool), \
+            (name, value)
         if isinstance(value, float):
             assert math.isfinite(value)
     assert 0 <= config.fresh_ratio <= 1 and 1 <= config.interval <= 1000 and 0 <= config.seed < 2**63

@@ -21,6 +21,7 @@ _EXPORTS = {
     "PRESETS": "config",
     "DualCacheConfig": "config",
     "DualCachePipeline": "pipeline",
+    "fit_forecast_weights": "forecast_fit",
     "Action": "plan",
     "CachePlan": "plan",
     "StepPlan": "plan",
@@ -40,6 +41,7 @@ __all__ = [  # names resolved on first use by __getattr__
     "count_flops",
     "disable_dual_cache",
     "enable_dual_cache",
+    "fit_forecast_weights",
     "reset_dual_cache",
     "supported_models",
 ]

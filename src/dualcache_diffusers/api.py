@@ -14,6 +14,7 @@ from .adapters.base import ModelAdapter
 from .config import METHODS, DualCacheConfig, check_override_names, check_plan_fits
 from .engine import DualCacheEngine
 from .plan import CachePlan
+from .selection import ERROR_SELECTIONS
 from .stats import CacheStats
 
 logger = logging.getLogger(__name__)
@@ -143,12 +144,16 @@ def _choose_selection(engine: DualCacheEngine) -> None:
             fused = any(getattr(resolve_attn, "to_qkv", None) is not None
                         for resolve_attn in den.model.modules() if hasattr(resolve_attn, "heads"))
             reason = "its QKV projections are fused (fuse_qkv_projections)" if fused else "it has no value projection"
+            # forecast-error selection needs value norms only until the first error is measured
+            fallback = "forecast_error" if cfg.selection in ERROR_SELECTIONS else "random"
             logger.warning(
                 "dual cache: %s selection needs each block's value projection but %s blocks %s: %s; selecting "
-                "tokens at random instead (call pipe.unfuse_qkv_projections() to keep %s selection)",
-                cfg.selection, type(den.model).__name__, missing[:4], reason, cfg.selection,
+                "tokens %s instead (call pipe.unfuse_qkv_projections() to keep %s selection)",
+                cfg.selection, type(den.model).__name__, missing[:4], reason,
+                "by forecast error alone (at random before it is measured)" if fallback != "random" else "at random",
+                cfg.selection,
             )
-            engine.fallback_selection = "random"
+            engine.fallback_selection = fallback
             return
 
 

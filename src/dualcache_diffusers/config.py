@@ -26,7 +26,7 @@ from .plan import (
 )
 
 METHODS = ("duca", "toca", "fora", "full")
-SELECTIONS = ("vnorm", "random", "attention")
+SELECTIONS = ("vnorm", "random", "attention", "forecast_error", "forecast_error+vnorm")
 AGGRESSIVE_VARIANTS = ("skip", "reuse")
 SELF_ATTENTION_MODES = ("reuse", "partial")
 SCHEDULES = ("cycle", "dit-duca")
@@ -124,7 +124,11 @@ class DualCacheConfig:
             "constant", "dit", "pixart", "pixart-toca" (the published ToCa/DuCa schedulers).
         selection: token scorer: "vnorm" (V-caching: smallest value norms recomputed; works with
             fused attention kernels), "random", or "attention" (ToCa's attention score; needs
-            explicit attention probabilities, computed at full steps, so not flash-compatible).
+            explicit attention probabilities, computed at full steps, so not flash-compatible),
+            "forecast_error" (dual forecasting: the tokens whose forecast was worst at the last full
+            step, i.e. the distance between what the forecast of order ``forecast_order`` (reuse at 0)
+            predicted for that step and what it computed; V-norm before the first measured error) or
+            "forecast_error+vnorm" (the sum of both scores). Both are flash-compatible.
         aggressive: "skip" (reuse the block stack's cached output) or "reuse" (run the blocks,
             reuse every module's cached output).
         self_attention: at conservative steps "reuse" self- and joint attention whole (DuCa) or
@@ -147,6 +151,11 @@ class DualCacheConfig:
             is then built for it by :func:`budget.budget_schedule` from the model's measured costs,
             replacing interval / schedule / fresh_ratio / ratio_schedule / first_full_steps (the
             forecast order, selection and token options still apply).
+        forecast_reanchor: when forecasting, a partial step's output (forecast rows plus the recomputed
+            ones) is the newest point the forecasts start from until the module's next full computation,
+            so the recomputed rows are forecast from their fresh values; the other rows continue on the
+            same polynomial. One more stored output per partially recomputed module; the skipped stack
+            is not re-anchored (measured worse, docs/methods.md).
         plan: a fixed :class:`CachePlan` (or a path to its JSON) overriding the schedule options.
         family: the model family whose preset this config is (enabling it on another family is refused).
         cache_device: where cached features (module outputs, the block stack's output, forecast history)
@@ -173,6 +182,7 @@ class DualCacheConfig:
     cfg_selection: str = "shared"
     forecast_order: int = 0
     budget: float | None = None
+    forecast_reanchor: bool = False
     plan: CachePlan | None = field(default=None, repr=False)
     family: str | None = None  # the model family whose preset this is (set by from_preset)
     cache_device: str | None = None
@@ -212,6 +222,9 @@ class DualCacheConfig:
             if self.method != "duca":
                 raise ValueError(f"budget={self.budget:g} builds a DuCa forecasting schedule; it cannot be combined "
                                  f"with method={self.method!r} (use method='duca', or drop budget)")
+        if not isinstance(self.forecast_reanchor, (bool, np.bool_)):
+            raise TypeError(f"forecast_reanchor must be True or False, got {_describe(self.forecast_reanchor)}")
+        self.forecast_reanchor = bool(self.forecast_reanchor)
         if self.plan is not None:
             self.method = "plan"
 

@@ -46,10 +46,19 @@ from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .budget import CostModel
 from .cache_storage import CacheStorage
 from .config import DualCacheConfig
-from .forecast import extrapolate
+from .forecast import extrapolate, weighted
 from .partial_attention import joint_flops, rotary_partial_attention
 from .plan import CachePlan, PlanLayout, StepPlan, full_plan, num_fresh_tokens
-from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
+from .selection import (
+    ERROR_SELECTIONS,
+    attention_score,
+    attention_score_flops,
+    forecast_error,
+    normalize_score,
+    random_base,
+    select_tokens,
+    vnorm_score,
+)
 from .stats import CacheStats, ModuleCost, flop_formulas, weight_bytes
 
 logger = logging.getLogger(__name__)
@@ -163,13 +172,28 @@ class ModelState:
     # forecasting: (step, output) of the last full computations, oldest first
     history: dict[tuple[int, int, int], list[tuple[int, Any]]] = field(default_factory=dict)
     stack_history: list[tuple[int, Any]] = field(default_factory=list)
+    # dual forecasting: per block, each partial module's per-token forecast error at the last full step
+    forecast_errors: dict[int, torch.Tensor] = field(default_factory=dict)
+    # re-anchoring: per module, the last partial step's (step, output) since its last full computation
+    anchors: dict[tuple[int, int, int], tuple[int, Any]] = field(default_factory=dict)
     stats: CacheStats = field(default_factory=CacheStats)
     prefetched: dict[int, Any] = field(default_factory=dict)  # offloaded caches on their way back (cache_storage)
 
     def cache_bytes(self) -> int:
-        values = [*self.module_cache.values(), self.stack_cache, *self.scores.values(), *self.staleness.values()]
-        values += [v for entries in [*self.history.values(), self.stack_history] for _, v in entries]
+        values = [*self.module_cache.values(), self.stack_cache, *self.scores.values(), *self.staleness.values(),
+                  *self.forecast_errors.values()]
+        values += [v for entries in [*self.history.values(), self.stack_history, self.anchors.values()]
+                   for _, v in entries]
         unique = {id(t): t for value in values for t in _tensors(value)}  # history shares the newest entry
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    def history_bytes(self) -> int:
+        """The part of :meth:`cache_bytes` kept only for forecasting: stored past computations that are
+        not also the current cache entry (k extra copies per output at order k)."""
+        cached = {id(t) for value in [*self.module_cache.values(), self.stack_cache] for t in _tensors(value)}
+        entries = [v for history in [*self.history.values(), self.stack_history, self.anchors.values()]
+                   for _, v in history]
+        unique = {id(t): t for value in entries for t in _tensors(value) if id(t) not in cached}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
 
@@ -208,6 +232,8 @@ class Call:
     counting: bool  # first call for this input shape: FLOPs are being recorded
     history: int = 0  # full computations to keep per output (max forecast order + 1; 0 = none)
     signature: tuple = ()  # what the call's FLOPs depend on (input shape and branch): key of its Costs
+    error_order: int = 0  # order of the forecast whose error full steps measure (forecast-error selection)
+    stack_history: bool = False  # the plan forecasts the skipped stack: keep its past outputs
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
     block: int | None = None
     block_calls: dict[int, int] = field(default_factory=dict)
@@ -259,7 +285,7 @@ class DualCacheEngine:
     def _attach_recorders(self, den: Denoiser) -> None:
         selection = self.selection
         for block, (value, attn, rows) in den.value_modules.items():
-            if selection == "vnorm":
+            if selection == "vnorm" or selection in ERROR_SELECTIONS:  # V-norm: the scores before any error
                 _registry(value).register_hook(ValueRecorder(self, block, attn.heads, rows), HOOK_RECORD)
             elif selection == "attention":
                 _registry(attn.to_q).register_hook(QueryRecorder(self, block, rows), HOOK_RECORD)
@@ -387,14 +413,15 @@ class DualCacheEngine:
             # module instead of skipping the stack, since there is no stack output to stand in
             step_plan = dataclasses.replace(step_plan, skip_blocks=False, kind="reuse")
         state.primed = True
-        keep = plan.max_forecast_order + 1 if plan.max_forecast_order else 0
-        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None, history=keep,
-                    signature=signature)
+        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None,
+                    history=plan.history_length, error_order=plan.max_forecast_order,
+                    stack_history=plan.forecasts_stack, signature=signature)
         state.costs = costs if costs is not None else Costs()
         state.stats.step_kinds.append(step_plan.kind)
         state.stats.num_calls += 1
         if step_plan.is_full:
             state.staleness.clear()
+            state.forecast_errors.clear()
         if not call.counting:
             state.stats.flops += costs.model
             if not step_plan.skip_blocks:
@@ -412,6 +439,8 @@ class DualCacheEngine:
         for (_, column, _), (rows, _) in state.costs.rows.items():
             state.stats.tokens_total[den.layout.modules[column]] += rows
         state.stats.cache_bytes = max(state.stats.cache_bytes, state.cache_bytes())
+        if call.history:
+            state.stats.history_bytes = max(state.stats.history_bytes, state.history_bytes())
         if self.storage.offloads:
             self._prefetch_next_step(call, signature[2])
         gen = self._local.generation
@@ -481,7 +510,9 @@ class DualCacheEngine:
             call.block, call.bucket = None, ("model",)
         if is_last:
             call.state.stack_cache = self.storage.put(output)
-            if call.history and call.recording:
+            if call.history and call.recording and call.stack_history:
+                # (not re-anchored at conservative steps: forecasting the skipped stack from a conservative
+                # step's output, itself mostly forecast, lost 0.2-2 dB; docs/methods.md)
                 _remember(call.state.stack_history, call.branch.step, call.state.stack_cache, call.history)
         return output
 
@@ -502,7 +533,7 @@ class DualCacheEngine:
         if fraction >= 1.0 or cache is None or (0.0 < fraction < 1.0 and not partial):
             return self._compute(call, cached, key, forward, args, kwargs)
         device = _hidden(args, kwargs).device
-        forecast = self._forecast(call, state.history.get(key, ()), device)
+        forecast = self._forecast(call, _anchored(state, key), device)
         if forecast is None:
             cache = self._load(state, cache, device)
         if not partial:
@@ -510,12 +541,18 @@ class DualCacheEngine:
         return self._recompute_rows(call, cached, key, fraction, cache, forward, args, kwargs, forecast)
 
     def _forecast(self, call: Call, history, device: torch.device) -> Any:
-        """The step's extrapolated output, or None where the step reuses as is (or too little is stored)."""
+        """The step's forecast output (the plan's learned weights where it has them and enough is stored,
+        else Lagrange extrapolation), or None where the step reuses as is (or too little is stored)."""
         order = call.step_plan.forecast_order
         if not order or len(history) < 2:
             return None
-        points = [(step, self._load(call.state, value, device)) for step, value in history[-(order + 1):]]
-        return extrapolate(points, call.branch.step, order)
+        weights = call.step_plan.forecast_weights
+        if weights is not None and len(history) >= len(weights):  # learned weights (forecast_fit)
+            return weighted(self._loaded(call.state, history[-len(weights):], device), weights)
+        return extrapolate(self._loaded(call.state, history[-(order + 1):], device), call.branch.step, order)
+
+    def _loaded(self, state: ModelState, points, device: torch.device) -> list[tuple[int, Any]]:
+        return [(step, self._load(state, value, device)) for step, value in points]
 
     # ---- cache storage (cache_device) ---------------------------------------------------------------
     def _load(self, state: ModelState, stored: Any, device: torch.device) -> Any:
@@ -558,6 +595,29 @@ class DualCacheEngine:
         else:
             self._prefetch_block(dataclasses.replace(call, step_plan=step_plan), 0, device)
 
+    def _record_forecast_error(self, call: Call, cached: CachedModule, key: tuple, output: Any) -> None:
+        """At a full step: how far the forecast (order ``call.error_order``; reuse at order 0) of this
+        module's output was from the computed one, per image token, added to the block's error score."""
+        history = _anchored(call.state, key)
+        device = output.device if isinstance(output, torch.Tensor) else None
+        if call.error_order and len(history) >= 2:
+            points = self._loaded(call.state, history[-(call.error_order + 1):], device)
+            predicted = extrapolate(points, call.branch.step, call.error_order)
+        else:
+            predicted = self._load(call.state, call.state.module_cache.get(key), device)
+        if not isinstance(predicted, torch.Tensor) or not isinstance(output, torch.Tensor):
+            return
+        image = call.image_rows(cached.grid)
+        error = forecast_error(_image_rows(predicted, image, cached.spec.text_rows),
+                               _image_rows(output, image, cached.spec.text_rows),
+                               call.branch.paired and output.shape[0] % 2 == 0)
+        errors = call.state.forecast_errors
+        previous = errors.get(cached.block)
+        if previous is None:
+            errors[cached.block] = error
+        elif previous.shape == error.shape:
+            errors[cached.block] = previous + error
+
     def _compute(self, call: Call, cached: CachedModule, key: tuple, forward, args: tuple, kwargs: dict):
         state = call.state
         if call.counting:
@@ -571,9 +631,13 @@ class DualCacheEngine:
         else:
             output = forward(*args, **kwargs)
             state.stats.flops += state.costs.modules.get(key, 0)
+        if (call.recording and self.selection in ERROR_SELECTIONS and cached.spec.can_partial
+                and cached.call_kind(key[2]) == "image"):
+            self._record_forecast_error(call, cached, key, output)
         state.module_cache[key] = self.storage.put(output)
         if call.history:
             _remember(state.history.setdefault(key, []), call.branch.step, state.module_cache[key], call.history)
+            state.anchors.pop(key, None)
         rows = state.costs.rows.get(key, (0, 0))[0]
         state.stats.tokens_computed[cached.name] += rows
         return output
@@ -618,6 +682,11 @@ class DualCacheEngine:
         cache = (rows_cache, *(f.to(c.dtype) for f, c in zip(fresh[1:], cache[1:]))) if joint else rows_cache
         if forecast is None and state.module_cache[key] is not cache:  # a new value, or a copy of an offloaded one
             state.module_cache[key] = self.storage.put(cache)
+        if call.history and self.config.forecast_reanchor:
+            # re-anchor: until the next full computation, this step's output is the newest point forecasts
+            # start from, so the recomputed rows steer them while the other rows (forecast values, on the
+            # polynomial being followed) continue unchanged
+            state.anchors[key] = (call.branch.step, cache)
         computed = picked.shape[1]
         full_rows, kv_rows = state.costs.rows.get(key, (rows, 0))
         if joint:
@@ -663,7 +732,11 @@ class DualCacheEngine:
         groups = batch // 2 if paired else batch
         state = call.state
         base = None if self.selection == "random" else state.scores.get(cached.block)
-        if base is None and (self.selection == "random" or self._fused(call, cached.block)):
+        errors = state.forecast_errors.get(cached.block) if self.selection in ERROR_SELECTIONS else None
+        if errors is not None and errors.shape == (groups, tokens):
+            errors = normalize_score(errors)
+            base = errors if self.selection == "forecast_error" or base is None else base + errors
+        if base is None and (self.selection in ("random", *ERROR_SELECTIONS) or self._fused(call, cached.block)):
             base = self._random_scores(call, groups, tokens, device)
         elif base is None or base.shape != (groups, tokens):
             raise RuntimeError(
@@ -945,6 +1018,14 @@ def _timestep_value(timestep: Any, sync: bool) -> float | None:
 def _image_rows_of(branch: BranchState, grid: str) -> int:
     frames, rows, cols = branch.grid
     return {"all": frames * rows * cols, "space": rows * cols, "time": frames}[grid]
+
+
+def _anchored(state: ModelState, key: tuple) -> Any:
+    """The points a forecast of module ``key`` starts from: its stored full computations, then its
+    re-anchored partial output if one came after them."""
+    history = state.history.get(key, ())
+    anchor = state.anchors.get(key)
+    return history if anchor is None else [*history, anchor]
 
 
 def _remember(history: list[tuple[int, Any]], step: int, value: Any, keep: int) -> None:

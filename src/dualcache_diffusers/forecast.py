@@ -4,7 +4,8 @@ TaylorSeer builds finite differences of a feature over past full steps and evalu
 series at the current step. With ``k + 1`` past values that is the degree-``k`` polynomial through
 them, which we evaluate directly in Lagrange form: the weights depend only on step numbers (Python
 floats, no host sync), and the forecast is one weighted sum of the stored tensors. Uneven spacing
-between full steps is handled exactly; order 0 is plain reuse.
+between full steps is handled exactly; order 0 is plain reuse. A plan may instead carry learned
+weights per step (:func:`weighted`, fitted by :mod:`.forecast_fit`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def extrapolate(history: Sequence[tuple[int, Any]], target: int, order: int) -> 
         return points[0][1]
     weights = lagrange_weights([s for s, _ in points], target)
     return _combine([v for _, v in points], weights)
+
+
+def weighted(history: Sequence[tuple[int, Any]], weights: Sequence[float]) -> Any:
+    """``sum_j weights[j] * value_j`` over the last ``len(weights)`` ``(step, value)`` pairs, oldest first
+    (a learned linear forecast; see :mod:`.forecast_fit`). Values as in :func:`extrapolate`."""
+    points = list(history)[-len(weights) :]
+    if len(points) != len(weights):
+        raise ValueError(f"{len(weights)} forecast weights but only {len(points)} stored values")
+    return _combine([v for _, v in points], list(weights))
 
 
 def _combine(values: list[Any], weights: list[float]) -> Any:

@@ -23,9 +23,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .plan_schema import loads_plan_json, validate_plan_dict
+from .plan_schema import MAX_FORECAST_ORDER, MAX_FORECAST_WEIGHT, loads_plan_json, validate_plan_dict
 
-PLAN_FORMAT_VERSION = 2  # 2 added block_modules / block_names (models whose blocks differ); 1 still loads
+#: 2 added block_modules / block_names (models whose blocks differ); 3 added steps[].forecast_weights
+#: (learned linear forecasts); 1 and 2 still load, and a plan is written with the lowest version it needs
+PLAN_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,19 @@ class PlanLayout:
                    partial=frozenset(partial))
 
 
+def check_forecast_weights(where: str, weights: Sequence[float], order: int) -> None:
+    """A ValueError unless ``weights`` are learned forecast weights a step of ``order`` may carry."""
+    if order < 1:
+        raise ValueError(f"{where}: forecast_weights need forecast_order >= 1 (the Lagrange fallback), got {order}")
+    if not 2 <= len(weights) <= MAX_FORECAST_ORDER + 1:
+        raise ValueError(f"{where}: forecast_weights has {len(weights)} entries; allowed: 2 to "
+                         f"{MAX_FORECAST_ORDER + 1} (one per stored full computation, oldest first)")
+    for w in weights:
+        if not (math.isfinite(w) and abs(w) <= MAX_FORECAST_WEIGHT):
+            raise ValueError(f"{where}: forecast weight {w!r} is not a finite number in "
+                             f"[-{MAX_FORECAST_WEIGHT:g}, {MAX_FORECAST_WEIGHT:g}]")
+
+
 class Action(str, Enum):
     COMPUTE = "compute"
     PARTIAL = "partial"
@@ -126,6 +141,21 @@ class StepPlan:
     #: what a reused output (or the skipped stack) is at this step: 0 the cached output as it is,
     #: k >= 1 extrapolated from the last k + 1 full computations (a degree-k polynomial in the step)
     forecast_order: int = 0
+    #: learned forecast (optional): weights of the last ``len(forecast_weights)`` stored full computations,
+    #: oldest first, used instead of the Lagrange weights of ``forecast_order`` (which stays the fallback
+    #: while fewer are stored); see :mod:`.forecast_fit`
+    forecast_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.forecast_weights is not None:
+            self.forecast_weights = tuple(float(w) for w in self.forecast_weights)
+
+    @property
+    def history_length(self) -> int:
+        """Full computations this step's forecast reads (0: the step reuses)."""
+        if not self.forecast_order:
+            return 0
+        return max(self.forecast_order + 1, len(self.forecast_weights or ()))
 
     @property
     def is_full(self) -> bool:
@@ -171,6 +201,16 @@ class CachePlan:
     def max_forecast_order(self) -> int:
         return max(step.forecast_order for step in self.steps)
 
+    @property
+    def history_length(self) -> int:
+        """Full computations to keep per cached output (0: the plan never forecasts)."""
+        return max(step.history_length for step in self.steps)
+
+    @property
+    def forecasts_stack(self) -> bool:
+        """Whether some step forecasts the skipped block stack (else its past outputs need not be kept)."""
+        return any(step.skip_blocks and step.forecast_order for step in self.steps)
+
     def present(self, block: int, module: int) -> bool:
         """Whether block ``block`` has the plan's module column ``module``."""
         return self.block_modules is None or self.modules[module] in self.block_modules[block]
@@ -202,6 +242,8 @@ class CachePlan:
                 for f in row:
                     if not (0.0 <= f <= 1.0) or math.isnan(f):
                         raise ValueError(f"plan step {i} block {b}: fraction {f!r} is outside [0, 1]")
+            if step.forecast_weights is not None:
+                check_forecast_weights(f"plan step {i}", step.forecast_weights, step.forecast_order)
         if self.block_modules is not None:
             if len(self.block_modules) != self.num_blocks:
                 raise ValueError(
@@ -255,6 +297,7 @@ class CachePlan:
             src = self.steps[i]
             if j == 0 and not src.is_full:
                 src = next((s for s in self.steps if s.is_full), self.steps[0])
+            # learned forecast weights belong to the step spacing they were fitted for: dropped here
             steps.append(
                 StepPlan(src.kind, [list(row) for row in src.fractions], src.skip_blocks, src.interval,
                          src.forecast_order)
@@ -304,9 +347,11 @@ class CachePlan:
             layout["block_modules"] = [list(b) for b in self.block_modules]
         if self.block_names is not None:
             layout["block_names"] = list(self.block_names)
+        learned = any(s.forecast_weights is not None for s in self.steps)
         return {
             "format": "dualcache-plan",
-            "version": PLAN_FORMAT_VERSION if layout else 1,  # plans every version-1 reader understands stay 1
+            # the lowest version that holds the plan, so older readers keep reading what they can
+            "version": 3 if learned else (2 if layout else 1),
             "method": self.method,
             "num_steps": self.num_steps,
             "num_blocks": self.num_blocks,
@@ -320,6 +365,7 @@ class CachePlan:
                     "interval": s.interval,
                     "fractions": [[round(float(f), 6) for f in row] for row in s.fractions],
                     **({"forecast_order": s.forecast_order} if s.forecast_order else {}),
+                    **({"forecast_weights": list(s.forecast_weights)} if s.forecast_weights is not None else {}),
                 }
                 for s in self.steps
             ],
@@ -341,6 +387,7 @@ class CachePlan:
                 skip_blocks=s.get("skip_blocks", False),
                 interval=s.get("interval", 1),
                 forecast_order=s.get("forecast_order", 0),
+                forecast_weights=s.get("forecast_weights"),
             )
             for s in data["steps"]
         ]

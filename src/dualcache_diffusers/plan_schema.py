@@ -2,7 +2,7 @@
 
 A plan file is JSON::
 
-    {"format": "dualcache-plan", "version": 1 | 2, "method": str,
+    {"format": "dualcache-plan", "version": 1 | 2 | 3, "method": str,
      "num_steps": int >= 1, "num_blocks": int >= 1,
      "modules": [str, ...]                      (non-empty, unique),
      "metadata": {...}                          (optional, any JSON object),
@@ -13,6 +13,9 @@ A plan file is JSON::
                 "skip_blocks": bool              (optional, default false),
                 "interval": int >= 1             (optional, default 1),
                 "forecast_order": int in [0, 4]  (optional, default 0),
+                "forecast_weights": [number x 2..5] (optional, version 3: learned forecast weights of the last
+                                                 2..5 stored full computations, oldest first, each finite with
+                                                 |w| <= 1000; needs forecast_order >= 1),
                 "fractions": [[number in [0, 1] x len(modules)] x num_blocks]} x num_steps]}
 
 Nothing is coerced: ``"false"`` is not a bool, ``"0.5"`` and ``true`` are not numbers, ``8.5`` is not an
@@ -28,14 +31,15 @@ import math
 from typing import Any
 
 PLAN_FORMAT = "dualcache-plan"
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 TOP_LEVEL_KEYS = frozenset(
     {"format", "version", "method", "num_steps", "num_blocks", "modules", "metadata", "block_modules",
      "block_names", "steps"}
 )
 REQUIRED_KEYS = ("format", "version", "method", "num_steps", "num_blocks", "modules", "steps")
-STEP_KEYS = frozenset({"kind", "skip_blocks", "interval", "fractions", "forecast_order"})
+STEP_KEYS = frozenset({"kind", "skip_blocks", "interval", "fractions", "forecast_order", "forecast_weights"})
 VERSION_2_KEYS = ("block_modules", "block_names")
+VERSION_3_STEP_KEYS = ("forecast_weights",)
 
 # Bounds that keep a file from asking for absurd work or memory (a plan for 10**18 steps, say).
 MAX_STEPS = 100_000
@@ -43,6 +47,7 @@ MAX_BLOCKS = 10_000
 MAX_MODULES = 256
 MAX_INTERVAL = 100_000
 MAX_FORECAST_ORDER = 4
+MAX_FORECAST_WEIGHT = 1000.0  # a learned forecast weight (order-4 Lagrange weights 3 spacings ahead reach 126)
 MAX_NAME_LENGTH = 256
 MAX_METADATA_DEPTH = 32
 
@@ -114,6 +119,25 @@ def _fraction(err: _PlanError, path: str, value: Any) -> float:
         shown = value if not isinstance(value, int) or abs(value) < 10**40 else "a huge integer"
         raise err.value(path, f"fraction {shown} is outside [0, 1]")
     return float(value)
+
+
+def _forecast_weights(err: _PlanError, path: str, value: Any, order: int, version: int) -> None:
+    if version < 3:
+        raise err.value(path, f"needs plan format version 3 (the file says version {version})")
+    weights = _list(err, path, value, what="numbers")
+    if not 2 <= len(weights) <= MAX_FORECAST_ORDER + 1:
+        raise err.value(path, f"has {len(weights)} entries; allowed: 2 to {MAX_FORECAST_ORDER + 1} (one weight per "
+                              "stored full computation, oldest first)")
+    for j, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise err.type(f"{path}[{j}]", w, f"a number in [-{MAX_FORECAST_WEIGHT:g}, {MAX_FORECAST_WEIGHT:g}]")
+        if not math.isfinite(w) or abs(w) > MAX_FORECAST_WEIGHT:
+            shown = w if not isinstance(w, int) or abs(w) < 10**40 else "a huge integer"
+            raise err.value(f"{path}[{j}]", f"{shown} is not a finite number in [-{MAX_FORECAST_WEIGHT:g}, "
+                                            f"{MAX_FORECAST_WEIGHT:g}]")
+    if order < 1:
+        raise err.value(path, "needs forecast_order >= 1 in the same step (the Lagrange forecast used while fewer "
+                              "full computations are stored)")
 
 
 def _check_json_value(err: _PlanError, path: str, value: Any, depth: int = 0) -> None:
@@ -215,14 +239,14 @@ def validate_plan_dict(data: Any, source: str = "<dict>") -> None:
     if len(steps) != num_steps:
         raise err.value("steps", f"plan has {len(steps)} steps but num_steps={num_steps}")
     for i, step in enumerate(steps):
-        _validate_step(err, f"steps[{i}]", step, num_blocks, len(modules))
+        _validate_step(err, f"steps[{i}]", step, num_blocks, len(modules), version)
     first = steps[0]
     if first.get("skip_blocks", False) or any(f < 1 for row in first["fractions"] for f in row):
         raise err.value("steps[0]", "the first step of a plan must be a full step (every fraction 1, "
                                     "skip_blocks false): the caches start empty")
 
 
-def _validate_step(err: _PlanError, path: str, step: Any, num_blocks: int, num_modules: int) -> None:
+def _validate_step(err: _PlanError, path: str, step: Any, num_blocks: int, num_modules: int, version: int) -> None:
     if not isinstance(step, dict):
         raise err.type(path, step, "a JSON object")
     unknown = sorted(str(k) for k in step if k not in STEP_KEYS)
@@ -238,6 +262,9 @@ def _validate_step(err: _PlanError, path: str, step: Any, num_blocks: int, num_m
         _int(err, f"{path}.interval", step["interval"], 1, MAX_INTERVAL)
     if "forecast_order" in step:
         _int(err, f"{path}.forecast_order", step["forecast_order"], 0, MAX_FORECAST_ORDER)
+    if "forecast_weights" in step:
+        _forecast_weights(err, f"{path}.forecast_weights", step["forecast_weights"], step.get("forecast_order", 0),
+                          version)
     rows = step["fractions"]
     if not isinstance(rows, list):
         raise err.type(f"{path}.fractions", rows, "an array of one row per block")

@@ -18,6 +18,15 @@ def group_rows(score: torch.Tensor, paired: bool) -> torch.Tensor:
     return 0.5 * (score[:half] + score[half:])
 
 
+#: selections that score tokens by the forecast error measured at the last full step (dual forecasting)
+ERROR_SELECTIONS = ("forecast_error", "forecast_error+vnorm")
+
+
+def normalize_score(score: torch.Tensor) -> torch.Tensor:
+    """A score row per group L2-normalized over tokens and shifted to be >= 0 (what every scorer returns)."""
+    return _normalize(score)
+
+
 def _normalize(score: torch.Tensor) -> torch.Tensor:
     # L2-normalize over tokens as the reference code does, then shift to be >= 0 so that the
     # multiplicative spatial bonus raises the cell's best token (with raw V-norm scores, which are
@@ -34,6 +43,14 @@ def vnorm_score(value: torch.Tensor, heads: int, paired: bool) -> torch.Tensor:
     """
     norms = value.detach().float().unflatten(-1, (heads, -1)).norm(dim=-1)  # (B, N, H)
     return _normalize(group_rows((1.0 - norms).sum(dim=-1), paired))
+
+
+def forecast_error(predicted: torch.Tensor, actual: torch.Tensor, paired: bool) -> torch.Tensor:
+    """Per-token error ``(G, N)`` of a forecast ``(B, N, C)`` against the computed output, L2-normalized over
+    tokens (so each module of a block weighs the same when their errors are added up). Tokens whose forecast
+    was worst score highest. Reads no attention map; one subtraction and a norm per module at full steps."""
+    error = (actual.detach().float() - predicted.detach().float()).norm(dim=-1)
+    return F.normalize(group_rows(error, paired), p=2, dim=1)
 
 
 def attention_score(query: torch.Tensor, key: torch.Tensor, heads: int, paired: bool) -> torch.Tensor:

@@ -91,6 +91,7 @@ class CacheStats:
     tokens_computed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tokens_total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     cache_bytes: int = 0  # peak bytes of the caches (module outputs, stack output, forecast history, scores)
+    history_bytes: int = 0  # part of cache_bytes kept only for forecasting (past full computations)
     weight_bytes: int = 0  # the cached denoisers' parameters and buffers
     cache_device: str | None = None  # where the caches were kept (None: on the model's device)
     num_calls: int = 0
@@ -120,6 +121,7 @@ class CacheStats:
             "tokens computed: "
             + "  ".join(f"{m}={self.token_fraction(m):.1%}" for m in sorted(self.tokens_total)),
             f"cache memory: {self.cache_bytes / 2**20:.2f} MiB peak"
+            + (f" (forecast history {self.history_bytes / 2**20:.2f} MiB)" if self.history_bytes else "")
             + (f" on {self.cache_device}" if self.cache_device else "")
             + f" (model weights: {self.weight_bytes / 2**20:.2f} MiB)",
         ]
@@ -134,6 +136,7 @@ class CacheStats:
             "flops_speedup": self.flops_speedup,
             "token_fraction": {m: self.token_fraction(m) for m in sorted(self.tokens_total)},
             "cache_bytes": self.cache_bytes,
+            "history_bytes": self.history_bytes,
             "weight_bytes": self.weight_bytes,
             "cache_device": self.cache_device,
         }
@@ -149,6 +152,7 @@ class CacheStats:
             out.flops += p.flops
             out.flops_uncached += p.flops_uncached
             out.cache_bytes += p.cache_bytes
+            out.history_bytes += p.history_bytes
             out.num_calls += p.num_calls
             out.selection_flops += p.selection_flops
             for m, v in p.tokens_computed.items():
