@@ -133,19 +133,14 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
 
 
 def _with_learned_forecast(pipe: Any, workload: Any, best: Candidate, reference: np.ndarray) -> CachePlan:
-    """Hook for learned forecast weights (ridge regression on the calibration trajectories).
+    """The best plan with learned forecast weights (ridge regression on the calibration trajectories,
+    :func:`.forecast_fit.fit_forecast_weights`), kept if it scores better on the calibration images."""
+    from .forecast_fit import fit_forecast_weights
 
-    When :mod:`.forecast` provides ``fit_forecast_weights(pipe, plan, seeds)`` returning a plan with
-    learned weights, it is fitted here and kept if it scores better on the calibration images.
-    """
-    from . import forecast
-
-    fit = getattr(forecast, "fit_forecast_weights", None)
-    if fit is None:
-        return best.plan
     try:
-        learned = fit(pipe, best.plan, list(workload.seeds))
-    except Exception as error:  # a learned forecast is an improvement, never a requirement
+        learned = fit_forecast_weights(pipe, best.plan, list(workload.seeds), list(workload.conditions),
+                                       guidance_scale=workload.guidance_scale)
+    except (ValueError, TypeError, RuntimeError) as error:  # a learned forecast is an improvement, not a need
         logger.warning("learned forecast weights skipped: %s: %s", type(error).__name__, error)
         return best.plan
     if not isinstance(learned, CachePlan):
