@@ -42,8 +42,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .config import DualCacheConfig
-from .forecast import extrapolate
-from .plan import CachePlan, PlanLayout, StepPlan, num_fresh_tokens
+from .forecast import combine, lagrange_weights
+from .plan import CachePlan, PlanLayout, StepPlan, action_of, num_fresh_tokens
 from .selection import attention_score, attention_score_flops, random_base, select_tokens, vnorm_score
 from .stats import CacheStats, ModuleCost, flop_formulas
 
@@ -123,6 +123,8 @@ class Denoiser:
         ]
         self.plans: dict[int, CachePlan] = {}
         self.costs: dict[tuple, Costs] = {}
+        self._actions: dict[int, tuple[StepPlan, tuple[tuple[str, ...], ...]]] = {}
+        self._scored: dict[int, tuple[bool, ...]] = {}  # per plan (by step count): full steps that record scores
         self.value_modules: dict[int, tuple[torch.nn.Module, torch.nn.Module, str]] = {}  # block -> (to_v, attn, rows)
         for info in self.infos:
             if info.spec.value:
@@ -135,6 +137,36 @@ class Denoiser:
         if num_steps not in self.plans:
             self.plans[num_steps] = self.config.build_plan(num_steps, self.layout)
         return self.plans[num_steps]
+
+    def actions(self, step_plan: StepPlan) -> tuple[tuple[str, ...], ...]:
+        """The step's action per block and module column ("compute", "partial", "reuse"), memoized.
+
+        Compiled regions read these strings, never the fractions: steps of one kind share one set of
+        guards whatever their token counts (those reach the graph only as index tensor shapes).
+        """
+        entry = self._actions.get(id(step_plan))
+        if entry is None or entry[0] is not step_plan:
+            actions = tuple(tuple("reuse" if step_plan.skip_blocks else action_of(f).value for f in row)
+                            for row in step_plan.fractions)
+            entry = self._actions[id(step_plan)] = (step_plan, actions)
+        return entry[1]
+
+    def scored_steps(self, num_steps: int) -> tuple[bool, ...]:
+        """Per step: a full step whose token scores a later partial step reads (before the next full step).
+
+        Only these steps record scores, so FORA, interval=1 and other plans without partial steps
+        never pay for them.
+        """
+        if num_steps not in self._scored:
+            steps, needed, out = self.plan(num_steps).steps, False, []
+            for step in reversed(steps):
+                out.append(step.is_full and needed)
+                if step.is_full:
+                    needed = False
+                if any(0.0 < f < 1.0 for row in step.fractions for f in row) and not step.skip_blocks:
+                    needed = True
+            self._scored[num_steps] = tuple(reversed(out))
+        return self._scored[num_steps]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,10 +226,23 @@ class Call:
     branch: BranchState
     state: ModelState
     step_plan: StepPlan
-    recording: bool  # full step that records token scores
+    recording: bool  # full step that records token scores (a later partial step reads them)
     counting: bool  # first call for this input shape: FLOPs are being recorded
     history: int = 0  # full computations to keep per output (max forecast order + 1; 0 = none)
+    signature: tuple = ()  # (shape, dtype, device) of the latents: the key of the recorded costs
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
+    # Decided before the denoiser runs (outside any compiled region), read by the block and module hooks:
+    actions: tuple[tuple[str, ...], ...] = ()  # per block and module column (Denoiser.actions)
+    picks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (block, column) -> (B, k) rows
+    weights: dict[tuple[int, int, int], tuple[float, ...]] = field(default_factory=dict)  # forecast weights
+    stack_weights: tuple[float, ...] | None = None
+    # What the hooks did, turned into statistics, caches and forecast history after the call (end_call).
+    # Written to these fresh containers rather than the state's, so that a compiled model guards on
+    # nothing that grows during a generation:
+    events: list[tuple] = field(default_factory=list)
+    outputs: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # new module cache entries
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # token scores recorded at this step
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # attention scorer: queries until keys come
     block: int | None = None
     block_calls: dict[int, int] = field(default_factory=dict)
     bucket: tuple = ("model",)
@@ -355,6 +400,7 @@ class DualCacheEngine:
             gen.calls_at_timestep += 1
         return name, batch
 
+    @torch.compiler.disable
     def begin_call(self, d_index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         den = self.denoisers[d_index]
         latents = den.adapter.hidden_states(args, kwargs)
@@ -385,7 +431,9 @@ class DualCacheEngine:
             step_plan = dataclasses.replace(step_plan, skip_blocks=False, kind="reuse")
         state.primed = True
         keep = plan.max_forecast_order + 1 if plan.max_forecast_order else 0
-        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None, history=keep)
+        recording = step_plan.is_full and den.scored_steps(branch.plan_steps)[branch.step]
+        call = Call(den, branch, state, step_plan, recording=recording, counting=costs is None, history=keep,
+                    actions=den.actions(step_plan), signature=signature)
         state.costs = costs if costs is not None else Costs()
         state.stats.step_kinds.append(step_plan.kind)
         state.stats.num_calls += 1
@@ -396,14 +444,54 @@ class DualCacheEngine:
             if not step_plan.skip_blocks:
                 state.stats.flops += sum(costs.blocks.values())
         self._local.call = call
+        if not step_plan.is_full:  # this step's rows and forecast weights, chosen before the denoiser runs
+            self._select_rows(call, latents.shape[0], latents.device)
+            if step_plan.forecast_order:
+                self._forecast_weights(call)
         return call
 
+    def _select_rows(self, call: Call, batch: int, device: torch.device) -> None:
+        """Choose the rows of every partial module of this step, before the denoiser runs."""
+        fractions = call.step_plan.fractions
+        for _, cached in call.denoiser.modules:
+            if (call.actions[cached.block][cached.column] != "partial" or not cached.spec.can_partial
+                    or "image" not in cached.spec.calls):
+                continue
+            image = call.image_rows(cached.grid)
+            k = num_fresh_tokens(fractions[cached.block][cached.column], image)
+            if k:  # a block over part of the grid (a video's frames or pixels) sees them folded into its batch
+                rows = batch * call.image_rows("all") // image
+                picked = call.picks[(cached.block, cached.column)] = self._select(call, cached, k, rows, image, device)
+                torch._dynamo.maybe_mark_dynamic(picked, 1)  # compiled: one graph whatever the step's token count
+
+    def _forecast_weights(self, call: Call) -> None:
+        """Lagrange weights of each stored history at this step (Python floats, one per stored output)."""
+        order, step, memo = call.step_plan.forecast_order, call.branch.step, {}
+
+        def weights(history: list[tuple[int, Any]]) -> tuple[float, ...] | None:
+            steps = tuple(s for s, _ in history[-(order + 1):])
+            if len(steps) < 2:
+                return None
+            if steps not in memo:
+                memo[steps] = tuple(lagrange_weights(steps, step))
+            return memo[steps]
+
+        for key, history in call.state.history.items():
+            w = weights(history)
+            if w is not None:
+                call.weights[key] = w
+        call.stack_weights = weights(call.state.stack_history)
+
+    @torch.compiler.disable
     def end_call(self, call: Call, signature: tuple) -> None:
         self._local.call = None
         den, state = call.denoiser, call.state
         if call.counting:
             den.costs[signature] = state.costs
             state.stats.flops += state.costs.per_call
+        state.module_cache.update(call.outputs)
+        state.scores.update(call.scores)
+        self._account(call)
         state.stats.flops_uncached += state.costs.per_call
         for (_, column, _), (rows, _) in state.costs.rows.items():
             state.stats.tokens_total[den.layout.modules[column]] += rows
@@ -413,6 +501,36 @@ class DualCacheEngine:
             self.last_stats = {
                 f"{key[0]}/{key[1]}/{d}": s.stats for key, b in gen.branches.items() for d, s in b.models.items()
             }
+
+    def _account(self, call: Call) -> None:
+        """Statistics and forecast history from what the hooks did (outside any compiled region)."""
+        state, costs, stats = call.state, call.state.costs, call.state.stats
+        for event in call.events:
+            what = event[0]
+            if what == "stack":
+                if call.history and call.step_plan.is_full:
+                    _remember(state.stack_history, call.branch.step, state.stack_cache, call.history)
+                continue
+            if what == "score":
+                stats.flops += event[1]
+                stats.selection_flops += event[1]
+                continue
+            key, cached = event[1], event[2]
+            full_rows, kv_rows = costs.rows.get(key, (0, 0))
+            if what == "compute":
+                if not call.counting:
+                    stats.flops += costs.modules.get(key, 0)
+                stats.tokens_computed[cached.name] += full_rows
+                if call.history:
+                    _remember(state.history.setdefault(key, []), call.branch.step, call.outputs[key],
+                              call.history)
+            elif what == "partial":
+                computed = event[3] + call.picks[(cached.block, cached.column)].shape[1]
+                full = cached.cost.flops(event[4], full_rows, kv_rows)
+                if full:  # the measured full cost, scaled by the rows computed
+                    share = cached.cost.flops(event[4], computed, kv_rows) / full
+                    stats.flops += round(costs.modules.get(key, 0) * share)
+                stats.tokens_computed[cached.name] += computed
 
     def _new_branch(
         self, den: Denoiser, gen: Generation, args: tuple, kwargs: dict, latents: torch.Tensor
@@ -462,7 +580,7 @@ class DualCacheEngine:
         if call.step_plan.skip_blocks:
             if not is_last:
                 return _pass_through(info.spec.outputs, args, kwargs)
-            forecast = self._forecast(call, call.state.stack_history)
+            forecast = self._forecast(call.stack_weights, call.state.stack_history)
             return call.state.stack_cache if forecast is None else forecast
         call.block, call.block_calls, call.bucket = info.index, {}, ("block", info.index)
         try:
@@ -471,8 +589,7 @@ class DualCacheEngine:
             call.block, call.bucket = None, ("model",)
         if is_last:
             call.state.stack_cache = output
-            if call.history and call.recording:
-                _remember(call.state.stack_history, call.branch.step, output, call.history)
+            call.events.append(("stack",))
         return output
 
     # ---- cached modules ---------------------------------------------------------------------------
@@ -484,24 +601,24 @@ class DualCacheEngine:
         index = call.block_calls.get(cached.column, 0)
         call.block_calls[cached.column] = index + 1
         key = (cached.block, cached.column, index)
-        fraction = call.step_plan.fractions[cached.block][cached.column]
-        if call.step_plan.skip_blocks:
-            fraction = 0.0
-        cache = state.module_cache.get(key)
-        partial = 0.0 < fraction < 1.0 and cached.spec.can_partial and cached.call_kind(index) == "image"
-        if fraction >= 1.0 or cache is None or (0.0 < fraction < 1.0 and not partial):
+        action = call.actions[cached.block][cached.column]
+        if action == "compute":
             return self._compute(call, cached, key, forward, args, kwargs)
-        forecast = self._forecast(call, state.history.get(key, ()))
+        cache = state.module_cache.get(key)
+        partial = action == "partial" and cached.spec.can_partial and cached.call_kind(index) == "image"
+        if action == "compute" or cache is None or (action == "partial" and not partial):
+            return self._compute(call, cached, key, forward, args, kwargs)
+        forecast = self._forecast(call.weights.get(key), state.history.get(key, ()))
         if not partial:
             return cache if forecast is None else forecast
-        return self._recompute_rows(call, cached, key, fraction, cache, forward, args, kwargs, forecast)
+        return self._recompute_rows(call, cached, key, cache, forward, args, kwargs, forecast)
 
-    def _forecast(self, call: Call, history) -> Any:
-        """The step's extrapolated output, or None where the step reuses as is (or too little is stored)."""
-        order = call.step_plan.forecast_order
-        if not order or len(history) < 2:
+    @staticmethod
+    def _forecast(weights: tuple[float, ...] | None, history) -> Any:
+        """The step's extrapolated output (weights from begin_call), or None where the step reuses as is."""
+        if weights is None:
             return None
-        return extrapolate(history, call.branch.step, order)
+        return combine([entry[1] for entry in history[-len(weights):]], weights)
 
     def _compute(self, call: Call, cached: CachedModule, key: tuple, forward, args: tuple, kwargs: dict):
         state = call.state
@@ -515,19 +632,14 @@ class DualCacheEngine:
             state.costs.rows[key] = (hidden.shape[1], _kv_rows(hidden, kwargs))
         else:
             output = forward(*args, **kwargs)
-            state.stats.flops += state.costs.modules.get(key, 0)
-        state.module_cache[key] = output
-        if call.history:
-            _remember(state.history.setdefault(key, []), call.branch.step, output, call.history)
-        rows = state.costs.rows.get(key, (0, 0))[0]
-        state.stats.tokens_computed[cached.name] += rows
+        call.outputs[key] = output
+        call.events.append(("compute", key, cached))
         return output
 
-    def _recompute_rows(self, call: Call, cached: CachedModule, key: tuple, fraction: float, cache: torch.Tensor,
+    def _recompute_rows(self, call: Call, cached: CachedModule, key: tuple, cache: torch.Tensor,
                         forward, args: tuple, kwargs: dict, forecast: torch.Tensor | None = None):
         """Recompute the selected rows and write them into the cache (or, when forecasting, into this
         step's forecast, leaving the stored full computations as they are)."""
-        state = call.state
         hidden = _hidden(args, kwargs)
         batch, rows = hidden.shape[0], hidden.shape[1]
         image = call.image_rows(cached.grid)
@@ -537,40 +649,39 @@ class DualCacheEngine:
                 f"dual cache: {cached.name} of block {cached.block} sees {rows} rows but the token grid "
                 f"{call.branch.grid} ({cached.grid}) has {image} image tokens; the adapter's layout is wrong"
             )
-        k = num_fresh_tokens(fraction, image)
         if forecast is not None:
             cache = forecast
         elif call.history:  # the cached tensor is also the newest stored full computation: keep that intact
-            cache = state.module_cache[key] = cache.clone()
-        if k == 0:
+            cache = call.outputs[key] = cache.clone()
+        picked = call.picks.get((cached.block, cached.column))  # (batch, k) image rows, chosen in begin_call
+        if picked is None:  # no row to recompute at this step
             return cache
-        picked = self._select(call, cached, k, batch, image, hidden.device)  # (batch, k) image-row indices
         if text:
             text_index = torch.arange(text, device=hidden.device).expand(batch, text)
             if cached.spec.text_rows == "first":
                 picked = torch.cat([text_index, picked + text], dim=1)
             else:
                 picked = torch.cat([picked, text_index + image], dim=1)
-        gathered = hidden.gather(1, picked.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        # rows of the flattened (batch * rows) matrix: one index_select / index_copy_ instead of expand + gather
+        flat = (picked + torch.arange(batch, device=picked.device).unsqueeze(1) * rows).reshape(-1)
+        gathered = hidden.reshape(batch * rows, -1).index_select(0, flat).view(batch, picked.shape[1], -1)
         rest, kwargs = (args[1:], dict(kwargs)) if args else ((), dict(kwargs))
         kwargs.pop("hidden_states", None)
         if cached.spec.role == "self_attention":
             kwargs["encoder_hidden_states"] = hidden  # selected queries against all keys / values
         fresh = forward(gathered, *rest, **kwargs)
-        scatter_index = picked.unsqueeze(-1).expand(-1, -1, cache.shape[-1])
+        fresh = fresh.to(cache.dtype).reshape(flat.shape[0], -1)
         if torch.is_grad_enabled():  # keep autograd's saved tensors intact
-            cache = cache.scatter(1, scatter_index, fresh.to(cache.dtype))
+            cache = cache.reshape(batch * rows, -1).index_copy(0, flat, fresh).view(cache.shape)
             if forecast is None:
-                state.module_cache[key] = cache
+                call.outputs[key] = cache
         else:
-            cache.scatter_(1, scatter_index, fresh.to(cache.dtype))
-        computed = picked.shape[1]
-        full_rows, kv_rows = state.costs.rows.get(key, (rows, 0))
-        full = cached.cost.flops(batch, full_rows, kv_rows)
-        if full:  # the measured full cost, scaled by the rows computed
-            share = cached.cost.flops(batch, computed, kv_rows) / full
-            state.stats.flops += round(state.costs.modules.get(key, 0) * share)
-        state.stats.tokens_computed[cached.name] += computed
+            if not cache.is_contiguous():
+                cache = cache.contiguous()
+                if forecast is None:
+                    call.outputs[key] = cache
+            cache.view(batch * rows, -1).index_copy_(0, flat, fresh)
+        call.events.append(("partial", key, cached, text, batch))
         return cache
 
     def _select(self, call: Call, cached: CachedModule, k: int, batch: int, tokens: int, device) -> torch.Tensor:
@@ -631,24 +742,22 @@ class DualCacheEngine:
         call = self._recording_call(block)
         if call is not None:
             value = _image_rows(value, call.image_rows(call.denoiser.infos[block].spec.grid), text_rows)
-            call.state.scores[block] = vnorm_score(value, heads, call.branch.paired and value.shape[0] % 2 == 0)
+            call.scores[block] = vnorm_score(value, heads, call.branch.paired and value.shape[0] % 2 == 0)
 
     def record_query(self, block: int, query: torch.Tensor, text_rows: str) -> None:
         call = self._recording_call(block)
         if call is not None:
-            call.state.query[block] = _image_rows(query, call.image_rows(call.denoiser.infos[block].spec.grid),
+            call.queries[block] = _image_rows(query, call.image_rows(call.denoiser.infos[block].spec.grid),
                                                   text_rows)
 
     def record_key(self, block: int, key: torch.Tensor, heads: int, text_rows: str) -> None:
         call = self._recording_call(block)
-        if call is None or block not in call.state.query:
+        if call is None or block not in call.queries:
             return
-        query = call.state.query.pop(block)
+        query = call.queries.pop(block)
         key = _image_rows(key, call.image_rows(call.denoiser.infos[block].spec.grid), text_rows)
-        call.state.scores[block] = attention_score(query, key, heads, call.branch.paired and key.shape[0] % 2 == 0)
-        extra = attention_score_flops(query.shape[0], query.shape[1], query.shape[2])
-        call.state.stats.flops += extra
-        call.state.stats.selection_flops += extra
+        call.scores[block] = attention_score(query, key, heads, call.branch.paired and key.shape[0] % 2 == 0)
+        call.events.append(("score", attention_score_flops(query.shape[0], query.shape[1], query.shape[2])))
 
     # ---- FLOPs of the counting call -----------------------------------------------------------------
     def add_counted_flops(self, flops: int) -> None:
@@ -702,21 +811,23 @@ class DenoiserHook(ModelHook):
         super().__init__()
         self.engine, self.d_index = engine, d_index
 
+    @functools.partial(torch.compiler.disable, recursive=False)
     def new_forward(self, module, *args, **kwargs):
-        call = self.engine.begin_call(self.d_index, args, kwargs)
-        latents = call.denoiser.adapter.hidden_states(args, kwargs)
-        signature = (tuple(latents.shape), latents.dtype, latents.device)
+        # Never traced (recursive=False): under torch.compile the engine's per-step decisions run here, in
+        # Python, and the model's own forward below is compiled as its own frame, hooks of blocks and modules
+        # included; those read only the step's actions, the chosen rows and tensors (see Call).
         try:
-            if call.counting:
+            call = self.engine.begin_call(self.d_index, args, kwargs)
+            if call.counting:  # the FLOPs recorder is a dispatch mode: this one call runs eagerly
                 with _FlopRecorder(self.engine):
-                    output = self.fn_ref.original_forward(*args, **kwargs)
+                    output = torch.compiler.disable(self.fn_ref.original_forward)(*args, **kwargs)
             else:
                 output = self.fn_ref.original_forward(*args, **kwargs)
         except BaseException:
             self.engine._local.call = None
             self.engine.reset()  # an interrupted generation leaves nothing half-done behind
             raise
-        self.engine.end_call(call, signature)
+        self.engine.end_call(call, call.signature)
         return output
 
 
