@@ -124,6 +124,8 @@ class Denoiser:
         self.plans: dict[int, CachePlan] = {}
         self.costs: dict[tuple, Costs] = {}
         self._actions: dict[int, tuple[StepPlan, tuple[tuple[str, ...], ...]]] = {}
+        self._history: dict[int, tuple[CachePlan, int]] = {}
+        self._unread: dict[int, tuple[bool, ...]] = {}
         self._scored: dict[int, tuple[bool, ...]] = {}  # per plan (by step count): full steps that record scores
         self.value_modules: dict[int, tuple[torch.nn.Module, torch.nn.Module, str]] = {}  # block -> (to_v, attn, rows)
         for info in self.infos:
@@ -137,6 +139,14 @@ class Denoiser:
         if num_steps not in self.plans:
             self.plans[num_steps] = self.config.build_plan(num_steps, self.layout)
         return self.plans[num_steps]
+
+    def history_length(self, plan: CachePlan) -> int:
+        """Full computations to keep per output (max forecast order + 1; 0 = none), once per plan."""
+        entry = self._history.get(id(plan))
+        if entry is None or entry[0] is not plan:
+            order = plan.max_forecast_order
+            entry = self._history[id(plan)] = (plan, order + 1 if order else 0)
+        return entry[1]
 
     def actions(self, step_plan: StepPlan) -> tuple[tuple[str, ...], ...]:
         """The step's action per block and module column ("compute", "partial", "reuse"), memoized.
@@ -167,6 +177,22 @@ class Denoiser:
                     needed = True
             self._scored[num_steps] = tuple(reversed(out))
         return self._scored[num_steps]
+
+    def unread_steps(self, num_steps: int) -> tuple[bool, ...]:
+        """Per step: a full step whose outputs no later step reads (the next step is full too, and nothing
+        forecasts from stored computations). These run the stock forward with nothing stored, so interval=1
+        costs what stock does."""
+        if num_steps not in self._unread:
+            plan = self.plan(num_steps)
+            steps, forecasting = plan.steps, self.history_length(plan) > 0
+            later_cached = [not step.is_full for step in steps]
+            for i in range(len(steps) - 2, -1, -1):
+                later_cached[i] = later_cached[i] or later_cached[i + 1]
+            self._unread[num_steps] = tuple(
+                step.is_full and (i + 1 == len(steps) or steps[i + 1].is_full)
+                and not (forecasting and i + 1 < len(steps) and later_cached[i + 1])
+                for i, step in enumerate(steps))
+        return self._unread[num_steps]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,6 +256,7 @@ class Call:
     counting: bool  # first call for this input shape: FLOPs are being recorded
     history: int = 0  # full computations to keep per output (max forecast order + 1; 0 = none)
     signature: tuple = ()  # (shape, dtype, device) of the latents: the key of the recorded costs
+    passthrough: bool = False  # a full step nothing later reads: blocks and modules run as stock, nothing stored
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
     # Decided before the denoiser runs (outside any compiled region), read by the block and module hooks:
     actions: tuple[tuple[str, ...], ...] = ()  # per block and module column (Denoiser.actions)
@@ -424,16 +451,19 @@ class DualCacheEngine:
         signature = (tuple(latents.shape), latents.dtype, latents.device)
         costs = den.costs.get(signature)
         plan = den.plan(branch.plan_steps)
-        step_plan = plan.steps[branch.step] if state.primed else plan.steps[0]  # nothing cached yet: full
+        primed = state.primed
+        step_plan = plan.steps[branch.step] if primed else plan.steps[0]  # nothing cached yet: full
         if step_plan.skip_blocks and state.stack_cache is None:
             # the last block never ran in this branch (SD3's skip-layer guidance can skip it): reuse every
             # module instead of skipping the stack, since there is no stack output to stand in
             step_plan = dataclasses.replace(step_plan, skip_blocks=False, kind="reuse")
         state.primed = True
-        keep = plan.max_forecast_order + 1 if plan.max_forecast_order else 0
-        recording = step_plan.is_full and den.scored_steps(branch.plan_steps)[branch.step]
+        keep = den.history_length(plan)
+        # plan-derived flags hold for the plan's own step; a denoiser priming mid-generation records and stores
+        recording = step_plan.is_full and (not primed or den.scored_steps(branch.plan_steps)[branch.step])
+        passthrough = primed and costs is not None and den.unread_steps(branch.plan_steps)[branch.step]
         call = Call(den, branch, state, step_plan, recording=recording, counting=costs is None, history=keep,
-                    actions=den.actions(step_plan), signature=signature)
+                    actions=den.actions(step_plan), signature=signature, passthrough=passthrough)
         state.costs = costs if costs is not None else Costs()
         state.stats.step_kinds.append(step_plan.kind)
         state.stats.num_calls += 1
@@ -505,6 +535,10 @@ class DualCacheEngine:
     def _account(self, call: Call) -> None:
         """Statistics and forecast history from what the hooks did (outside any compiled region)."""
         state, costs, stats = call.state, call.state.costs, call.state.stats
+        if call.passthrough:  # every module ran whole, as at the counting call
+            stats.flops += sum(costs.modules.values())
+            for (_, column, _), (rows, _) in costs.rows.items():
+                stats.tokens_computed[call.denoiser.layout.modules[column]] += rows
         for event in call.events:
             what = event[0]
             if what == "stack":
@@ -575,7 +609,7 @@ class DualCacheEngine:
     # ---- blocks -----------------------------------------------------------------------------------
     def run_block(self, info: BlockInfo, is_last: bool, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
         call = self.current_call()
-        if call is None:
+        if call is None or call.passthrough:
             return forward(*args, **kwargs)
         if call.step_plan.skip_blocks:
             if not is_last:
@@ -595,7 +629,7 @@ class DualCacheEngine:
     # ---- cached modules ---------------------------------------------------------------------------
     def run_module(self, cached: CachedModule, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
         call = self.current_call()
-        if call is None or call.block != cached.block:
+        if call is None or call.passthrough or call.block != cached.block:
             return forward(*args, **kwargs)
         state = call.state
         index = call.block_calls.get(cached.column, 0)
