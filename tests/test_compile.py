@@ -17,6 +17,7 @@ from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
 
 from dualcache_diffusers import cache_stats, enable_dual_cache
+from dualcache_diffusers.api import get_engine
 
 STEPS = 7
 
@@ -61,3 +62,20 @@ def test_compiled_cached_generation_breaks_only_outside_the_model_and_never_reco
     assert backend.frame_count == graphs and counters["stats"]["unique_graphs"] == unique
     np.testing.assert_allclose(first, eager, atol=1e-5)
     np.testing.assert_allclose(second, eager, atol=1e-5)
+
+
+def test_interval_one_runs_stock_blocks_and_still_counts_every_flop():
+    """Full steps no later step reads skip the engine's block and module work (nothing is stored after the first
+    step), and the statistics still count every module as computed."""
+    pipe = tiny_dit_pipeline(num_layers=2)
+    stock = _generate(pipe)
+    enable_dual_cache(pipe, "duca", interval=1)
+    engine = get_engine(pipe)
+    calls = []
+    original = engine._compute
+    engine._compute = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    assert np.array_equal(_generate(pipe), stock)
+    stats = cache_stats(pipe)
+    assert len(calls) == 4  # the first step only (2 blocks x 2 modules): it primes the caches
+    assert stats.flops == stats.flops_uncached > 0
+    assert stats.tokens_total and all(stats.token_fraction(m) == 1.0 for m in stats.tokens_total)
