@@ -31,6 +31,7 @@ Random weights prove the mechanics and the cost, never quality.
     python benchmarks/speed.py --size cpu --models dit pixart-sigma flux wan-1.3b --repeats 2  # CPU variant
     python benchmarks/speed.py --models pixart-sigma flux wan-1.3b --device cuda --dtype bfloat16 --sdpa flash
     python benchmarks/speed.py --layers 4 --width 256 --heads 4 --repeats 2   # a quick DiT smoke run
+    python benchmarks/speed.py --overhead --size cpu --layers 4 --latent-size 16 --steps 10 --repeats 7  # overhead
 """
 
 from __future__ import annotations
@@ -361,6 +362,49 @@ def markdown(bench: Bench, rows: list[dict], args: argparse.Namespace) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def overhead(args: argparse.Namespace) -> str:
+    """The engine's cost where it saves nothing: stock vs cache enabled at interval=1 (every step full) vs
+    enabled then disabled (the hooks removed), interleaved. Wall time and this process's CPU time (steadier on
+    a shared machine with one thread); the per-call difference is the engine's Python work per denoiser call."""
+    benches = {name: dit_bench(args) for name in ("stock", "interval=1", "disabled")}  # same seed: same weights
+    enable_dual_cache(benches["interval=1"].pipe, "duca", interval=1)
+    enable_dual_cache(benches["disabled"].pipe, "duca", interval=1)
+    timed_call(benches["disabled"], args)
+    disable_dual_cache(benches["disabled"].pipe)
+
+    def run(bench: Bench) -> tuple[float, float]:
+        cpu = time.process_time()
+        wall = timed_call(bench, args)
+        return wall, time.process_time() - cpu
+
+    for bench in benches.values():  # warm-up (and the engine's one FLOPs-counting call, at its first call)
+        run(bench)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in benches}
+    for _ in range(args.repeats):
+        for name, bench in benches.items():
+            times[name].append(run(bench))
+    calls = args.steps  # CFG halves share one batched call per step
+    base = [statistics.median(t[i] for t in times["stock"]) for i in (0, 1)]
+    size = args.dit_size
+    tokens = (size["latent_size"] // 2) ** 2
+    lines = [
+        f"engine overhead: DiT {size['layers']} blocks, width {size['width']}, {tokens} tokens, "
+        f"{args.steps} steps, batch {args.batch} x CFG, {args.device} {args.dtype}, "
+        f"torch threads {torch.get_num_threads()}, {args.repeats} interleaved runs: median, and the minimum "
+        "(steadier where other processes share the machine)\n",
+        "| setting | wall s | wall vs stock | CPU s | CPU vs stock | min CPU s | min CPU vs stock "
+        "| min CPU ms per call vs stock |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best = min(t[1] for t in times["stock"])
+    for name, ts in times.items():
+        wall, cpu = (statistics.median(t[i] for t in ts) for i in (0, 1))
+        low = min(t[1] for t in ts)
+        lines.append(f"| {name} | {wall:.3f} | {wall / base[0] - 1:+.2%} | {cpu:.3f} | {cpu / base[1] - 1:+.2%} "
+                     f"| {low:.3f} | {low / best - 1:+.2%} | {(low - best) / calls * 1e3:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["dit"], choices=list(MODELS))
@@ -380,7 +424,13 @@ def main() -> None:
     parser.add_argument("--sdpa", default=None, choices=list(SDPA_BACKENDS), help="pin the attention kernel")
     parser.add_argument("--compile", action="store_true", help="time the compiled transformer (FLOPs: eager)")
     parser.add_argument("--out", type=Path, default=None, help="write the tables (.md) and raw rows (.json) here")
+    parser.add_argument("--overhead", action="store_true",
+                        help="only measure the engine's overhead (DiT): stock vs interval=1 (every step full) vs "
+                             "disabled")
     args = parser.parse_args()
+    if args.overhead:
+        print(overhead(args))
+        return
     if "uncached" not in args.methods:
         args.methods = ["uncached", *args.methods]
     tables, everything = [], []

@@ -103,7 +103,7 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
     ).eval()
 
 
-def tiny_dit_pipeline(seed: int = 0, num_layers: int = 2) -> DiTPipeline:
+def tiny_dit_pipeline(seed: int = 0, num_layers: int = 2, sample_size: int = TINY_SAMPLE_SIZE) -> DiTPipeline:
     """A class-conditional `DiTPipeline` with a `num_layers`-block `DiTTransformer2DModel` (hidden size 16).
 
     `num_embeds_ada_norm` is 1000 because the pipeline uses class id 1000 as the null class for guidance.
@@ -116,7 +116,7 @@ def tiny_dit_pipeline(seed: int = 0, num_layers: int = 2) -> DiTPipeline:
         in_channels=4,
         out_channels=8,
         num_layers=num_layers,
-        sample_size=TINY_SAMPLE_SIZE,
+        sample_size=sample_size,
         patch_size=2,
         num_embeds_ada_norm=1000,
         norm_num_groups=4,

@@ -46,9 +46,9 @@ from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .budget import CostModel
 from .cache_storage import CacheStorage
 from .config import DualCacheConfig
-from .forecast import extrapolate, weighted
+from .forecast import combine, lagrange_weights
 from .partial_attention import joint_flops, rotary_partial_attention
-from .plan import CachePlan, PlanLayout, StepPlan, full_plan, num_fresh_tokens
+from .plan import CachePlan, PlanLayout, StepPlan, action_of, full_plan, num_fresh_tokens
 from .selection import (
     ERROR_SELECTIONS,
     attention_score,
@@ -122,6 +122,8 @@ class Denoiser:
         ]
         self.plans: dict[int, CachePlan] = {}
         self.costs: dict[tuple, Costs] = {}
+        self._actions: dict[int, tuple[StepPlan, tuple[tuple[str, ...], ...]]] = {}
+        self._steps: dict[tuple[int, bool], tuple[CachePlan, PlanSteps]] = {}  # per plan: derived per-step flags
         self.value_modules: dict[int, tuple[torch.nn.Module, torch.nn.Module, str]] = {}  # block -> (to_v, attn, rows)
         for info in self.infos:
             if info.spec.value:
@@ -153,6 +155,63 @@ class Denoiser:
             cost = CostModel.from_engine(costs, self.modules, image_rows)
             self.plans[key] = self.config.build_plan(num_steps, self.layout, cost)
         return self.plans[key]
+
+    def actions(self, step_plan: StepPlan) -> tuple[tuple[str, ...], ...]:
+        """The step's action per block and module column ("compute", "partial", "reuse"), memoized.
+
+        Compiled regions read these strings, never the fractions: steps of one kind share one set of
+        guards whatever their token counts (those reach the graph only as index tensor shapes).
+        """
+        entry = self._actions.get(id(step_plan))
+        if entry is None or entry[0] is not step_plan:
+            actions = tuple(tuple("reuse" if step_plan.skip_blocks else action_of(f).value for f in row)
+                            for row in step_plan.fractions)
+            entry = self._actions[id(step_plan)] = (step_plan, actions)
+        return entry[1]
+
+    def steps_of(self, plan: CachePlan, error_selection: bool) -> PlanSteps:
+        """What a plan implies per step (history length, scored and unread full steps), once per plan."""
+        entry = self._steps.get((id(plan), error_selection))
+        if entry is None or entry[0] is not plan:
+            entry = self._steps[(id(plan), error_selection)] = (plan, PlanSteps.of(plan, error_selection))
+        return entry[1]
+
+
+@dataclass(frozen=True)
+class PlanSteps:
+    """Per-plan facts the engine reads at every call (derived once; see :meth:`Denoiser.steps_of`)."""
+
+    history: int  # full computations to keep per output (0 = none)
+    error_order: int  # order of the forecast whose error full steps measure (forecast-error selection)
+    forecasts_stack: bool  # some step forecasts the skipped stack: keep its past outputs
+    scored: tuple[bool, ...]  # full steps whose token scores a later partial step reads
+    unread: tuple[bool, ...]  # full steps whose outputs nothing later reads: run as stock, nothing stored
+
+    @classmethod
+    def of(cls, plan: CachePlan, error_selection: bool) -> PlanSteps:
+        steps, history = plan.steps, plan.history_length
+        # scored: before the next full step, some partial step selects rows from this full step's scores
+        # (forecast-error selection also reads the errors measured at that full step)
+        scored, needed = [], False
+        for step in reversed(steps):
+            scored.append(step.is_full and needed)
+            if step.is_full:
+                needed = False
+            if any(0.0 < f < 1.0 for row in step.fractions for f in row) and not step.skip_blocks:
+                needed = True
+        scored.reverse()
+        # unread: the next step is full too, nothing forecasts from stored computations, and (forecast-error
+        # selection) the next step does not measure its error against what this one would store
+        later_cached = [not step.is_full for step in steps]
+        for i in range(len(steps) - 2, -1, -1):
+            later_cached[i] = later_cached[i] or later_cached[i + 1]
+        last = len(steps) - 1
+        unread = tuple(
+            step.is_full and (i == last or steps[i + 1].is_full)
+            and not (history and i < last and later_cached[i + 1])
+            and not (error_selection and i < last and scored[i + 1])
+            for i, step in enumerate(steps))
+        return cls(history, plan.max_forecast_order, plan.forecasts_stack, tuple(scored), unread)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,13 +287,29 @@ class Call:
     branch: BranchState
     state: ModelState
     step_plan: StepPlan
-    recording: bool  # full step that records token scores
+    recording: bool  # full step that records token scores (a later partial step reads them)
     counting: bool  # first call for this input shape: FLOPs are being recorded
     history: int = 0  # full computations to keep per output (max forecast order + 1; 0 = none)
     signature: tuple = ()  # what the call's FLOPs depend on (input shape and branch): key of its Costs
     error_order: int = 0  # order of the forecast whose error full steps measure (forecast-error selection)
     stack_history: bool = False  # the plan forecasts the skipped stack: keep its past outputs
+    passthrough: bool = False  # a full step nothing later reads: blocks and modules run as stock, nothing stored
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
+    # Decided before the denoiser runs (outside any compiled region), read by the block and module hooks:
+    actions: tuple[tuple[str, ...], ...] = ()  # per block and module column (Denoiser.actions)
+    picks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (block, column) -> (B, k) rows
+    weights: dict[tuple[int, int, int], tuple[float, ...]] = field(default_factory=dict)  # forecast weights
+    stack_weights: tuple[float, ...] | None = None
+    error_weights: dict[tuple[int, int, int], tuple[float, ...]] = field(default_factory=dict)  # error forecasts
+    # What the hooks did, turned into statistics, caches and forecast history after the call (end_call).
+    # Written to these fresh containers rather than the state's, so that a compiled model guards on
+    # nothing that grows during a generation:
+    events: list[tuple] = field(default_factory=list)
+    outputs: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # new module cache entries
+    anchors: dict[tuple[int, int, int], tuple[int, Any]] = field(default_factory=dict)  # re-anchored outputs
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # token scores recorded at this step
+    errors: dict[int, torch.Tensor] = field(default_factory=dict)  # forecast errors measured at this step
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # attention scorer: queries until keys come
     block: int | None = None
     block_calls: dict[int, int] = field(default_factory=dict)
     bucket: tuple = ("model",)
@@ -382,6 +457,7 @@ class DualCacheEngine:
             gen.calls_at_timestep += 1
         return name, batch
 
+    @torch.compiler.disable
     def begin_call(self, d_index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         den = self.denoisers[d_index]
         latents = den.adapter.hidden_states(args, kwargs)
@@ -407,15 +483,20 @@ class DualCacheEngine:
         signature = (tuple(latents.shape), latents.dtype, latents.device, key)
         costs = den.costs.get(signature)
         plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch))
-        step_plan = plan.steps[branch.step] if state.primed else plan.steps[0]  # nothing cached yet: full
+        primed = state.primed
+        step_plan = plan.steps[branch.step] if primed else plan.steps[0]  # nothing cached yet: full
         if step_plan.skip_blocks and state.stack_cache is None:
             # the last block never ran in this branch (SD3's skip-layer guidance can skip it): reuse every
             # module instead of skipping the stack, since there is no stack output to stand in
             step_plan = dataclasses.replace(step_plan, skip_blocks=False, kind="reuse")
         state.primed = True
-        call = Call(den, branch, state, step_plan, recording=step_plan.is_full, counting=costs is None,
-                    history=plan.history_length, error_order=plan.max_forecast_order,
-                    stack_history=plan.forecasts_stack, signature=signature)
+        facts = den.steps_of(plan, self.selection in ERROR_SELECTIONS)
+        # plan-derived flags hold for the plan's own step; a denoiser priming mid-generation records and stores
+        recording = step_plan.is_full and (not primed or facts.scored[branch.step])
+        passthrough = primed and costs is not None and facts.unread[branch.step]
+        call = Call(den, branch, state, step_plan, recording=recording, counting=costs is None,
+                    history=facts.history, error_order=facts.error_order, stack_history=facts.forecasts_stack,
+                    signature=signature, passthrough=passthrough, actions=den.actions(step_plan))
         state.costs = costs if costs is not None else Costs()
         state.stats.step_kinds.append(step_plan.kind)
         state.stats.num_calls += 1
@@ -427,14 +508,78 @@ class DualCacheEngine:
             if not step_plan.skip_blocks:
                 state.stats.flops += sum(costs.blocks.values())
         self._local.call = call
+        if not step_plan.is_full:  # this step's rows and forecast weights, chosen before the denoiser runs
+            self._select_rows(call, latents.shape[0], latents.device)
+            if step_plan.forecast_order:
+                self._forecast_weights(call)
+        elif call.recording and self.selection in ERROR_SELECTIONS:
+            self._error_weights(call)
         return call
 
+    def _select_rows(self, call: Call, batch: int, device: torch.device) -> None:
+        """Choose the rows of every partial module of this step, before the denoiser runs."""
+        fractions = call.step_plan.fractions
+        for _, cached in call.denoiser.modules:
+            if (call.actions[cached.block][cached.column] != "partial" or not cached.spec.can_partial
+                    or "image" not in cached.spec.calls):
+                continue
+            image = call.image_rows(cached.grid)
+            k = num_fresh_tokens(fractions[cached.block][cached.column], image)
+            if k:  # a block over part of the grid (a video's frames or pixels) sees them folded into its batch
+                rows = batch * call.image_rows("all") // image
+                picked = call.picks[(cached.block, cached.column)] = self._select(call, cached, k, rows, image, device)
+                torch._dynamo.maybe_mark_dynamic(picked, 1)  # compiled: one graph whatever the step's token count
+
+    def _forecast_weights(self, call: Call) -> None:
+        """Forecast weights of each stored history at this step (Python floats, one per stored output used):
+        the plan's learned weights where it has them and enough is stored, else Lagrange extrapolation."""
+        order, step, memo = call.step_plan.forecast_order, call.branch.step, {}
+        learned = call.step_plan.forecast_weights
+
+        def weights(history: list[tuple[int, Any]]) -> tuple[float, ...] | None:
+            if len(history) < 2:
+                return None
+            if learned is not None and len(history) >= len(learned):  # learned weights (forecast_fit)
+                return learned
+            steps = tuple(s for s, _ in history[-(order + 1):])
+            if steps not in memo:
+                memo[steps] = tuple(lagrange_weights(steps, step))
+            return memo[steps]
+
+        state = call.state
+        for key in state.history:
+            w = weights(_anchored(state, key))
+            if w is not None:
+                call.weights[key] = w
+        call.stack_weights = weights(state.stack_history)
+
+    def _error_weights(self, call: Call) -> None:
+        """At a full step measuring forecast errors: the Lagrange weights (order ``call.error_order``) of the
+        forecast each module's output is compared with (none: compared with the cached output)."""
+        if not call.error_order:
+            return
+        state, step, memo = call.state, call.branch.step, {}
+        for key in state.history:
+            history = _anchored(state, key)
+            if len(history) >= 2:
+                steps = tuple(s for s, _ in history[-(call.error_order + 1):])
+                if steps not in memo:
+                    memo[steps] = tuple(lagrange_weights(steps, step))
+                call.error_weights[key] = memo[steps]
+
+    @torch.compiler.disable
     def end_call(self, call: Call, signature: tuple) -> None:
         self._local.call = None
         den, state = call.denoiser, call.state
         if call.counting:
             den.costs[signature] = state.costs
             state.stats.flops += state.costs.per_call
+        for key, output in call.outputs.items():
+            state.module_cache[key] = self.storage.put(output)
+        state.anchors.update(call.anchors)
+        state.scores.update(call.scores)
+        state.forecast_errors.update(call.errors)
+        self._account(call)
         state.stats.flops_uncached += state.costs.per_call
         for (_, column, _), (rows, _) in state.costs.rows.items():
             state.stats.tokens_total[den.layout.modules[column]] += rows
@@ -448,6 +593,46 @@ class DualCacheEngine:
             self.last_stats = {
                 f"{key[0]}/{key[1]}/{d}": s.stats for key, b in gen.branches.items() for d, s in b.models.items()
             }
+
+    def _account(self, call: Call) -> None:
+        """Statistics and forecast history from what the hooks did (outside any compiled region)."""
+        state, costs, stats = call.state, call.state.costs, call.state.stats
+        if call.passthrough:  # every module ran whole, as at the counting call
+            stats.flops += sum(costs.modules.values())
+            for (_, column, _), (rows, _) in costs.rows.items():
+                stats.tokens_computed[call.denoiser.layout.modules[column]] += rows
+        for event in call.events:
+            what = event[0]
+            if what == "stack":
+                if call.history and call.step_plan.is_full and call.stack_history:
+                    # (not re-anchored at conservative steps: forecasting the skipped stack from a conservative
+                    # step's output, itself mostly forecast, lost 0.2-2 dB; docs/methods.md)
+                    _remember(state.stack_history, call.branch.step, state.stack_cache, call.history)
+                continue
+            if what == "score":
+                stats.flops += event[1]
+                stats.selection_flops += event[1]
+                continue
+            key, cached = event[1], event[2]
+            if what == "compute":
+                if not call.counting:
+                    stats.flops += costs.modules.get(key, 0)
+                stats.tokens_computed[cached.name] += costs.rows.get(key, (0, 0))[0]
+                if call.history:
+                    _remember(state.history.setdefault(key, []), call.branch.step, state.module_cache[key],
+                              call.history)
+                    state.anchors.pop(key, None)
+            elif what == "partial":
+                _, _, _, batch, rows, computed, joint_text = event
+                full_rows, kv_rows = costs.rows.get(key, (rows, 0))
+                if joint_text is not None:
+                    module = module_of(call, cached)
+                    full, part = (joint_flops(module, q, rows, joint_text) for q in (full_rows, computed))
+                else:
+                    full, part = (cached.cost.flops(batch, q, kv_rows) for q in (full_rows, computed))
+                if full:  # the measured full cost, scaled by the rows computed
+                    stats.flops += round(costs.modules.get(key, 0) * part / full)
+                stats.tokens_computed[cached.name] += computed
 
     def _new_branch(
         self, den: Denoiser, gen: Generation, args: tuple, kwargs: dict, latents: torch.Tensor
@@ -493,13 +678,13 @@ class DualCacheEngine:
     # ---- blocks -----------------------------------------------------------------------------------
     def run_block(self, info: BlockInfo, is_last: bool, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
         call = self.current_call()
-        if call is None:
+        if call is None or call.passthrough:
             return forward(*args, **kwargs)
         if call.step_plan.skip_blocks:
             if not is_last:
                 return _pass_through(info.spec.outputs, args, kwargs)
             device = _hidden(args, kwargs).device
-            forecast = self._forecast(call, call.state.stack_history, device)
+            forecast = self._forecast(call, call.stack_weights, call.state.stack_history, device)
             return self._load(call.state, call.state.stack_cache, device) if forecast is None else forecast
         call.block, call.block_calls, call.bucket = info.index, {}, ("block", info.index)
         if self.storage.offloads and not call.step_plan.is_full:  # the next block's caches, one block ahead
@@ -510,46 +695,39 @@ class DualCacheEngine:
             call.block, call.bucket = None, ("model",)
         if is_last:
             call.state.stack_cache = self.storage.put(output)
-            if call.history and call.recording and call.stack_history:
-                # (not re-anchored at conservative steps: forecasting the skipped stack from a conservative
-                # step's output, itself mostly forecast, lost 0.2-2 dB; docs/methods.md)
-                _remember(call.state.stack_history, call.branch.step, call.state.stack_cache, call.history)
+            call.events.append(("stack",))
         return output
 
     # ---- cached modules ---------------------------------------------------------------------------
     def run_module(self, cached: CachedModule, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
         call = self.current_call()
-        if call is None or call.block != cached.block:
+        if call is None or call.passthrough or call.block != cached.block:
             return forward(*args, **kwargs)
         state = call.state
         index = call.block_calls.get(cached.column, 0)
         call.block_calls[cached.column] = index + 1
         key = (cached.block, cached.column, index)
-        fraction = call.step_plan.fractions[cached.block][cached.column]
-        if call.step_plan.skip_blocks:
-            fraction = 0.0
+        action = call.actions[cached.block][cached.column]
+        if action == "compute":
+            return self._compute(call, cached, key, forward, args, kwargs)
         cache = state.module_cache.get(key)
-        partial = 0.0 < fraction < 1.0 and cached.spec.can_partial and cached.call_kind(index) == "image"
-        if fraction >= 1.0 or cache is None or (0.0 < fraction < 1.0 and not partial):
+        partial = action == "partial" and cached.spec.can_partial and cached.call_kind(index) == "image"
+        if cache is None or (action == "partial" and not partial):
             return self._compute(call, cached, key, forward, args, kwargs)
         device = _hidden(args, kwargs).device
-        forecast = self._forecast(call, _anchored(state, key), device)
+        forecast = self._forecast(call, call.weights.get(key), _anchored(state, key), device)
         if forecast is None:
             cache = self._load(state, cache, device)
         if not partial:
             return cache if forecast is None else forecast
-        return self._recompute_rows(call, cached, key, fraction, cache, forward, args, kwargs, forecast)
+        return self._recompute_rows(call, cached, key, cache, forward, args, kwargs, forecast)
 
-    def _forecast(self, call: Call, history, device: torch.device) -> Any:
-        """The step's forecast output (the plan's learned weights where it has them and enough is stored,
-        else Lagrange extrapolation), or None where the step reuses as is (or too little is stored)."""
-        order = call.step_plan.forecast_order
-        if not order or len(history) < 2:
+    def _forecast(self, call: Call, weights: tuple[float, ...] | None, history, device: torch.device) -> Any:
+        """The step's forecast output from the weights chosen in begin_call (the plan's learned weights or
+        Lagrange extrapolation), or None where the step reuses as is (or too little is stored)."""
+        if weights is None:
             return None
-        weights = call.step_plan.forecast_weights
-        if weights is not None and len(history) >= len(weights):  # learned weights (forecast_fit)
-            return weighted(self._loaded(call.state, history[-len(weights):], device), weights)
-        return extrapolate(self._loaded(call.state, history[-(order + 1):], device), call.branch.step, order)
+        return combine([v for _, v in self._loaded(call.state, history[-len(weights):], device)], weights)
 
     def _loaded(self, state: ModelState, points, device: torch.device) -> list[tuple[int, Any]]:
         return [(step, self._load(state, value, device)) for step, value in points]
@@ -598,11 +776,10 @@ class DualCacheEngine:
     def _record_forecast_error(self, call: Call, cached: CachedModule, key: tuple, output: Any) -> None:
         """At a full step: how far the forecast (order ``call.error_order``; reuse at order 0) of this
         module's output was from the computed one, per image token, added to the block's error score."""
-        history = _anchored(call.state, key)
         device = output.device if isinstance(output, torch.Tensor) else None
-        if call.error_order and len(history) >= 2:
-            points = self._loaded(call.state, history[-(call.error_order + 1):], device)
-            predicted = extrapolate(points, call.branch.step, call.error_order)
+        weights = call.error_weights.get(key)  # chosen in begin_call
+        if weights is not None:
+            predicted = self._forecast(call, weights, _anchored(call.state, key), device)
         else:
             predicted = self._load(call.state, call.state.module_cache.get(key), device)
         if not isinstance(predicted, torch.Tensor) or not isinstance(output, torch.Tensor):
@@ -611,7 +788,7 @@ class DualCacheEngine:
         error = forecast_error(_image_rows(predicted, image, cached.spec.text_rows),
                                _image_rows(output, image, cached.spec.text_rows),
                                call.branch.paired and output.shape[0] % 2 == 0)
-        errors = call.state.forecast_errors
+        errors = call.errors  # merged into the state's after the call
         previous = errors.get(cached.block)
         if previous is None:
             errors[cached.block] = error
@@ -630,22 +807,17 @@ class DualCacheEngine:
             state.costs.rows[key] = (hidden.shape[1], _kv_rows(hidden, kwargs))
         else:
             output = forward(*args, **kwargs)
-            state.stats.flops += state.costs.modules.get(key, 0)
         if (call.recording and self.selection in ERROR_SELECTIONS and cached.spec.can_partial
                 and cached.call_kind(key[2]) == "image"):
             self._record_forecast_error(call, cached, key, output)
-        state.module_cache[key] = self.storage.put(output)
-        if call.history:
-            _remember(state.history.setdefault(key, []), call.branch.step, state.module_cache[key], call.history)
-            state.anchors.pop(key, None)
-        rows = state.costs.rows.get(key, (0, 0))[0]
-        state.stats.tokens_computed[cached.name] += rows
+        call.outputs[key] = output  # stored (and remembered for forecasts) in end_call
+        call.events.append(("compute", key, cached))
         return output
 
-    def _recompute_rows(self, call: Call, cached: CachedModule, key: tuple, fraction: float, cache: torch.Tensor,
+    def _recompute_rows(self, call: Call, cached: CachedModule, key: tuple, cache: torch.Tensor,
                         forward, args: tuple, kwargs: dict, forecast: torch.Tensor | None = None):
-        """Recompute the selected rows and write them into the cache (or, when forecasting, into this
-        step's forecast, leaving the stored full computations as they are)."""
+        """Recompute the selected rows (chosen in begin_call) and write them into the cache (or, when
+        forecasting, into this step's forecast, leaving the stored full computations as they are)."""
         state = call.state
         hidden = _hidden(args, kwargs)
         batch, rows = hidden.shape[0], hidden.shape[1]
@@ -656,15 +828,14 @@ class DualCacheEngine:
                 f"dual cache: {cached.name} of block {cached.block} sees {rows} rows but the token grid "
                 f"{call.branch.grid} ({cached.grid}) has {image} image tokens; the adapter's layout is wrong"
             )
-        k = num_fresh_tokens(fraction, image)
         if forecast is not None:
             cache = forecast
         elif call.history and state.module_cache[key] is cache:
             # the cached tensor is also the newest stored full computation: keep that intact
-            cache = state.module_cache[key] = _clone(cache)
-        if k == 0:
+            cache = call.outputs[key] = _clone(cache)
+        picked = call.picks.get((cached.block, cached.column))  # (batch, k) image rows, chosen in begin_call
+        if picked is None:  # no row to recompute at this step
             return cache
-        picked = self._select(call, cached, k, batch, image, hidden.device)  # (batch, k) image-row indices
         if text:
             text_index = torch.arange(text, device=hidden.device).expand(batch, text)
             if cached.spec.text_rows == "first":
@@ -674,29 +845,26 @@ class DualCacheEngine:
         fresh = self._partial_forward(call, cached, forward, hidden, picked, args, kwargs)
         joint = isinstance(cache, tuple)  # joint attention's (image, text): image rows scattered, text all fresh
         rows_cache, rows_fresh = (cache[0], fresh[0]) if joint else (cache, fresh)
-        scatter_index = picked.unsqueeze(-1).expand(-1, -1, rows_cache.shape[-1])
+        # rows of the flattened (batch * rows) matrix: one index_copy_ instead of expand + scatter
+        flat = _flat_rows(picked, rows_cache.shape[1])
+        rows_fresh = rows_fresh.to(rows_cache.dtype).reshape(flat.shape[0], -1)
         if torch.is_grad_enabled():  # keep autograd's saved tensors intact
-            rows_cache = rows_cache.scatter(1, scatter_index, rows_fresh.to(rows_cache.dtype))
+            rows_cache = rows_cache.reshape(-1, rows_fresh.shape[1]).index_copy(0, flat, rows_fresh).view(
+                rows_cache.shape)
         else:
-            rows_cache.scatter_(1, scatter_index, rows_fresh.to(rows_cache.dtype))
+            if not rows_cache.is_contiguous():
+                rows_cache = rows_cache.contiguous()
+            rows_cache.view(-1, rows_fresh.shape[1]).index_copy_(0, flat, rows_fresh)
         cache = (rows_cache, *(f.to(c.dtype) for f, c in zip(fresh[1:], cache[1:]))) if joint else rows_cache
         if forecast is None and state.module_cache[key] is not cache:  # a new value, or a copy of an offloaded one
-            state.module_cache[key] = self.storage.put(cache)
+            call.outputs[key] = cache
         if call.history and self.config.forecast_reanchor:
             # re-anchor: until the next full computation, this step's output is the newest point forecasts
             # start from, so the recomputed rows steer them while the other rows (forecast values, on the
             # polynomial being followed) continue unchanged
-            state.anchors[key] = (call.branch.step, cache)
-        computed = picked.shape[1]
-        full_rows, kv_rows = state.costs.rows.get(key, (rows, 0))
-        if joint:
-            text_rows = fresh[1].shape[1]
-            full, part = (joint_flops(module_of(call, cached), q, rows, text_rows) for q in (full_rows, computed))
-        else:
-            full, part = cached.cost.flops(batch, full_rows, kv_rows), cached.cost.flops(batch, computed, kv_rows)
-        if full:  # the measured full cost, scaled by the rows computed
-            state.stats.flops += round(state.costs.modules.get(key, 0) * part / full)
-        state.stats.tokens_computed[cached.name] += computed
+            call.anchors[key] = (call.branch.step, cache)
+        joint_text = fresh[1].shape[1] if joint else None
+        call.events.append(("partial", key, cached, batch, rows, picked.shape[1], joint_text))
         return cache
 
     def _partial_forward(self, call: Call, cached: CachedModule, forward, hidden: torch.Tensor, picked: torch.Tensor,
@@ -785,24 +953,22 @@ class DualCacheEngine:
         call = self._recording_call(block)
         if call is not None:
             value = _image_rows(value, call.image_rows(call.denoiser.infos[block].spec.grid), text_rows)
-            call.state.scores[block] = vnorm_score(value, heads, call.branch.paired and value.shape[0] % 2 == 0)
+            call.scores[block] = vnorm_score(value, heads, call.branch.paired and value.shape[0] % 2 == 0)
 
     def record_query(self, block: int, query: torch.Tensor, text_rows: str) -> None:
         call = self._recording_call(block)
         if call is not None:
-            call.state.query[block] = _image_rows(query, call.image_rows(call.denoiser.infos[block].spec.grid),
-                                                  text_rows)
+            call.queries[block] = _image_rows(query, call.image_rows(call.denoiser.infos[block].spec.grid),
+                                              text_rows)
 
     def record_key(self, block: int, key: torch.Tensor, heads: int, text_rows: str) -> None:
         call = self._recording_call(block)
-        if call is None or block not in call.state.query:
+        if call is None or block not in call.queries:
             return
-        query = call.state.query.pop(block)
+        query = call.queries.pop(block)
         key = _image_rows(key, call.image_rows(call.denoiser.infos[block].spec.grid), text_rows)
-        call.state.scores[block] = attention_score(query, key, heads, call.branch.paired and key.shape[0] % 2 == 0)
-        extra = attention_score_flops(query.shape[0], query.shape[1], query.shape[2])
-        call.state.stats.flops += extra
-        call.state.stats.selection_flops += extra
+        call.scores[block] = attention_score(query, key, heads, call.branch.paired and key.shape[0] % 2 == 0)
+        call.events.append(("score", attention_score_flops(query.shape[0], query.shape[1], query.shape[2])))
 
     # ---- FLOPs of the counting call -----------------------------------------------------------------
     def add_counted_flops(self, flops: int) -> None:
@@ -858,12 +1024,16 @@ class DenoiserHook(ModelHook):
         super().__init__()
         self.engine, self.d_index = engine, d_index
 
+    @functools.partial(torch.compiler.disable, recursive=False)
     def new_forward(self, module, *args, **kwargs):
-        call = self.engine.begin_call(self.d_index, args, kwargs)
+        # Never traced (recursive=False): under torch.compile the engine's per-step decisions run here, in
+        # Python, and the model's own forward below is compiled as its own frame, hooks of blocks and modules
+        # included; those read only the step's actions, the chosen rows and tensors (see Call).
         try:
-            if call.counting:
+            call = self.engine.begin_call(self.d_index, args, kwargs)
+            if call.counting:  # the FLOPs recorder is a dispatch mode: this one call runs eagerly
                 with _FlopRecorder(self.engine):
-                    output = self.fn_ref.original_forward(*args, **kwargs)
+                    output = torch.compiler.disable(self.fn_ref.original_forward)(*args, **kwargs)
             else:
                 output = self.fn_ref.original_forward(*args, **kwargs)
         except BaseException:
@@ -984,8 +1154,16 @@ def _clone(value: Any) -> Any:
     return tuple(_clone(v) for v in value) if isinstance(value, tuple) else value.clone()
 
 
+def _flat_rows(picked: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows ``picked`` (batch, k) of a (batch, rows, ...) tensor as indices into its (batch * rows) matrix."""
+    return (picked + torch.arange(picked.shape[0], device=picked.device).unsqueeze(1) * rows).reshape(-1)
+
+
 def _gather_rows(tensor: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
-    return tensor.gather(1, picked.unsqueeze(-1).expand(-1, -1, tensor.shape[-1]))
+    """``tensor[b, picked[b]]`` for each batch row b: one index_select of the flattened rows."""
+    batch, rows = tensor.shape[:2]
+    flat = _flat_rows(picked, rows)
+    return tensor.reshape(batch * rows, -1).index_select(0, flat).view(batch, picked.shape[1], *tensor.shape[2:])
 
 
 def _image_rows(tensor: torch.Tensor, image: int, text_rows: str) -> torch.Tensor:

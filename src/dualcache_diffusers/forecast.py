@@ -50,6 +50,15 @@ def weighted(history: Sequence[tuple[int, Any]], weights: Sequence[float]) -> An
     return _combine([v for _, v in points], list(weights))
 
 
+def combine(values: Sequence[Any], weights: Sequence[float]) -> Any:
+    """``sum_i weights[i] * values[i]`` for tensors or (nested) tuples of them, in the values' dtype.
+
+    The engine computes the weights before a step (from step numbers) and combines in the step, so a
+    compiled model sees only tensors and the same few weights at every recurrence of a step kind.
+    """
+    return _combine(list(values), list(weights))
+
+
 def _combine(values: list[Any], weights: list[float]) -> Any:
     first = values[0]
     if isinstance(first, torch.Tensor):
