@@ -523,6 +523,8 @@ class DualCacheEngine:
             if (call.actions[cached.block][cached.column] != "partial" or not cached.spec.can_partial
                     or "image" not in cached.spec.calls):
                 continue
+            if (cached.block, cached.column, 0) not in call.state.module_cache:
+                continue  # never computed in this branch (SD3's skip-layer guidance skips the block): no rows
             image = call.image_rows(cached.grid)
             k = num_fresh_tokens(fractions[cached.block][cached.column], image)
             if k:  # a block over part of the grid (a video's frames or pixels) sees them folded into its batch
