@@ -514,7 +514,8 @@ def train_router(
 
     Args:
         pipe: a pipeline of a supported family (its ``transformer``; several block lists and modules
-            present in some blocks only are fine); any dual cache on it is removed first.
+            present in some blocks only are fine; one denoiser call per step, or one per CFG branch,
+            merged into one batched call, see :mod:`.data`); any dual cache on it is removed first.
         num_inference_steps: the step count the plan is for (recorded in its metadata).
         budget: target FLOPs fraction of the plan (cached / uncached denoiser FLOPs). L2C: the
             export threshold is chosen to hit it (None: published threshold export). Dual: required.
