@@ -361,12 +361,12 @@ def _assemble(recorders: list[_Recorder], images: list[int], family: str, num_st
     offset = 0
     for rec, count in zip(recorders, images):
         branches = _calls_per_step(rec, num_steps)
+        cond, shared = rec.branch_inputs()  # checks that the calls of a step can share one batch
+        conds.append(cond)
+        shareds.append(shared)
         parts_hidden.append(_merge_steps(rec.hidden, branches))
         parts_t.append(_merge_steps(rec.timesteps, branches))
         parts_out.append(_merge_steps(rec.outputs, branches))
-        cond, shared = rec.branch_inputs()
-        conds.append(cond)
-        shareds.append(shared)
         rows = parts_hidden[-1].shape[1]
         c, u = _pairing(rows, count, family, branches)
         cond_rows.append(c + offset)
