@@ -38,11 +38,12 @@ def plan_cost(pipe, **call_kwargs) -> PlanCost:
 
     model = pipe.transformer
     adapter = find_adapter(model)
-    rec = _Recorder(model, stop_after_first=True, shared=adapter.shared_inputs)
+    rec = _Recorder(model, stop="call", shared=adapter.shared_inputs)
     with rec:
         pipe(**call_kwargs)
+    cond, shared = rec.branch_inputs()
     hidden = rec.hidden[0][:1]
-    kwargs = {"timestep": rec.timesteps[0][:1], **rec.shared, **_slice(rec.cond)}
+    kwargs = {"timestep": rec.timesteps[0][:1], **shared, **_slice(cond)}
     grid = adapter.token_grid(model, (hidden,), kwargs)
     return measure_plan_cost(model, adapter, lambda: model(hidden, **kwargs, return_dict=False), grid)
 

@@ -6,6 +6,14 @@ on the denoiser records, for every call, its latent input, timestep and output (
 the conditioning of both CFG rows. The unconditional row is what label / prompt dropout picks:
 DiT's null class 1000, PixArt's empty-prompt embedding, exactly as the pipeline builds them.
 
+Pipelines that call the denoiser once per CFG branch (Wan, Chroma, Lumina2, QwenImage, CogView4,
+HunyuanVideo 1.5, Flux with true CFG) are recorded call by call: the calls of one step share its
+timestep, and the step's calls are merged along the rows in call order (the conditional branch
+first, as every diffusers pipeline calls it), so the data looks like a batched-CFG pipeline's. The
+router is trained on that batched call, which a model that treats rows independently computes the
+same. Steps with a varying number of calls (Lumina2's ``cfg_trunc_ratio``, SD3's skip-layer
+guidance) and calls that cannot share one batch (other inputs than the rows differ) are refused.
+
 From user latents: clean latents are noised to the first step of every full/cache cycle with the
 scheduler's ``add_noise`` and rolled forward with the (uncached) model for the rest of the cycle.
 """
@@ -151,15 +159,20 @@ def _first_output(output: Any) -> torch.Tensor:
 
 
 class _Recorder:
-    def __init__(self, model: torch.nn.Module, stop_after_first: bool = False, shared: tuple[str, ...] = ()) -> None:
+    """Records every denoiser call (input, timestep, output) and the call kwargs of the first step's calls.
+
+    ``stop``: None records the whole generation, ``"call"`` stops it at the first call and ``"step"`` at
+    the first call of the second step (a probe of every branch's conditioning).
+    """
+
+    def __init__(self, model: torch.nn.Module, stop: str | None = None, shared: tuple[str, ...] = ()) -> None:
         self.model = model
-        self.stop = stop_after_first
+        self.stop = stop
         self.shared_names = shared
         self.hidden: list[torch.Tensor] = []
         self.timesteps: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []
-        self.cond: dict[str, Any] | None = None
-        self.shared: dict[str, Any] = {}
+        self.inputs: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (cond, shared) of the first step's calls
         self.handles = []
 
     def __enter__(self) -> _Recorder:
@@ -178,30 +191,138 @@ class _Recorder:
         t = torch.as_tensor(t, device=hidden.device)
         if t.ndim == 0:
             t = t.expand(hidden.shape[0])
-        if self.cond is None:
-            rows = hidden.shape[0]
-            inputs = {k: v for k, v in kwargs.items() if k not in _SKIP_KWARGS}
-            shared = {k for k, v in inputs.items() if k in self.shared_names or (
-                isinstance(v, torch.Tensor) and (v.ndim == 0 or v.shape[0] != rows))}
-            clone = lambda x: x.detach().clone()  # noqa: E731
-            self.cond = map_tree({k: v for k, v in inputs.items() if k not in shared}, clone)
-            self.shared = map_tree({k: v for k, v in inputs.items() if k in shared}, clone)
+        first_step = not self.timesteps or (len(self.inputs) == len(self.timesteps)
+                                            and _step_key(t) == _step_key(self.timesteps[0]))
+        if self.stop == "step" and not first_step:
+            raise _StopProbe
+        if first_step:
+            self.inputs.append(self._split_inputs(kwargs, hidden.shape[0]))
         self.hidden.append(hidden.detach().clone())
         self.timesteps.append(t.detach().clone())
-        if self.stop:
+        if self.stop == "call":
             raise _StopProbe
+
+    def _split_inputs(self, kwargs: dict[str, Any], rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The call's per-row conditioning and its inputs shared by every row, detached copies."""
+        inputs = {k: v for k, v in kwargs.items() if k not in _SKIP_KWARGS}
+        shared = {k for k, v in inputs.items() if k in self.shared_names or (
+            isinstance(v, torch.Tensor) and (v.ndim == 0 or v.shape[0] != rows))}
+        clone = lambda x: x.detach().clone()  # noqa: E731
+        return (map_tree({k: v for k, v in inputs.items() if k not in shared}, clone),
+                map_tree({k: v for k, v in inputs.items() if k in shared}, clone))
 
     def _post(self, module, args, kwargs, output):
         self.outputs.append(_first_output(output).detach().clone())
 
+    @property
+    def branches(self) -> int:
+        """Denoiser calls per step (1: batched CFG or none; 2: a call per CFG branch), from the first step."""
+        return len(self.inputs)
 
-def _pairing(rows: int, images: int, family: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def branch_inputs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The conditioning of every row of the first step's calls, in call order, and the shared inputs."""
+        per_row = {k for cond, _ in self.inputs for k in cond}
+        conds, shareds = zip(*(_broadcast(cond, shared, per_row, hidden.shape[0])
+                               for (cond, shared), hidden in zip(self.inputs, self.hidden)))
+        for i in range(1, len(conds)):
+            problem = _mismatch(conds[0], conds[i], rows=True) or _mismatch(shareds[0], shareds[i], rows=False)
+            if problem:
+                raise RuntimeError(
+                    f"the pipeline calls the denoiser {len(conds)} times per step (once per guidance branch) and "
+                    f"call {i + 1} differs from call 1: {problem}. The router trainer batches a step's calls into "
+                    "one, which needs the same inputs apart from the rows: encode the prompt and the negative prompt "
+                    "to one text length (negative_prompt_embeds in pipeline_kwargs must have the prompt's length; "
+                    "max_sequence_length pads both) and turn off guidance that changes the model per call"
+                )
+        return cat_trees(list(conds)), shareds[0]
+
+
+def _broadcast(cond: dict[str, Any], shared: dict[str, Any], per_row: set[str],
+               rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A call's inputs with the batch-1 tensors that other calls pass per row expanded to its rows (Flux's
+    true CFG encodes a single negative prompt once for every image)."""
+    moved = {k: v.expand(rows, *v.shape[1:]) for k, v in shared.items()
+             if k in per_row and isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 1}
+    return {**cond, **moved}, {k: v for k, v in shared.items() if k not in moved}
+
+
+def _step_key(t: torch.Tensor) -> float:
+    """The step's timestep: calls of one step share it (per-token timesteps: their largest value)."""
+    return float(t.detach().max())
+
+
+def _mismatch(a: Any, b: Any, rows: bool, name: str = "") -> str | None:
+    """How two calls' inputs differ where they cannot share one batch, or None.
+
+    ``rows``: tensors are per row (equal shapes but for the rows); otherwise they must be equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return f"kwargs {sorted(set(a) ^ set(b))} are passed to one call only"
+        return next((m for k in a if (m := _mismatch(a[k], b[k], rows, f"{name}.{k}" if name else k))), None)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if rows and a.shape[1:] != b.shape[1:]:
+            return f"{name!r} has shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        if not rows and (a.shape != b.shape or not torch.equal(a, b)):
+            return f"{name!r} (the same for every row) differs"
+        return None
+    same = type(a) is type(b) and bool(a == b)
+    return None if same else f"{name!r} is {a!r} in one call and {b!r} in the other"
+
+
+def _calls_per_step(rec: _Recorder, num_steps: int) -> int:
+    """The number of denoiser calls of every step (calls of one step share its timestep), checked."""
+    sizes: list[int] = []
+    for i, t in enumerate(rec.timesteps):
+        if i and _step_key(t) == _step_key(rec.timesteps[i - 1]):
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    if len(sizes) != num_steps:
+        raise RuntimeError(
+            f"the pipeline made {len(rec.timesteps)} denoiser calls at {len(sizes)} timesteps for "
+            f"num_inference_steps={num_steps}; the router trainer needs one timestep per step (a scheduler "
+            "that calls the model once per step, and one denoiser)"
+        )
+    if len(set(sizes)) > 1:
+        raise RuntimeError(
+            f"the pipeline calls the denoiser a varying number of times per step ({_runs(sizes)}); the router "
+            "trainer batches the calls of a step into one and needs the same calls at every step: turn off what "
+            "adds or drops a guidance call part way (Lumina2: pipeline_kwargs={'cfg_trunc_ratio': 1.0}; SD3: no "
+            "skip_guidance_layers; a guider's start / stop)"
+        )
+    return sizes[0]
+
+
+def _runs(sizes: list[int]) -> str:
+    """``[2, 2, 1]`` -> ``"2 at steps 0-1, 1 at step 2"``."""
+    parts, start = [], 0
+    for i in range(1, len(sizes) + 1):
+        if i == len(sizes) or sizes[i] != sizes[start]:
+            steps = f"step {start}" if i - 1 == start else f"steps {start}-{i - 1}"
+            parts.append(f"{sizes[start]} at {steps}")
+            start = i
+    return ", ".join(parts)
+
+
+def _pairing(rows: int, images: int, family: str, branches: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Conditional and unconditional rows of each image.
+
+    One call per step: the rows of a batched CFG call, in the family's order (``COND_FIRST``). Two calls per
+    step (one per CFG branch, merged in call order): every diffusers pipeline calls the conditional branch
+    first."""
     base = torch.arange(images)
-    if rows == images:
+    if branches > 2:
+        raise RuntimeError(
+            f"the pipeline calls the denoiser {branches} times per step; the router trainer pairs a conditional "
+            "and an unconditional branch: turn off the extra guidance (e.g. SD3's skip_guidance_layers, a "
+            "guider with more than two predictions)"
+        )
+    if rows == images and branches == 1:
         return base, None
     if rows != 2 * images:
-        raise RuntimeError(f"the denoiser was called with {rows} rows for {images} images; cannot pair CFG rows")
-    if COND_FIRST.get(family, False):
+        raise RuntimeError(f"the denoiser was called with {rows} rows for {images} images in {branches} call(s) "
+                           "per step; cannot pair CFG rows")
+    if branches == 2 or COND_FIRST.get(family, False):
         return base, base + images
     return base + images, base
 
@@ -230,16 +351,24 @@ def default_conditions(pipe, family: str, count: int, generator: torch.Generator
     return [prompts[i] for i in index]
 
 
-def _assemble(recorders: list[_Recorder], images: list[int], family: str) -> TrajectoryData:
-    parts_hidden, parts_t, parts_out, conds, cond_rows, uncond_rows = [], [], [], [], [], []
+def _merge_steps(calls: list[torch.Tensor], branches: int) -> torch.Tensor:
+    """(steps, rows, ...) from the calls in order, the ``branches`` calls of a step along the rows."""
+    return torch.stack([torch.cat(calls[i : i + branches]) for i in range(0, len(calls), branches)])
+
+
+def _assemble(recorders: list[_Recorder], images: list[int], family: str, num_steps: int) -> TrajectoryData:
+    parts_hidden, parts_t, parts_out, conds, shareds, cond_rows, uncond_rows = [], [], [], [], [], [], []
     offset = 0
     for rec, count in zip(recorders, images):
-        parts_hidden.append(torch.stack(rec.hidden))
-        parts_t.append(torch.stack(rec.timesteps))
-        parts_out.append(torch.stack(rec.outputs))
-        conds.append(rec.cond)
-        rows = rec.hidden[0].shape[0]
-        c, u = _pairing(rows, count, family)
+        branches = _calls_per_step(rec, num_steps)
+        cond, shared = rec.branch_inputs()  # checks that the calls of a step can share one batch
+        conds.append(cond)
+        shareds.append(shared)
+        parts_hidden.append(_merge_steps(rec.hidden, branches))
+        parts_t.append(_merge_steps(rec.timesteps, branches))
+        parts_out.append(_merge_steps(rec.outputs, branches))
+        rows = parts_hidden[-1].shape[1]
+        c, u = _pairing(rows, count, family, branches)
         cond_rows.append(c + offset)
         uncond_rows.append(None if u is None else u + offset)
         offset += rows
@@ -250,7 +379,7 @@ def _assemble(recorders: list[_Recorder], images: list[int], family: str) -> Tra
         cond=cat_trees(conds),
         cond_rows=torch.cat(cond_rows),
         uncond_rows=None if any(u is None for u in uncond_rows) else torch.cat(uncond_rows),
-        shared=recorders[0].shared,
+        shared=shareds[0],
     )
 
 
@@ -275,17 +404,9 @@ def generate_trajectories(
         rec = _Recorder(pipe.transformer, shared=shared)
         with rec:
             _pipeline_call(pipe, family, part, num_steps, guidance_scale, seed + 1 + start, pipeline_kwargs or {})
-        if len(rec.hidden) != num_steps:
-            per_step = len(rec.hidden) / num_steps
-            hint = (f": it calls the denoiser {per_step:g} times per step (once per CFG branch), and the router "
-                    "trainer records one call per step; train without guidance (guidance_scale=1.0, or the "
-                    "pipeline's own switch) or on a pipeline that batches CFG") if per_step in (2, 3) else ""
-            raise RuntimeError(
-                f"the pipeline made {len(rec.hidden)} denoiser calls for num_inference_steps={num_steps}{hint}"
-            )
         recorders.append(rec)
         sizes.append(len(part))
-    return _assemble(recorders, sizes, family)
+    return _assemble(recorders, sizes, family, num_steps)
 
 
 def trajectories_from_latents(
@@ -307,11 +428,12 @@ def trajectories_from_latents(
     if latents.shape[0] != len(conditions):
         raise ValueError(f"latents has {latents.shape[0]} samples but {len(conditions)} classes/prompts were given")
     model = pipe.transformer
-    rec = _Recorder(model, stop_after_first=True, shared=shared)  # conditioning probe: the pipeline builds CFG rows
+    rec = _Recorder(model, stop="step", shared=shared)  # conditioning probe: the pipeline builds the CFG rows
     with rec:
         _pipeline_call(pipe, family, list(conditions), num_steps, None, seed, pipeline_kwargs or {})
-    rows = rec.hidden[0].shape[0]
-    cond_rows, uncond_rows = _pairing(rows, len(conditions), family)
+    cond, shared_inputs = rec.branch_inputs()
+    rows = sum(h.shape[0] for h in rec.hidden)
+    cond_rows, uncond_rows = _pairing(rows, len(conditions), family, rec.branches)
     row_image = torch.empty(rows, dtype=torch.long)  # the image each row belongs to (both CFG rows share it)
     row_image[cond_rows] = torch.arange(len(conditions))
     if uncond_rows is not None:
@@ -336,7 +458,7 @@ def trajectories_from_latents(
             t = timesteps[s]
             model_in = step_sched.scale_model_input(x, t)
             with torch.no_grad():
-                out = _first_output(model(model_in, timestep=t.expand(rows), **rec.shared, **rec.cond,
+                out = _first_output(model(model_in, timestep=t.expand(rows), **shared_inputs, **cond,
                                           return_dict=False))
             hidden[s], outputs[s] = model_in, out
             eps = out[:, :in_channels] if out.shape[1] == 2 * in_channels else out
@@ -345,8 +467,8 @@ def trajectories_from_latents(
         hidden=torch.stack(hidden),
         timesteps=torch.stack([timesteps[s].expand(rows) for s in range(num_steps)]),
         teacher=torch.stack(outputs),
-        cond=rec.cond,
+        cond=cond,
         cond_rows=cond_rows,
         uncond_rows=uncond_rows,
-        shared=rec.shared,
+        shared=shared_inputs,
     )

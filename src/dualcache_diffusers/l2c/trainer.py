@@ -133,6 +133,8 @@ class RouterTrainer:
             staleness_weight=cfg.staleness_weight, interval=cfg.interval, cell=cfg.spatial_grid,
             bonus=cfg.spatial_bonus,
         )
+        if spec.kind == "dual":
+            self._check_rows_share_a_batch()
         rows = data.cond_rows[:1]
         hidden, kwargs = data.call_kwargs(torch.zeros(1, dtype=torch.long), rows)
         self.token_grid = self.adapter.token_grid(self.model, (hidden,), kwargs)
@@ -147,6 +149,20 @@ class RouterTrainer:
             cache_index[s] = i
         self.cache_index = cache_index
         self.full_steps = torch.tensor(spec.full_steps, dtype=torch.long)
+
+    def _check_rows_share_a_batch(self) -> None:
+        """The dual router selects tokens in batches of any rows (both CFG branches of every image): the adapter
+        must place the tokens of all of them alike (Lumina2 refuses captions of different lengths in one batch)."""
+        rows = torch.arange(self.data.hidden.shape[1])
+        hidden, kwargs = self.data.call_kwargs(torch.zeros(len(rows), dtype=torch.long), rows)
+        try:
+            self.adapter.token_grid(self.model, (hidden,), kwargs)
+        except ValueError as error:
+            raise ValueError(
+                f"kind='dual' trains token selections on batches of the training rows, which cannot share one "
+                f"batch here ({error}); train kind='l2c' (no token selection), or use prompts and a negative "
+                "prompt of one token length"
+            ) from None
 
     def mixer(self) -> Mixer:
         """The training hooks for this model and its token grid (enter them with ``with``)."""
@@ -498,7 +514,8 @@ def train_router(
 
     Args:
         pipe: a pipeline of a supported family (its ``transformer``; several block lists and modules
-            present in some blocks only are fine); any dual cache on it is removed first.
+            present in some blocks only are fine; one denoiser call per step, or one per CFG branch,
+            merged into one batched call, see :mod:`.data`); any dual cache on it is removed first.
         num_inference_steps: the step count the plan is for (recorded in its metadata).
         budget: target FLOPs fraction of the plan (cached / uncached denoiser FLOPs). L2C: the
             export threshold is chosen to hit it (None: published threshold export). Dual: required.
