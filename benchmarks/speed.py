@@ -13,6 +13,8 @@ Models (``--models``), random weights, batch 1 with classifier-free guidance (on
 
 ``--size cpu`` keeps each architecture (block types, cached modules, text tokens) but with few layers,
 a small width and few tokens, so that every model finishes in a few minutes on one CPU thread.
+``--size cpu-wide`` is the same with width 768 (the GEMMs 4-9x larger, the per-call fixed costs the same),
+nearer the balance of the real sizes, where the width is 1152-5120.
 Random weights prove the mechanics and the cost, never quality.
 
 * FLOPs: ``FlopCounterMode`` (``dualcache_diffusers.count_flops``) around one whole pipeline call per method;
@@ -24,8 +26,10 @@ Random weights prove the mechanics and the cost, never quality.
 * Peak memory: ``torch.cuda.max_memory_allocated`` over the timed calls of a method (CUDA only; on CPU
   the process's resident set cannot be reset per method, so the column is left empty). Cache and weight
   bytes come from ``cache_stats``.
-* ``--compile``: FLOPs are counted eagerly, then the transformer is compiled (``Module.compile``) and every
-  method is warmed up (compiled) before the timed repeats.
+* ``--compile``: FLOPs are counted eagerly, then the transformer is compiled (``Module.compile``); each method
+  is compiled afresh (``torch._dynamo.reset()``), warmed up, then timed ``--repeats`` times, one method after
+  the other (not interleaved: one method's compiled step kinds are what a user gets; every method's in one
+  code cache would pass dynamo's recompile limit).
 
     python benchmarks/speed.py                          # DiT-XL/2 512 px, 20 steps, CPU fp32
     python benchmarks/speed.py --size cpu --models dit pixart-sigma flux wan-1.3b --repeats 2  # CPU variant
@@ -87,7 +91,8 @@ class Bench:
 # Model configs: the published ones (--size full) and a scaled-down variant (--size cpu)
 # ------------------------------------------------------------------------------------------------
 DIT_SIZES = {"full": dict(layers=28, width=1152, heads=16, latent_size=64),  # DiT-XL/2, 512 px
-             "cpu": dict(layers=4, width=384, heads=6, latent_size=32)}
+             "cpu": dict(layers=4, width=384, heads=6, latent_size=32),
+             "cpu-wide": dict(layers=4, width=768, heads=12, latent_size=32)}
 
 
 def build_pipeline(args: argparse.Namespace) -> DiTPipeline:
@@ -193,7 +198,9 @@ def _randn(args: argparse.Namespace, *shape: int) -> torch.Tensor:
 PIXART_SIZES = {"full": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=128,
                              caption_channels=4096, text=300),  # PixArt-Sigma XL, 1024 px: 4096 tokens
                 "cpu": dict(num_layers=4, num_attention_heads=6, attention_head_dim=64, sample_size=32,
-                            caption_channels=64, text=32)}
+                            caption_channels=64, text=32),
+                "cpu-wide": dict(num_layers=4, num_attention_heads=12, attention_head_dim=64, sample_size=32,
+                                 caption_channels=64, text=32)}
 
 
 def pixart_bench(args: argparse.Namespace) -> Bench:
@@ -217,7 +224,10 @@ FLUX_SIZES = {"full": dict(num_layers=19, num_single_layers=38, num_attention_he
                            side=64, text=512),  # Flux.1, 1024 px: 4096 image + 512 text tokens
               "cpu": dict(num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=64,
                           joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 28, 28),
-                          side=16, text=32)}
+                          side=16, text=32),
+              "cpu-wide": dict(num_layers=2, num_single_layers=4, num_attention_heads=6, attention_head_dim=128,
+                               joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(16, 56, 56),
+                               side=16, text=32)}
 
 
 def flux_ids(side: int, text: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,13 +255,15 @@ def flux_bench(args: argparse.Namespace) -> Bench:
 
 WAN_SIZES = {"wan-1.3b": dict(num_layers=30, num_attention_heads=12, ffn_dim=8960),
              "wan-14b": dict(num_layers=40, num_attention_heads=40, ffn_dim=13824)}
-WAN_CPU = dict(num_layers=4, num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, text_dim=64,
-               latent=(5, 16, 16), text=32)
+WAN_CPU = {"cpu": dict(num_layers=4, num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, text_dim=64,
+                       latent=(5, 16, 16), text=32),
+           "cpu-wide": dict(num_layers=4, num_attention_heads=6, attention_head_dim=128, ffn_dim=3072, text_dim=64,
+                            latent=(5, 16, 16), text=32)}
 
 
 def wan_bench(args: argparse.Namespace, name: str) -> Bench:
-    if args.size == "cpu":
-        s = dict(WAN_CPU)
+    if args.size in WAN_CPU:
+        s = dict(WAN_CPU[args.size])
     else:  # Wan 2.1 at 832x480 x 81 frames: latents 21 x 60 x 104, 32,760 tokens
         s = dict(WAN_SIZES[name], attention_head_dim=128, text_dim=4096, latent=(21, 60, 104), text=512)
     latent, text = s.pop("latent"), s.pop("text")
@@ -314,21 +326,35 @@ def measure(bench: Bench, args: argparse.Namespace) -> list[dict]:
             rows[name]["pattern"] = "".join(k[0].upper() for k in stats.step_kinds)
             rows[name]["cache_mib"] = stats.cache_bytes / 2**20
     if args.compile:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         pipe.transformer.compile()
-    for name in methods:  # warm-up (and compilation) of every method
+
+    def timed(name: str) -> None:
         use_method(pipe, name)
-        timed_call(bench, args)
-    for repeat in range(args.repeats):  # interleaved: every repeat times every method once
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rows[name]["times"].append(timed_call(bench, args))
+        if cuda:
+            rows[name]["peak_bytes"] = max(rows[name]["peak_bytes"], torch.cuda.max_memory_allocated())
+
+    if args.compile:
+        # One method at a time, each compiled afresh: a user runs one method, whose step kinds are a few
+        # compiled variants; all methods' variants in one code cache would exceed dynamo's recompile limit.
         for name in methods:
+            torch._dynamo.reset()
             use_method(pipe, name)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            rows[name]["times"].append(timed_call(bench, args))
-            if cuda:
-                rows[name]["peak_bytes"] = max(rows[name]["peak_bytes"], torch.cuda.max_memory_allocated())
-        print(f"{bench.name} repeat {repeat + 1}/{args.repeats}: "
-              + "  ".join(f"{n} {rows[n]['times'][-1]:.2f}s" for n in methods), flush=True)
+            timed_call(bench, args)  # warm-up: compiles this method's step kinds
+            for _ in range(args.repeats):
+                timed(name)
+            print(f"{bench.name} {name}: " + "  ".join(f"{t:.2f}s" for t in rows[name]["times"]), flush=True)
+    else:
+        for name in methods:  # warm-up of every method
+            use_method(pipe, name)
+            timed_call(bench, args)
+        for repeat in range(args.repeats):  # interleaved: every repeat times every method once
+            for name in methods:
+                timed(name)
+            print(f"{bench.name} repeat {repeat + 1}/{args.repeats}: "
+                  + "  ".join(f"{n} {rows[n]['times'][-1]:.2f}s" for n in methods), flush=True)
     disable_dual_cache(pipe)
     base = rows.get("uncached")
     for row in rows.values():
@@ -408,8 +434,9 @@ def overhead(args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["dit"], choices=list(MODELS))
-    parser.add_argument("--size", default="full", choices=["full", "cpu"],
-                        help="full: the published configs at their usual resolution; cpu: scaled down")
+    parser.add_argument("--size", default="full", choices=["full", "cpu", "cpu-wide"],
+                        help="full: the published configs at their usual resolution; cpu: scaled down; "
+                             "cpu-wide: scaled down, width 768")
     parser.add_argument("--layers", type=int, default=None, help="DiT only: override the size's blocks")
     parser.add_argument("--width", type=int, default=None, help="DiT only")
     parser.add_argument("--heads", type=int, default=None, help="DiT only")

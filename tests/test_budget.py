@@ -52,6 +52,20 @@ def test_full_steps_start_the_run_and_are_spread_over_it():
     assert full_step_positions(5, 5, 2, 1.5) == [0, 1, 2, 3, 4]
 
 
+def test_ends_gathers_full_steps_at_both_ends_of_the_run():
+    even = full_step_positions(50, 15, 1, 1.0)
+    ends = full_step_positions(50, 15, 1, 1.0, ends=0.3)
+    assert ends == full_step_positions(50, 15, 1, 1.0, 0.3) and len(set(ends)) == 15 and ends[0] == 0
+    assert full_step_positions(50, 15, 1, 1.0, ends=0.0) == even
+
+    def gaps(p):
+        return [b - a for a, b in zip(p, [*p[1:], 50])]
+
+    middle = len(ends) // 2
+    assert max(gaps(ends)[:2] + gaps(ends)[-2:]) < gaps(ends)[middle]  # shorter at the ends than in the middle
+    assert max(gaps(even)) - min(gaps(even)) <= 1  # without it, even
+
+
 def test_a_schedule_that_cannot_reach_the_budget_is_refused():
     cost = CostModel.uniform(LAYOUT, tokens=64)
     assert fit_ratio(20, LAYOUT, Schedule(15), 3.0, cost) is None  # 15 full steps of 20 cost more than 1/3
