@@ -51,6 +51,8 @@ SEARCH_SPACE: dict[str, Sequence[Any]] = {
     "ratio_schedule": ("constant", "pixart"),
     "skip": (False, True),
 }
+#: passes of the coordinate search at most (it stops after a pass that changed nothing)
+SEARCH_PASSES = 2
 
 
 @dataclass
@@ -111,25 +113,29 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
                      cost.ratio(default))
     tried: dict[Schedule, float] = {best.schedule: best.psnr}
     log = [{"schedule": best.schedule.describe(), "psnr": round(best.psnr, 3), "rule": "default"}]
-    for knob, values in space.items():
-        for value in values:
-            if knob == "full_steps":
-                value = max(1, min(steps, k0 + int(value)))
-            schedule = replace(best.schedule, **{knob: value}, fresh_ratio=None)
-            if schedule in tried:
-                continue
-            fitted = fit_ratio(steps, layout, schedule, budget, cost)
-            progress.update(1)
-            if fitted is None:
-                tried[schedule] = float("-inf")
-                continue
-            plan, _ = fitted
-            psnr = score_plan(pipe, workload, plan, reference)
-            tried[schedule] = psnr
-            log.append({"schedule": schedule.describe(), "psnr": round(psnr, 3)})
-            progress.set_postfix_str(f"best {max(psnr, best.psnr):.2f} dB")
-            if psnr > best.psnr:
-                best = Candidate(schedule, plan, psnr, cost.ratio(plan))
+    for _ in range(SEARCH_PASSES):  # coordinate search; a knob's best value can change once another moved
+        start = best.schedule
+        for knob, values in space.items():
+            for value in values:
+                if knob == "full_steps":
+                    value = max(1, min(steps, k0 + int(value)))
+                schedule = replace(best.schedule, **{knob: value}, fresh_ratio=None)
+                if schedule in tried:
+                    continue
+                fitted = fit_ratio(steps, layout, schedule, budget, cost)
+                progress.update(1)
+                if fitted is None:
+                    tried[schedule] = float("-inf")
+                    continue
+                plan, _ = fitted
+                psnr = score_plan(pipe, workload, plan, reference)
+                tried[schedule] = psnr
+                log.append({"schedule": schedule.describe(), "psnr": round(psnr, 3)})
+                progress.set_postfix_str(f"best {max(psnr, best.psnr):.2f} dB")
+                if psnr > best.psnr:
+                    best = Candidate(schedule, plan, psnr, cost.ratio(plan))
+        if best.schedule == start:
+            break
     plan = _with_learned_forecast(pipe, workload, best, reference)
     plan.metadata.update({
         "calibration": {
@@ -164,8 +170,8 @@ def _with_learned_forecast(pipe: Any, workload: Any, best: Candidate, reference:
 
 
 def search_size(space: dict[str, Sequence[Any]] | None = None) -> int:
-    """Progress-bar length: the reference + default run, and at most one fit per knob value."""
-    return 1 + sum(len(v) for v in (SEARCH_SPACE if space is None else space).values())
+    """Progress-bar length: the reference + default run, and at most one fit per knob value and pass."""
+    return 1 + SEARCH_PASSES * sum(len(v) for v in (SEARCH_SPACE if space is None else space).values())
 
 
 class _NoProgress:
