@@ -27,9 +27,9 @@ Random weights prove the mechanics and the cost, never quality.
   the process's resident set cannot be reset per method, so the column is left empty). Cache and weight
   bytes come from ``cache_stats``.
 * ``--compile``: FLOPs are counted eagerly, then the transformer is compiled (``Module.compile``); each method
-  is compiled afresh (``torch._dynamo.reset()``), warmed up, then timed ``--repeats`` times, one method after
-  the other (not interleaved: one method's compiled step kinds are what a user gets; every method's in one
-  code cache would pass dynamo's recompile limit).
+  is compiled afresh (``torch._dynamo.reset()``), warmed up until a call compiles nothing new, then timed
+  ``--repeats`` times, one method after the other (not interleaved: one method's compiled step kinds are
+  what a user gets; every method's in one code cache would pass dynamo's recompile limit).
 
     python benchmarks/speed.py                          # DiT-XL/2 512 px, 20 steps, CPU fp32
     python benchmarks/speed.py --size cpu --models dit pixart-sigma flux wan-1.3b --repeats 2  # CPU variant
@@ -306,6 +306,19 @@ def timed_call(bench: Bench, args: argparse.Namespace) -> float:
     return time.perf_counter() - start
 
 
+def warm_up_compiled(bench: Bench, args: argparse.Namespace, max_calls: int = 6) -> int:
+    """Call until a call compiles nothing new (dynamo may first compile static, then dynamic shapes); the calls made."""
+    from torch._dynamo.utils import counters
+
+    for calls in range(1, max_calls + 1):
+        before = counters["stats"]["unique_graphs"]
+        timed_call(bench, args)
+        if calls > 1 and counters["stats"]["unique_graphs"] == before:
+            return calls
+    print(f"warning: {bench.name} still compiling after {max_calls} warm-up calls", flush=True)
+    return max_calls
+
+
 def measure(bench: Bench, args: argparse.Namespace) -> list[dict]:
     pipe, methods, cuda = bench.pipe, args.methods, args.device.startswith("cuda")
     weights = weight_bytes([pipe.transformer]) / 2**20
@@ -342,7 +355,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> list[dict]:
         for name in methods:
             torch._dynamo.reset()
             use_method(pipe, name)
-            timed_call(bench, args)  # warm-up: compiles this method's step kinds
+            warm_up_compiled(bench, args)
             for _ in range(args.repeats):
                 timed(name)
             print(f"{bench.name} {name}: " + "  ".join(f"{t:.2f}s" for t in rows[name]["times"]), flush=True)
