@@ -27,7 +27,7 @@ Random weights prove the mechanics and the cost, never quality.
   the process's resident set cannot be reset per method, so the column is left empty). Cache and weight
   bytes come from ``cache_stats``.
 * ``--compile``: FLOPs are counted eagerly, then the transformer is compiled (``Module.compile``); each method
-  is compiled afresh (``torch._dynamo.reset()``), warmed up until a call compiles nothing new, then timed
+  is compiled afresh (``torch._dynamo.reset()``), warmed up until two calls take the same time, then timed
   ``--repeats`` times, one method after the other (not interleaved: one method's compiled step kinds are
   what a user gets; every method's in one code cache would pass dynamo's recompile limit).
 
@@ -306,16 +306,16 @@ def timed_call(bench: Bench, args: argparse.Namespace) -> float:
     return time.perf_counter() - start
 
 
-def warm_up_compiled(bench: Bench, args: argparse.Namespace, max_calls: int = 6) -> int:
-    """Call until a call compiles nothing new (dynamo may first compile static, then dynamic shapes); the calls made."""
-    from torch._dynamo.utils import counters
-
-    for calls in range(1, max_calls + 1):
-        before = counters["stats"]["unique_graphs"]
-        timed_call(bench, args)
-        if calls > 1 and counters["stats"]["unique_graphs"] == before:
+def warm_up_compiled(bench: Bench, args: argparse.Namespace, max_calls: int = 8) -> int:
+    """Call until two calls in a row take the same time within 10% (dynamo compiles a method's step kinds over
+    the first calls, some of them again with dynamic shapes); the calls made."""
+    previous = timed_call(bench, args)
+    for calls in range(2, max_calls + 1):
+        seconds = timed_call(bench, args)
+        if abs(seconds - previous) <= 0.1 * previous:
             return calls
-    print(f"warning: {bench.name} still compiling after {max_calls} warm-up calls", flush=True)
+        previous = seconds
+    print(f"warning: {bench.name} call times still changing after {max_calls} warm-up calls", flush=True)
     return max_calls
 
 
@@ -341,8 +341,9 @@ def measure(bench: Bench, args: argparse.Namespace) -> list[dict]:
     if args.compile:
         pipe.transformer.compile()
 
-    def timed(name: str) -> None:
-        use_method(pipe, name)
+    def timed(name: str, switch: bool = True) -> None:
+        if switch:
+            use_method(pipe, name)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rows[name]["times"].append(timed_call(bench, args))
@@ -356,8 +357,8 @@ def measure(bench: Bench, args: argparse.Namespace) -> list[dict]:
             torch._dynamo.reset()
             use_method(pipe, name)
             warm_up_compiled(bench, args)
-            for _ in range(args.repeats):
-                timed(name)
+            for _ in range(args.repeats):  # the same engine: enabling the cache anew recompiles (new guards)
+                timed(name, switch=False)
             print(f"{bench.name} {name}: " + "  ".join(f"{t:.2f}s" for t in rows[name]["times"]), flush=True)
     else:
         for name in methods:  # warm-up of every method
@@ -383,7 +384,8 @@ def markdown(bench: Bench, rows: list[dict], args: argparse.Namespace) -> str:
     head = (
         f"{bench.describe}, random weights, {args.steps} steps, batch {args.batch} x CFG "
         f"(guidance {args.guidance}), {args.device} {args.dtype}, SDPA {args.sdpa or 'default'}, "
-        f"{'compiled' if args.compile else 'eager'}, median of {args.repeats} interleaved runs\n\n"
+        f"{'compiled' if args.compile else 'eager'}, median of {args.repeats} "
+        f"{'runs per method, each method compiled afresh' if args.compile else 'interleaved runs'}\n\n"
         "| method | step pattern | TFLOPs (counter) | engine vs counter | FLOPs speedup | median s | wall speedup "
         "| efficiency | peak memory GiB | cache MiB | weights MiB | max abs diff vs uncached |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
