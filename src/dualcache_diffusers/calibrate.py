@@ -35,7 +35,6 @@ from .budget import (
     budget_schedule,
     check_budget,
     fit_ratio,
-    leading_full_steps,
 )
 from .plan import CachePlan
 
@@ -109,7 +108,7 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
     k0 = affordable_full_steps(steps, budget, cost, layout)
     default = budget_schedule(steps, layout, budget, cost)
     default_psnr = float(metrics.fidelity(default_images, reference)["psnr"])
-    best = Candidate(Schedule(k0, warmup=leading_full_steps(steps, k0)), default, default_psnr,
+    best = Candidate(Schedule(k0, warmup=1), default, default_psnr,
                      cost.ratio(default))
     tried: dict[Schedule, float] = {best.schedule: best.psnr}
     log = [{"schedule": best.schedule.describe(), "psnr": round(best.psnr, 3), "rule": "default"}]
