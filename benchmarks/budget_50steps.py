@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 
 from dualcache_diffusers import metrics
-from dualcache_diffusers.api import disable_dual_cache, enable_dual_cache, get_engine
+from dualcache_diffusers.adapters import find_adapter
+from dualcache_diffusers.api import disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.bench import Workload, default_conditions, load_pipeline
-from dualcache_diffusers.budget import CostModel, Schedule, affordable_full_steps, budget_schedule, fit_ratio
+from dualcache_diffusers.budget import Schedule, affordable_full_steps, budget_schedule, fit_ratio
+from dualcache_diffusers.calibrate import cost_model
 
 BUDGET, STEPS = 3.178, 50
 
@@ -24,11 +26,8 @@ def main() -> None:
     workload = Workload(pipe, STEPS, [1000, 1001], default_conditions(pipe)[::3][:4], batch_size=8,
                         guidance_scale=1.5)
     reference = workload.generate()
-    enable_dual_cache(pipe, budget=BUDGET)
-    workload.generate()
-    den = get_engine(pipe).denoisers[0]
-    cost, layout = CostModel.from_engine(next(iter(den.costs.values())), den.modules), den.layout
-    disable_dual_cache(pipe)
+    cost, _ = cost_model(pipe, workload, BUDGET)  # the engine's FLOPs per step, from one budget-rule generation
+    layout = find_adapter(pipe.transformer).layout(pipe.transformer)
     k0 = affordable_full_steps(STEPS, BUDGET, cost, layout)
 
     def evaluate(name: str, plan) -> None:

@@ -20,9 +20,10 @@ import itertools
 import torch
 
 from dualcache_diffusers import disable_dual_cache, enable_dual_cache, metrics
-from dualcache_diffusers.api import get_engine
+from dualcache_diffusers.adapters import find_adapter
 from dualcache_diffusers.bench import Workload, default_conditions, load_pipeline
-from dualcache_diffusers.budget import CostModel, Schedule, affordable_full_steps, budget_schedule, fit_ratio
+from dualcache_diffusers.budget import Schedule, affordable_full_steps, budget_schedule, fit_ratio
+from dualcache_diffusers.calibrate import cost_model
 
 
 def main() -> None:
@@ -37,11 +38,8 @@ def main() -> None:
     workload = Workload(pipe, args.steps, [1000, 1001], default_conditions(pipe)[::3][:4], batch_size=8,
                         guidance_scale=args.guidance)
     reference = workload.generate()
-    enable_dual_cache(pipe, budget=2)
-    workload.generate()
-    den = get_engine(pipe).denoisers[0]
-    cost, layout = CostModel.from_engine(next(iter(den.costs.values())), den.modules), den.layout
-    disable_dual_cache(pipe)
+    cost, _ = cost_model(pipe, workload, 2)  # the engine's FLOPs per step, from one budget-rule generation
+    layout = find_adapter(pipe.transformer).layout(pipe.transformer)
 
     def score(plan) -> float:
         enable_dual_cache(pipe, plan=plan)

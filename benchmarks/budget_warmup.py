@@ -14,9 +14,11 @@ import sys
 import torch
 
 from dualcache_diffusers import metrics
-from dualcache_diffusers.api import disable_dual_cache, enable_dual_cache, get_engine
+from dualcache_diffusers.adapters import find_adapter
+from dualcache_diffusers.api import disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.bench import Workload, default_conditions, load_pipeline
-from dualcache_diffusers.budget import CostModel, Schedule, affordable_full_steps, fit_ratio
+from dualcache_diffusers.budget import Schedule, affordable_full_steps, fit_ratio
+from dualcache_diffusers.calibrate import cost_model
 
 
 def main() -> None:
@@ -25,11 +27,8 @@ def main() -> None:
     pipe = load_pipeline(model)
     workload = Workload(pipe, 20, [1000, 1001], default_conditions(pipe)[::3][:4], batch_size=8)
     reference = workload.generate()
-    enable_dual_cache(pipe, budget=2)
-    workload.generate()
-    den = get_engine(pipe).denoisers[0]
-    cost, layout = CostModel.from_engine(next(iter(den.costs.values())), den.modules), den.layout
-    disable_dual_cache(pipe)
+    cost, _ = cost_model(pipe, workload, 2)  # the engine's FLOPs per step, from one budget-rule generation
+    layout = find_adapter(pipe.transformer).layout(pipe.transformer)
     for budget in budgets:
         k = affordable_full_steps(20, budget, cost, layout)
         for warmup in (1, 2):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -17,7 +19,9 @@ from diffusers import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
+from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_dit_pipeline, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
+
+from dualcache_diffusers.reference.digits import DIGIT_WORDS
 
 PIXART_KWARGS = TINY_PIXART_CALL_KWARGS
 
@@ -95,3 +99,38 @@ def dit_pipe():
 @pytest.fixture
 def pixart_pipe():
     return engine_pixart_pipeline()
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models run much faster single-threaded on a loaded CPU (use with pytest.mark.usefixtures)."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def single_thread_module():
+    """The same for a whole module, its module-scoped fixtures included."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def dit_dir(tmp_path_factory) -> Path:
+    """A tiny DiT saved like the shipped digits model: class names in model_index.json (save_pretrained drops them)."""
+    path = tmp_path_factory.mktemp("tiny-dit")
+    tiny_dit_pipeline().save_pretrained(path)
+    index = json.loads((path / "model_index.json").read_text())
+    index["id2label"] = {str(i): name for i, name in enumerate(DIGIT_WORDS)}
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path

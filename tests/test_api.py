@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import generate
 from diffusers import DDPMPipeline, DDPMScheduler, DiTPipeline, PixArtAlphaPipeline, UNet2DModel
 from tiny_pipelines import tiny_dit_pipeline, tiny_pixart_pipeline
@@ -20,13 +19,7 @@ from dualcache_diffusers import (
 from dualcache_diffusers.api import get_engine
 from dualcache_diffusers.plan import PlanLayout
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
 def _tiny_unet_pipeline() -> DDPMPipeline:

@@ -55,13 +55,7 @@ CONSERVATIVE: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a loaded CPU the thread pool makes them 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
 def _call_kwargs(pipe: DiffusionPipeline, steps: int = STEPS) -> dict[str, Any]:

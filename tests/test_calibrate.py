@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
-import torch
-from tiny_pipelines import tiny_dit_pipeline
 
 from dualcache_diffusers import cli
 from dualcache_diffusers.plan import CachePlan
-from dualcache_diffusers.reference.digits import DIGIT_WORDS
 
-
-@pytest.fixture(scope="module")
-def dit_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-dit")
-    tiny_dit_pipeline().save_pretrained(path)
-    index = json.loads((path / "model_index.json").read_text())
-    index["id2label"] = {str(i): name for i, name in enumerate(DIGIT_WORDS)}
-    (path / "model_index.json").write_text(json.dumps(index))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
 def test_calibrate_writes_a_plan_at_the_budget_no_worse_than_the_default_rule(dit_dir, tmp_path, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,27 +16,9 @@ from dualcache_diffusers import cli
 from dualcache_diffusers.adapters import find_adapter
 from dualcache_diffusers.bench import Calibrator, Knob, Method
 from dualcache_diffusers.plan import CachePlan, fora_plan
-from dualcache_diffusers.reference.digits import DIGIT_WORDS, DigitsClassifier
+from dualcache_diffusers.reference.digits import DigitsClassifier
 
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny models run faster single-threaded on a loaded CPU (the CLI may also change the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dit_dir(tmp_path_factory) -> Path:
-    """A tiny DiT saved like the shipped digits model: class names in model_index.json (save_pretrained drops them)."""
-    path = tmp_path_factory.mktemp("tiny-dit")
-    tiny_dit_pipeline().save_pretrained(path)
-    index = json.loads((path / "model_index.json").read_text())
-    index["id2label"] = {str(i): name for i, name in enumerate(DIGIT_WORDS)}
-    (path / "model_index.json").write_text(json.dumps(index))
-    return path
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
 @pytest.fixture(scope="module")

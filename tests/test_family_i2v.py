@@ -6,8 +6,6 @@ video VAEs' decoders would cost more CPU time than the denoising loop)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -34,13 +32,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
 def _image(size: int = 128) -> Image.Image:

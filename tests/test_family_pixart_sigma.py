@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 from family_harness import FamilyCase, check_family
 from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
 
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny models run much faster single-threaded on a loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
 def tiny_pixart_sigma_pipeline(seed: int = 0) -> PixArtSigmaPipeline:

@@ -6,7 +6,6 @@ recompute it whole or reuse it whole, never a subset of rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -21,13 +20,7 @@ from dualcache_diffusers.api import get_engine
 TEXT_LEN = 8
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny models run much faster single-threaded on a loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
 def tiny_sana_pipeline(seed: int = 0) -> SanaPipeline:

@@ -7,8 +7,6 @@ has batch size 1 and runs without the skipped layers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -27,13 +25,7 @@ from dualcache_diffusers.api import get_engine
 TEXT_LEN = 8  # CLIP and T5 tokens each: 16 text rows
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Tiny models run much faster single-threaded on a loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
 def tiny_clip(tokenizer, seed: int):

@@ -23,12 +23,7 @@ from dualcache_diffusers.plan import PlanLayout, fora_plan
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
 def _small(pipe):

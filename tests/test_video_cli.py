@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dualcache_diffusers import cli, metrics
 from dualcache_diffusers.bench import BenchResult, BenchRow, Quality, markdown_table, read_csv, write_csv
 
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
 def _table_rows(markdown: str, key: int = 0) -> dict[str, list[str]]:

@@ -24,12 +24,7 @@ MIN_TRAVEL_PX = 6.5
 DIRECTION_MIN_ACCURACY = 0.8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_module")  # tiny models: one thread (conftest)
 
 
 @pytest.fixture(scope="module")
