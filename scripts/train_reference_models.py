@@ -382,6 +382,16 @@ def caption_table(data: digits.DigitsData, tokenizer, max_length: int):
     return unique, enc.input_ids, enc.attention_mask, [[index[c] for c in opts] for opts in per_image]
 
 
+def save_text_pipeline(pipe, path: Path) -> None:
+    """``save_pretrained`` (safetensors), naming the tokenizer class that loads tokenizer.json on both
+    transformers 4.x and 5.x."""
+    pipe.save_pretrained(path, safe_serialization=True)
+    index_path = Path(path) / "model_index.json"
+    model_index = json.loads(index_path.read_text())
+    model_index["tokenizer"] = ["transformers", "T5TokenizerFast"]
+    index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+
+
 def train_pixart(args: argparse.Namespace) -> None:
     """Text-conditional PixArt-alpha + tiny T5 trained jointly -> PixArtAlphaPipeline in assets/pixart-digits."""
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
@@ -429,12 +439,7 @@ def train_pixart(args: argparse.Namespace) -> None:
     pipe = PixArtAlphaPipeline(
         tokenizer=tokenizer, text_encoder=ema_text, vae=vae, transformer=ema.half(), scheduler=scheduler
     )
-    pipe.save_pretrained(PIXART_DIGITS_DIR, safe_serialization=True)
-    # Name the tokenizer class that loads tokenizer.json on both transformers 4.x and 5.x.
-    index_path = PIXART_DIGITS_DIR / "model_index.json"
-    model_index = json.loads(index_path.read_text())
-    model_index["tokenizer"] = ["transformers", "T5TokenizerFast"]
-    index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+    save_text_pipeline(pipe, PIXART_DIGITS_DIR)
     print(f"[pixart] final loss {loss:.4f}  wall {wall:.0f}s")
     # Make the stock call (resolution binning) work: 256 px bin <-> the 16x16 latents, transformer weights kept.
     from pixart_binning_vae import build_parser, convert  # scripts/pixart_binning_vae.py

@@ -198,12 +198,7 @@ def train(args: argparse.Namespace) -> None:
         pipe = LattePipeline(
             tokenizer=tokenizer, text_encoder=text, vae=vae, transformer=transformer.half(), scheduler=scheduler
         )
-        pipe.save_pretrained(path, safe_serialization=True)
-        # Name the tokenizer class that loads tokenizer.json on both transformers 4.x and 5.x (as for PixArt).
-        index_path = path / "model_index.json"
-        model_index = json.loads(index_path.read_text())
-        model_index["tokenizer"] = ["transformers", "T5TokenizerFast"]
-        index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+        ref.save_text_pipeline(pipe, path)
 
     def checkpoint(step: int, emas: list[torch.nn.Module]) -> None:
         if args.save_every and step % args.save_every == 0 and step < (args.steps or DEFAULT_STEPS):
