@@ -197,6 +197,7 @@ def test_report_merges_runs_on_the_same_images(tmp_path, capsys):
         (["bench", "--budgets", "0.5"], "FLOPs reduction factor >= 1"),
         (["report", "/no/such/results.csv", "--out", "merged"], "no such file"),
         (["demo", "--steps", "0"], "argument --steps: 0 is not allowed; it must be an integer >= 1"),
+        (["bench", "--methods", "uncached", "fora", "--match-flops"], "add duca-budget to --methods"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(args, message, capsys):
@@ -260,6 +261,57 @@ def test_calibration_search_hits_targets():
     calibrator = _FakeCalibrator(lambda s: s["interval"] * (1.5 - s["fresh_ratio"]) / 1.0)
     setting, ratio = calibrator.search(fine, 3.3)
     assert ratio == pytest.approx(3.3, rel=0.03) and 0 <= setting["fresh_ratio"] <= 1
+
+
+def test_fine_knob_closes_the_gap_from_the_next_interval():
+    """TaylorSeer-like: full warm-up steps, then one full step every `interval`. At 50 steps and 3 warm-up steps
+    no interval lands within 3% of 2x (interval 2: 1.89x); interval 3 with 12-13 warm-up steps does (2.03x,
+    1.97x), found only by searching the fine knob from the interval on the other side of the target too
+    (from interval 2 alone the nearest is 1 warm-up step, 1.96x, further off)."""
+    nop = lambda workload, setting: (lambda: None)  # noqa: E731
+    method = Method("t", "", nop, knob=Knob("cache_interval", 1, 50, integer=True),
+                    fine_knob=Knob("disable_cache_before_step", 1, 49, integer=True, faster_when="lower"),
+                    start={"disable_cache_before_step": 3})
+
+    def ratio(s):
+        warmup = s["disable_cache_before_step"]
+        return 50 / (warmup + (50 - warmup) / s["cache_interval"])
+
+    calibrator = _FakeCalibrator(ratio)
+    calibrator.workload.steps = 50
+    setting, found = calibrator.search(method, 2.0)
+    assert setting["cache_interval"] == 3 and found == pytest.approx(2.0, rel=0.03)
+    assert ratio({"cache_interval": 2, "disable_cache_before_step": 3}) < 2.0 / 1.03  # the coarse knob alone misses
+
+
+def test_match_targets_pair_every_far_row_with_one_run():
+    from dualcache_diffusers.bench import BenchRow, Quality, _match_targets
+
+    def row(method, budget, ratio, family="baseline"):
+        return BenchRow(method, budget, {}, ratio, ratio, Quality(30.0, 0.9), "-", family=family)
+
+    rows = [row("uncached", None, 1.0, "reference"), row("duca-budget", 2.0, 1.99, "dualcache"),
+            row("taylorseer", 2.0, 1.86), row("seacache", 2.0, 1.87), row("fora", 2.0, 2.03, "dualcache"),
+            row("calibrated", 2.0, 1.80, "plan"), row("steps", 3.0, 2.86, "steps")]
+    targets = _match_targets(rows, "duca-budget")
+    # seacache shares taylorseer's run (within 1%); fora is within 3%; calibrated is a plan; no own row at 3x
+    assert targets == {1.86: "taylorseer at 2x, seacache at 2x"}
+
+
+def test_bench_match_flops_adds_rows_at_the_baselines_flops(dit_dir, tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--model", str(dit_dir), "--out", str(out), "--classifier", str(tmp_path / "none"),
+            "--methods", "uncached", "steps", "duca-budget", "--budgets", "2.5", "--match-flops"]
+    assert cli.main(args) == 0
+    rows = _read_csv(out / "results.csv")
+    steps = next(r for r in rows if r["method"] == "steps")
+    ours = [r for r in rows if r["method"] == "duca-budget"]
+    assert len(ours) == 2, rows  # 6 steps: fewer steps gives 2x or 3x, never within 3% of 2.5x
+    matched = next(r for r in ours if r["budget"] != "2.5")
+    assert float(matched["budget"]) == pytest.approx(float(steps["flops_ratio"]), abs=1e-3)
+    assert abs(float(matched["flops_ratio"]) / float(steps["flops_ratio"]) - 1) < 0.03
+    assert "at the FLOPs of steps at 2.5x" in matched["description"]
+    assert "every comparison has a pair within 3%" in (out / "results.md").read_text()
 
 
 def test_bench_reports_methods_that_cannot_run(dit_dir, tmp_path, monkeypatch):

@@ -266,7 +266,9 @@ def _dual_cache(preset: str, **fixed: Any) -> Callable[[Workload, Setting], Undo
 
 def _dual_cache_method(name: str, preset: str, description: str, **fixed: Any) -> Method:
     interval = Knob("interval", 2, 64, integer=True)
-    fine = Knob("fresh_ratio", 0.0, 1.0, faster_when="lower") if preset != "fora" else None
+    # FORA has no token knob: its leading full steps bring the FLOPs nearer a budget no interval meets
+    fine = (Knob("fresh_ratio", 0.0, 1.0, faster_when="lower") if preset != "fora"
+            else Knob("first_full_steps", 1, 64, integer=True, faster_when="lower"))
     return Method(name, description, _dual_cache(preset, **fixed), knob=interval, fine_knob=fine)
 
 
@@ -347,6 +349,13 @@ def _baseline_knob(name: str, steps: int) -> Knob:
     return Knob(spec.sweep_knob, 1e-3, 10.0, log=True, faster_when=spec.faster_when)
 
 
+def _baseline_fine_knob(name: str, steps: int) -> Knob | None:
+    """A second knob of the baseline's own, searched when its sweep knob (an integer) misses the budget."""
+    if name == "taylorseer":  # warm-up steps computed in full before the first forecast
+        return Knob("disable_cache_before_step", 1, max(1, steps - 1), integer=True, faster_when="lower")
+    return None
+
+
 def _baseline_method(name: str, description: str) -> Method:
     def apply(workload: Workload, setting: Setting) -> Undo:
         from .baselines import apply_baseline, calibrate_mag_ratios, remove_baseline
@@ -406,6 +415,7 @@ def build_methods(steps: int, plans: dict[str, Path] | None = None) -> dict[str,
             continue
         method = _baseline_method(name, spec.summary.split(":")[0])
         method.knob = _baseline_knob(name, steps)
+        method.fine_knob = _baseline_fine_knob(name, steps)
         methods[alias] = dataclasses.replace(method, name=alias)
     for name, path in (plans or {}).items():
         methods[name] = _plan_method(name, Path(path))
@@ -510,10 +520,25 @@ class Calibrator:
             return setting, self.ratio(method, setting)
         setting, ratio = self._search_knob(method, method.knob, setting, target)
         if method.fine_knob is not None and _log_gap(ratio, target) > self.tolerance:
-            fine, fine_ratio = self._search_knob(method, method.fine_knob, setting, target)
-            if _log_gap(fine_ratio, target) < _log_gap(ratio, target):
-                setting, ratio = fine, fine_ratio
+            for base in self._bracket(method, setting, ratio, target):
+                fine, fine_ratio = self._search_knob(method, method.fine_knob, base, target)
+                if _log_gap(fine_ratio, target) < _log_gap(ratio, target):
+                    setting, ratio = fine, fine_ratio
         return setting, ratio
+
+    def _bracket(self, method: Method, setting: Setting, ratio: float, target: float) -> list[Setting]:
+        """The coarse setting found and, for an integer knob, its neighbour on the other side of the target:
+        the fine knob can then close the gap from either side (e.g. TaylorSeer's warm-up steps lower the
+        ratio, so a larger interval with more warm-up can land where no interval alone does)."""
+        knob = method.knob
+        assert knob is not None
+        if not knob.integer:
+            return [setting]
+        value = setting.get(knob.name, knob.low)
+        step = 1 if (ratio < target) == (knob.faster_when == "higher") else -1
+        high = min(knob.high, self.workload.steps) if knob.name in ("interval", "num_inference_steps") else knob.high
+        neighbour = value + step
+        return [setting] + ([{**setting, knob.name: neighbour}] if knob.low <= neighbour <= high else [])
 
     def _search_knob(self, method: Method, knob: Knob, base: Setting, target: float) -> tuple[Setting, float]:
         low, high = knob.low, knob.high
@@ -629,6 +654,13 @@ class BenchConfig:
     budgets: Sequence[float] = (1.5, 2.0, 2.5, 3.0, 4.0)
     calibration_seeds: Sequence[int] = (1000, 1001)
     calibration_conditions: int = 2
+    #: also run this method (e.g. "duca-budget") at the FLOPs every other method achieved, where that is more
+    #: than :data:`MATCH_TOLERANCE` away from its own row at the same budget (integer knobs and adaptive
+    #: caches cannot always land near the budget; a continuous budget can land near them)
+    match_to: str | None = None
+
+
+MATCH_TOLERANCE = 0.03
 
 
 @dataclass
@@ -693,7 +725,45 @@ def run_benchmark(
             logger.warning("method %s skipped: %s: %s", method.name, type(error).__name__, error)
             result.skipped[method.name] = f"{type(error).__name__}: {error}"
             progress.update(len(budgets))
+    if config.match_to in methods:
+        matched = methods[config.match_to]
+        targets = _match_targets(result.rows, matched.name)
+        if targets:
+            _grow_progress(progress, len(targets))
+            rows = _evaluate_method(matched, list(targets), workload, calibrator, reference, judge, progress)
+            for row in rows:
+                row.description = f"{matched.name} at the FLOPs of {targets[row.budget]}"
+            result.rows += rows
+            result.notes.append(
+                f"{matched.name} rows at budgets other than those asked for: run at the FLOPs ratio another method "
+                "achieved (where that was more than 3% from its own row at the same budget), so that every "
+                "comparison has a pair within 3%: " + "; ".join(f"{t:g}x = {who}" for t, who in targets.items()))
     return result
+
+
+def _match_targets(rows: Sequence[BenchRow], ours: str) -> dict[float, str]:
+    """FLOPs ratios other methods achieved more than 3% away from ``ours`` at the same budget: the ratio
+    (rounded to 3 decimals; ratios within 1% share one run) -> which rows it matches."""
+    own = {r.budget: r.flops_ratio for r in rows if r.method == ours and r.budget is not None}
+    targets: dict[float, str] = {}
+    for row in rows:
+        if row.method == ours or row.budget not in own or row.family in ("reference", "plan"):
+            continue
+        if _log_gap(row.flops_ratio, own[row.budget]) <= math.log1p(MATCH_TOLERANCE):
+            continue
+        near = next((t for t in targets if _log_gap(row.flops_ratio, t) <= math.log1p(0.01)), None)
+        label = f"{row.method} at {row.budget:g}x"
+        if near is None:
+            targets[round(row.flops_ratio, 3)] = label
+        else:
+            targets[near] += f", {label}"
+    return targets
+
+
+def _grow_progress(progress: Any, jobs: int) -> None:
+    if getattr(progress, "total", None) is not None:
+        progress.total += jobs
+        progress.refresh()
 
 
 def _calibration_workload(workload: Workload, config: BenchConfig) -> Workload:

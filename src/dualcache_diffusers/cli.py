@@ -394,6 +394,9 @@ def _configure_bench(parser: argparse.ArgumentParser) -> None:
                         help="digits classifier dir (default: the shipped one; missing -> no FD / accuracy)")
     parser.add_argument("--calibration-seeds", type=positive_int, default=2, help="seeds of the knob search")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per pipeline call")
+    parser.add_argument("--match-flops", action="store_true",
+                        help="also run duca-budget at the FLOPs ratio each other method achieved where that is "
+                             "more than 3%% from duca-budget's own (integer knobs cannot always meet a budget)")
     parser.add_argument("--out", type=Path, default=Path("dualcache-bench"),
                         help="output folder (default: ./dualcache-bench)")
     parser.add_argument("--quick", action="store_true",
@@ -445,6 +448,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     _apply_quick(args)
     plans = _parse_plans(args.plan)
     wanted, budgets = _selected_methods(args), _budgets(args)
+    if args.match_flops and "duca-budget" not in wanted:
+        raise ValueError("--match-flops runs duca-budget at the other methods' FLOPs: add duca-budget to --methods")
     ref = check_model_arguments(args)
     from . import metrics
     from .bench import (
@@ -471,7 +476,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if classifier is None:
         print("warning: no digits classifier found: Frechet distance and accuracy are skipped", file=sys.stderr)
     config = BenchConfig(budgets=budgets, calibration_seeds=[1000 + i for i in range(args.calibration_seeds)],
-                         calibration_conditions=1 if args.quick else 2)
+                         calibration_conditions=1 if args.quick else 2,
+                         match_to="duca-budget" if args.match_flops else None)
     with _progress(count_jobs(methods.values(), budgets), "bench") as bar:
         result = run_benchmark(workload, methods, config, classifier=classifier, progress=bar)
     result.model = args.model
