@@ -1,15 +1,18 @@
-"""One or two leading full steps, at the most full steps a budget affords (evenly spaced otherwise).
+"""One, two or three leading full steps under the default budget rule (the same K full steps, the rest evenly
+spaced, the fresh ratio fitted to the budget).
 
-    python benchmarks/budget_warmup.py dit 2.068 2.754 3.414 4.547 3.0
+    python benchmarks/budget_warmup.py --model dit --budgets 2.068 2.754 3.414 4.547
+    python benchmarks/budget_warmup.py --model pixart --budgets 2.221 2.754 3.414 4.885
+    python benchmarks/budget_warmup.py --model dit --steps 50 --guidance 1.5 --budgets 2.068 2.563 3.178 4.233
 
-Budgets are denoiser FLOPs reductions (2.068 ... 4.547 are what `dualcache bench` needed on the shipped DiT
-for 2x, 2.5x, 3x, 4x of the whole pipeline). 8 images (seeds 1000-1001 x digits 0, 3, 6, 9), 20 steps,
-PSNR dB against uncached. Prints: model, budget, full steps K, leading full steps, PSNR, step pattern.
+Budgets are denoiser FLOPs reductions (what `dualcache bench` needed for 2x, 2.5x, 3x, 4x of the whole pipeline).
+Calibration images only: seeds 1000-1004 x the ten digits (50 images; the benchmark evaluates on seeds 0-9).
+Prints: model, steps, budget, leading full steps, engine FLOPs ratio, PSNR dB vs uncached, step pattern.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 
@@ -22,22 +25,36 @@ from dualcache_diffusers.calibrate import cost_model
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dit")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[2.068, 2.754, 3.414, 4.547])
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    model, budgets = sys.argv[1], [float(b) for b in sys.argv[2:]]
-    pipe = load_pipeline(model)
-    workload = Workload(pipe, 20, [1000, 1001], default_conditions(pipe)[::3][:4], batch_size=8)
+    pipe = load_pipeline(args.model)
+    workload = Workload(pipe, args.steps, list(range(1000, 1005)), default_conditions(pipe), batch_size=50,
+                        guidance_scale=args.guidance)
     reference = workload.generate()
     cost, _ = cost_model(pipe, workload, 2)  # the engine's FLOPs per step, from one budget-rule generation
     layout = find_adapter(pipe.transformer).layout(pipe.transformer)
-    for budget in budgets:
-        k = affordable_full_steps(20, budget, cost, layout)
-        for warmup in (1, 2):
-            plan, _ = fit_ratio(20, layout, Schedule(k, warmup=warmup), budget, cost)
+    for budget in args.budgets:
+        k = affordable_full_steps(args.steps, budget, cost, layout)
+        for warmup in (1, 2, 3):
+            fitted = fit_ratio(args.steps, layout, Schedule(k, warmup=warmup), budget, cost)
+            if fitted is None:
+                print(args.model, args.steps, budget, warmup, "does not reach the budget", flush=True)
+                continue
+            plan, _ = fitted
             enable_dual_cache(pipe, plan=plan)
-            images = workload.generate()
-            disable_dual_cache(pipe)
-            pattern = "".join("F" if s.is_full else "C" for s in plan.steps)
-            print(model, budget, k, warmup, round(metrics.fidelity(images, reference)["psnr"], 2), pattern, flush=True)
+            try:
+                images = workload.generate()
+            finally:
+                disable_dual_cache(pipe)
+            pattern = "".join("F" if s.is_full else ("A" if s.skip_blocks else "C") for s in plan.steps)
+            psnr = metrics.fidelity(images, reference)["psnr"]
+            print(args.model, args.steps, budget, warmup, round(cost.ratio(plan), 3), round(psnr, 2), pattern,
+                  flush=True)
 
 
 if __name__ == "__main__":

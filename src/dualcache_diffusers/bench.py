@@ -1004,8 +1004,10 @@ def plot_speed_quality(result: BenchResult, path: Path) -> None:
             points = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, label=name, color="black" if name == "uncached" else colors(i % 20),
-                        **_LINE_STYLES.get(rows[0].family, {}))
+                style = dict(_LINE_STYLES.get(rows[0].family, {}))
+                if name == "duca-budget":  # the default: drawn on top, thicker
+                    style.update(linewidth=2.8, zorder=5)
+                ax.plot(xs, ys, label=name, color="black" if name == "uncached" else colors(i % 20), **style)
         ax.set_xlabel("FLOPs reduction (x, measured)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
