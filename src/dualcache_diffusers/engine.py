@@ -832,7 +832,7 @@ class DualCacheEngine:
             )
         if forecast is not None:
             cache = forecast
-        elif call.history and state.module_cache[key] is cache:
+        elif call.history and _same_value(cache, state.module_cache[key]):
             # the cached tensor is also the newest stored full computation: keep that intact
             cache = call.outputs[key] = _clone(cache)
         picked = call.picks.get((cached.block, cached.column))  # (batch, k) image rows, chosen in begin_call
@@ -858,7 +858,7 @@ class DualCacheEngine:
                 rows_cache = rows_cache.contiguous()
             rows_cache.view(-1, rows_fresh.shape[1]).index_copy_(0, flat, rows_fresh)
         cache = (rows_cache, *(f.to(c.dtype) for f, c in zip(fresh[1:], cache[1:]))) if joint else rows_cache
-        if forecast is None and state.module_cache[key] is not cache:  # a new value, or a copy of an offloaded one
+        if forecast is None and not _same_value(cache, state.module_cache[key]):  # new, or a copy of an offloaded one
             call.outputs[key] = cache
         if call.history and self.config.forecast_reanchor:
             # re-anchor: until the next full computation, this step's output is the newest point forecasts
@@ -1154,6 +1154,17 @@ def module_of(call: Call, cached: CachedModule) -> torch.nn.Module:
 
 def _clone(value: Any) -> Any:
     return tuple(_clone(v) for v in value) if isinstance(value, tuple) else value.clone()
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether ``a`` is the stored value ``b`` (the same tensors, element by element for a joint module's tuple).
+
+    Not ``a is b``: dynamo cannot trace identity between two tuples (a graph break at every joint module of a
+    partial step), while identity between tensors, and the recursion, trace to constants.
+    """
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a is b
 
 
 def _flat_rows(picked: torch.Tensor, rows: int) -> torch.Tensor:
