@@ -294,6 +294,7 @@ class Call:
     error_order: int = 0  # order of the forecast whose error full steps measure (forecast-error selection)
     stack_history: bool = False  # the plan forecasts the skipped stack: keep its past outputs
     passthrough: bool = False  # a full step nothing later reads: blocks and modules run as stock, nothing stored
+    offload: bool = False  # stored values are copies on another device (cache_device): load them back, prefetch
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
     # Decided before the denoiser runs (outside any compiled region), read by the block and module hooks:
     actions: tuple[tuple[str, ...], ...] = ()  # per block and module column (Denoiser.actions)
@@ -496,7 +497,8 @@ class DualCacheEngine:
         passthrough = primed and costs is not None and facts.unread[branch.step]
         call = Call(den, branch, state, step_plan, recording=recording, counting=costs is None,
                     history=facts.history, error_order=facts.error_order, stack_history=facts.forecasts_stack,
-                    signature=signature, passthrough=passthrough, actions=den.actions(step_plan))
+                    signature=signature, passthrough=passthrough, actions=den.actions(step_plan),
+                    offload=self.storage.offloads_from(latents.device))
         state.costs = costs if costs is not None else Costs()
         state.stats.step_kinds.append(step_plan.kind)
         state.stats.num_calls += 1
@@ -577,7 +579,7 @@ class DualCacheEngine:
             den.costs[signature] = state.costs
             state.stats.flops += state.costs.per_call
         for key, output in call.outputs.items():
-            state.module_cache[key] = self.storage.put(output)
+            state.module_cache[key] = self.storage.put(output) if call.offload else output
         state.anchors.update(call.anchors)
         state.scores.update(call.scores)
         state.forecast_errors.update(call.errors)
@@ -588,7 +590,7 @@ class DualCacheEngine:
         state.stats.cache_bytes = max(state.stats.cache_bytes, state.cache_bytes())
         if call.history:
             state.stats.history_bytes = max(state.stats.history_bytes, state.history_bytes())
-        if self.storage.offloads:
+        if call.offload:
             self._prefetch_next_step(call, signature[2])
         gen = self._local.generation
         if gen is not None:
@@ -687,16 +689,16 @@ class DualCacheEngine:
                 return _pass_through(info.spec.outputs, args, kwargs)
             device = _hidden(args, kwargs).device
             forecast = self._forecast(call, call.stack_weights, call.state.stack_history, device)
-            return self._load(call.state, call.state.stack_cache, device) if forecast is None else forecast
+            return self._load(call, call.state.stack_cache, device) if forecast is None else forecast
         call.block, call.block_calls, call.bucket = info.index, {}, ("block", info.index)
-        if self.storage.offloads and not call.step_plan.is_full:  # the next block's caches, one block ahead
+        if call.offload and not call.step_plan.is_full:  # the next block's caches, one block ahead
             self._prefetch_block(call, info.index + 1, _hidden(args, kwargs).device)
         try:
             output = forward(*args, **kwargs)
         finally:
             call.block, call.bucket = None, ("model",)
         if is_last:
-            call.state.stack_cache = self.storage.put(output)
+            call.state.stack_cache = self.storage.put(output) if call.offload else output
             call.events.append(("stack",))
         return output
 
@@ -719,7 +721,7 @@ class DualCacheEngine:
         device = _hidden(args, kwargs).device
         forecast = self._forecast(call, call.weights.get(key), _anchored(state, key), device)
         if forecast is None:
-            cache = self._load(state, cache, device)
+            cache = self._load(call, cache, device)
         if not partial:
             return cache if forecast is None else forecast
         return self._recompute_rows(call, cached, key, cache, forward, args, kwargs, forecast)
@@ -729,14 +731,13 @@ class DualCacheEngine:
         Lagrange extrapolation), or None where the step reuses as is (or too little is stored)."""
         if weights is None:
             return None
-        return combine([v for _, v in self._loaded(call.state, history[-len(weights):], device)], weights)
-
-    def _loaded(self, state: ModelState, points, device: torch.device) -> list[tuple[int, Any]]:
-        return [(step, self._load(state, value, device)) for step, value in points]
+        return combine([self._load(call, v, device) for _, v in history[-len(weights):]], weights)
 
     # ---- cache storage (cache_device) ---------------------------------------------------------------
-    def _load(self, state: ModelState, stored: Any, device: torch.device) -> Any:
-        return self.storage.get(state.prefetched, stored, device)
+    def _load(self, call: Call, stored: Any, device: torch.device) -> Any:
+        """A stored value on the model's device. Without offloading (``call.offload`` False, decided in
+        begin_call) the stored value itself, with no bookkeeping for a compiled block to guard on."""
+        return self.storage.get(call.state.prefetched, stored, device) if call.offload else stored
 
     def _stored_needs(self, state: ModelState, step_plan: StepPlan, block: int | None) -> list[Any]:
         """The stored values a step reads in ``block`` (None: the skipped block stack)."""
@@ -783,7 +784,7 @@ class DualCacheEngine:
         if weights is not None:
             predicted = self._forecast(call, weights, _anchored(call.state, key), device)
         else:
-            predicted = self._load(call.state, call.state.module_cache.get(key), device)
+            predicted = self._load(call, call.state.module_cache.get(key), device)
         if not isinstance(predicted, torch.Tensor) or not isinstance(output, torch.Tensor):
             return
         image = call.image_rows(cached.grid)
