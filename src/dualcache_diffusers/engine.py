@@ -46,7 +46,7 @@ from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .budget import CostModel
 from .cache_storage import CacheStorage
 from .config import DualCacheConfig
-from .forecast import combine, lagrange_weights
+from .forecast import ForecastWeights, combine, lagrange_weights
 from .partial_attention import joint_flops, rotary_partial_attention
 from .plan import CachePlan, PlanLayout, StepPlan, action_of, full_plan, num_fresh_tokens
 from .selection import (
@@ -122,6 +122,7 @@ class Denoiser:
         ]
         self.plans: dict[int, CachePlan] = {}
         self.costs: dict[tuple, Costs] = {}
+        self._weights: dict[tuple[tuple[float, ...], torch.device], ForecastWeights] = {}
         self._actions: dict[int, tuple[StepPlan, tuple[tuple[str, ...], ...]]] = {}
         self._steps: dict[tuple[int, bool], tuple[CachePlan, PlanSteps]] = {}  # per plan: derived per-step flags
         self.value_modules: dict[int, tuple[torch.nn.Module, torch.nn.Module, str]] = {}  # block -> (to_v, attn, rows)
@@ -168,6 +169,13 @@ class Denoiser:
                             for row in step_plan.fractions)
             entry = self._actions[id(step_plan)] = (step_plan, actions)
         return entry[1]
+
+    def forecast_weights(self, values: tuple[float, ...], device: torch.device) -> ForecastWeights:
+        """``values`` with their tensor on ``device``, made once per distinct weights (a plan has few)."""
+        entry = self._weights.get((values, device))
+        if entry is None:
+            entry = self._weights[(values, device)] = ForecastWeights.of(values, device)
+        return entry
 
     def steps_of(self, plan: CachePlan, error_selection: bool) -> PlanSteps:
         """What a plan implies per step (history length, scored and unread full steps), once per plan."""
@@ -299,9 +307,9 @@ class Call:
     # Decided before the denoiser runs (outside any compiled region), read by the block and module hooks:
     actions: tuple[tuple[str, ...], ...] = ()  # per block and module column (Denoiser.actions)
     picks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (block, column) -> (B, k) rows
-    weights: dict[tuple[int, int, int], tuple[float, ...]] = field(default_factory=dict)  # forecast weights
-    stack_weights: tuple[float, ...] | None = None
-    error_weights: dict[tuple[int, int, int], tuple[float, ...]] = field(default_factory=dict)  # error forecasts
+    weights: dict[tuple[int, int, int], ForecastWeights] = field(default_factory=dict)  # forecast weights
+    stack_weights: ForecastWeights | None = None
+    error_weights: dict[tuple[int, int, int], ForecastWeights] = field(default_factory=dict)  # error forecasts
     # What the hooks did, turned into statistics, caches and forecast history after the call (end_call).
     # Written to these fresh containers rather than the state's, so that a compiled model guards on
     # nothing that grows during a generation:
@@ -513,9 +521,9 @@ class DualCacheEngine:
         if not step_plan.is_full:  # this step's rows and forecast weights, chosen before the denoiser runs
             self._select_rows(call, latents.shape[0], latents.device)
             if step_plan.forecast_order:
-                self._forecast_weights(call)
+                self._forecast_weights(call, latents.device)
         elif call.recording and self.selection in ERROR_SELECTIONS:
-            self._error_weights(call)
+            self._error_weights(call, latents.device)
         return call
 
     def _select_rows(self, call: Call, batch: int, device: torch.device) -> None:
@@ -534,20 +542,21 @@ class DualCacheEngine:
                 picked = call.picks[(cached.block, cached.column)] = self._select(call, cached, k, rows, image, device)
                 torch._dynamo.maybe_mark_dynamic(picked, 1)  # compiled: one graph whatever the step's token count
 
-    def _forecast_weights(self, call: Call) -> None:
-        """Forecast weights of each stored history at this step (Python floats, one per stored output used):
-        the plan's learned weights where it has them and enough is stored, else Lagrange extrapolation."""
-        order, step, memo = call.step_plan.forecast_order, call.branch.step, {}
+    def _forecast_weights(self, call: Call, device: torch.device) -> None:
+        """Forecast weights of each stored history at this step (one per stored output used; floats for eager,
+        a tensor for compiled models): the plan's learned weights where it has them and enough is stored,
+        else Lagrange extrapolation."""
+        order, step, memo, den = call.step_plan.forecast_order, call.branch.step, {}, call.denoiser
         learned = call.step_plan.forecast_weights
 
-        def weights(history: list[tuple[int, Any]]) -> tuple[float, ...] | None:
+        def weights(history: list[tuple[int, Any]]) -> ForecastWeights | None:
             if len(history) < 2:
                 return None
             if learned is not None and len(history) >= len(learned):  # learned weights (forecast_fit)
-                return learned
+                return den.forecast_weights(learned, device)
             steps = tuple(s for s, _ in history[-(order + 1):])
             if steps not in memo:
-                memo[steps] = tuple(lagrange_weights(steps, step))
+                memo[steps] = den.forecast_weights(tuple(lagrange_weights(steps, step)), device)
             return memo[steps]
 
         state = call.state
@@ -557,7 +566,7 @@ class DualCacheEngine:
                 call.weights[key] = w
         call.stack_weights = weights(state.stack_history)
 
-    def _error_weights(self, call: Call) -> None:
+    def _error_weights(self, call: Call, device: torch.device) -> None:
         """At a full step measuring forecast errors: the Lagrange weights (order ``call.error_order``) of the
         forecast each module's output is compared with (none: compared with the cached output)."""
         if not call.error_order:
@@ -568,7 +577,7 @@ class DualCacheEngine:
             if len(history) >= 2:
                 steps = tuple(s for s, _ in history[-(call.error_order + 1):])
                 if steps not in memo:
-                    memo[steps] = tuple(lagrange_weights(steps, step))
+                    memo[steps] = call.denoiser.forecast_weights(tuple(lagrange_weights(steps, step)), device)
                 call.error_weights[key] = memo[steps]
 
     @torch.compiler.disable
@@ -726,12 +735,12 @@ class DualCacheEngine:
             return cache if forecast is None else forecast
         return self._recompute_rows(call, cached, key, cache, forward, args, kwargs, forecast)
 
-    def _forecast(self, call: Call, weights: tuple[float, ...] | None, history, device: torch.device) -> Any:
+    def _forecast(self, call: Call, weights: ForecastWeights | None, history, device: torch.device) -> Any:
         """The step's forecast output from the weights chosen in begin_call (the plan's learned weights or
         Lagrange extrapolation), or None where the step reuses as is (or too little is stored)."""
         if weights is None:
             return None
-        return combine([self._load(call, v, device) for _, v in history[-len(weights):]], weights)
+        return combine([self._load(call, v, device) for _, v in history[-weights.count:]], weights)
 
     # ---- cache storage (cache_device) ---------------------------------------------------------------
     def _load(self, call: Call, stored: Any, device: torch.device) -> Any:
