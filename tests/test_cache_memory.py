@@ -103,6 +103,7 @@ def test_cache_device_cpu_on_a_cpu_model_stores_in_place():
     engine = get_engine(pipe)
     t = torch.ones(3)
     assert engine.storage.offloads and engine.storage.put(t) is t  # nothing to move
+    assert not engine.storage.offloads_from(torch.device("cpu"))  # nor any prefetch bookkeeping (test_compile)
     assert np.array_equal(generate(pipe, steps=8), reference)
     assert cache_stats(pipe).cache_device == "cpu" and "on cpu" in cache_stats(pipe).summary()
 

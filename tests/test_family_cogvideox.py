@@ -13,8 +13,8 @@ from family_harness import FamilyCase, check_family, check_partial_self_attentio
 from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 
-def tiny_cogvideox_pipeline(seed: int = 0, version: str = "1.0") -> CogVideoXPipeline:
-    """128x128 pixels -> 16x16 latents, patch 2 -> 64 tokens per frame; 3 blocks.
+def tiny_cogvideox_pipeline(seed: int = 0, version: str = "1.0", num_layers: int = 3) -> CogVideoXPipeline:
+    """128x128 pixels -> 16x16 latents, patch 2 -> 64 tokens per frame; 3 blocks by default.
     1.0: 9 frames -> 3 latent frames; 1.5 (``patch_size_t=2``): padded to 4 latent frames -> 2 token frames."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
@@ -22,7 +22,7 @@ def tiny_cogvideox_pipeline(seed: int = 0, version: str = "1.0") -> CogVideoXPip
     extra = dict(patch_size_t=2, patch_bias=False) if version == "1.5" else {}
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
-        text_embed_dim=8, num_layers=3, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        text_embed_dim=8, num_layers=num_layers, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True, **extra,
     ).eval()
     pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, transformer=transformer,

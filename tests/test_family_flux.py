@@ -21,14 +21,14 @@ def tiny_flux_vae(seed: int = 0):
     return vae
 
 
-def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
-    """16x16 latents packed 2x2 -> 64 image tokens, 8 text tokens, 3 double + 3 single blocks."""
+def tiny_flux_pipeline(seed: int = 0, num_layers: int = 3, num_single_layers: int = 3) -> FluxPipeline:
+    """16x16 latents packed 2x2 -> 64 image tokens, 8 text tokens, 3 double + 3 single blocks (by default)."""
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     torch.manual_seed(seed)
     text_encoder = tiny_clip_text_encoder(tokenizer)
     text_encoder_2 = tiny_t5_encoder(tokenizer_2, num_heads=2)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=3, num_single_layers=3, attention_head_dim=16,
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
     ).eval()
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_flux_vae(seed),

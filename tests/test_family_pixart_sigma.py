@@ -11,14 +11,14 @@ from tiny_pipelines import TINY_PIXART_CALL_KWARGS, tiny_t5_encoder, tiny_t5_tok
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
 
 
-def tiny_pixart_sigma_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
-    """16x16 latents, patch 2 -> 64 tokens, 3 blocks (self, cross, MLP), 1-layer T5."""
+def tiny_pixart_sigma_pipeline(seed: int = 0, num_layers: int = 3) -> PixArtSigmaPipeline:
+    """16x16 latents, patch 2 -> 64 tokens, 3 blocks by default (self, cross, MLP), 1-layer T5."""
     tokenizer = tiny_t5_tokenizer()
     torch.manual_seed(seed)
     text_encoder = tiny_t5_encoder(tokenizer)
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=3, sample_size=16,
-        patch_size=2, cross_attention_dim=32, caption_channels=32, norm_num_groups=4,
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=num_layers,
+        sample_size=16, patch_size=2, cross_attention_dim=32, caption_channels=32, norm_num_groups=4,
     ).eval()
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(seed),
                                transformer=transformer, scheduler=DDIMScheduler())

@@ -34,8 +34,9 @@ def tiny_clip(tokenizer, seed: int):
                                   with_projection=True)
 
 
-def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
-    """16x16 latents, patch 2 -> 64 image tokens, 16 text tokens, 4 MMDiT blocks (SD3.5: attn2 in block 0)."""
+def tiny_sd3_pipeline(seed: int = 0, num_layers: int = 4) -> StableDiffusion3Pipeline:
+    """16x16 latents, patch 2 -> 64 image tokens, 16 text tokens, 4 MMDiT blocks by default (SD3.5: attn2 in
+    block 0; the last block context_pre_only)."""
     clip_tokenizer = tiny_clip_tokenizer(TEXT_LEN)
     t5_tokenizer = tiny_t5_tokenizer()
     text_encoder = tiny_clip(clip_tokenizer, seed)
@@ -43,7 +44,7 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     torch.manual_seed(seed)
     text_encoder_3 = tiny_t5_encoder(t5_tokenizer)
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
         pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
     ).eval()

@@ -49,14 +49,16 @@ def _transformer(seed: int, cls=WanTransformer3DModel, **extra):
     return cls(**{**WAN_CONFIG, **extra}).eval()
 
 
-def tiny_wan_pipeline(seed: int = 0, experts: int = 1, expand_timesteps: bool = False) -> WanPipeline:
+def tiny_wan_pipeline(seed: int = 0, experts: int = 1, expand_timesteps: bool = False,
+                      num_layers: int = WAN_CONFIG["num_layers"]) -> WanPipeline:
     tokenizer, encoder = _text(seed)
     extra = {}
     if experts == 2:  # Wan 2.2 A14B: high-noise expert, then the low-noise expert below the boundary
-        extra = dict(transformer_2=_transformer(seed + 1), boundary_ratio=0.875)
+        extra = dict(transformer_2=_transformer(seed + 1, num_layers=num_layers), boundary_ratio=0.875)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=_vae(seed),
-                       scheduler=FlowMatchEulerDiscreteScheduler(), transformer=_transformer(seed),
-                       expand_timesteps=expand_timesteps, **extra)
+                       scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=_transformer(seed, num_layers=num_layers), expand_timesteps=expand_timesteps,
+                       **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

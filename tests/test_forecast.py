@@ -275,3 +275,23 @@ def test_reanchoring_makes_the_partial_steps_output_the_newest_forecast_point():
     assert cache_stats(pipe).history_bytes > 0
     with pytest.raises(TypeError, match="forecast_reanchor"):
         enable_dual_cache(pipe, "duca", forecast_reanchor="yes")
+
+
+def test_forecast_weights_reach_a_compiled_region_as_a_tensor():
+    """Eager, ForecastWeights combine with their floats; compiled, with their tensor: one graph for any weights."""
+    from torch._dynamo.testing import CompileCounter
+
+    from dualcache_diffusers.forecast import ForecastWeights, combine
+
+    values = [torch.randn(2, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    backend = CompileCounter()
+    torch._dynamo.reset()
+    forecast = torch.compile(lambda weights: combine(values, weights), backend=backend)
+    try:
+        for steps, target in [((0, 3, 6), 7), ((0, 3, 6), 8), ((2, 4, 9), 13)]:
+            weights = ForecastWeights.of(lagrange_weights(steps, target), "cpu")
+            assert torch.equal(combine(values, weights), combine(values, weights.values))
+            torch.testing.assert_close(forecast(weights), combine(values, weights.values))
+    finally:
+        torch._dynamo.reset()
+    assert backend.frame_count == 1

@@ -49,6 +49,11 @@ class CacheStorage:
         """Whether stored values may differ from the computed ones (False: the default, identity path)."""
         return self.device is not None
 
+    def offloads_from(self, device: str | torch.device) -> bool:
+        """Whether values computed on ``device`` are stored elsewhere (False: ``cache_device`` is the model's
+        own device, as ``"cpu"`` is on a CPU model, and storing, loading and prefetching are the identity)."""
+        return self.device is not None and self._moves(torch.device(device), self.device)
+
     # ---- storing --------------------------------------------------------------------------------
     def put(self, value: Any) -> Any:
         """``value`` in its stored form (itself when nothing is offloaded)."""

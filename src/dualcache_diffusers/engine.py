@@ -46,7 +46,7 @@ from .adapters.base import BlockInfo, ModuleSpec, resolve
 from .budget import CostModel
 from .cache_storage import CacheStorage
 from .config import DualCacheConfig
-from .forecast import combine, lagrange_weights
+from .forecast import ForecastWeights, combine, lagrange_weights
 from .partial_attention import joint_flops, rotary_partial_attention
 from .plan import CachePlan, PlanLayout, StepPlan, action_of, full_plan, num_fresh_tokens
 from .selection import (
@@ -122,6 +122,7 @@ class Denoiser:
         ]
         self.plans: dict[int, CachePlan] = {}
         self.costs: dict[tuple, Costs] = {}
+        self._weights: dict[tuple[tuple[float, ...], torch.device], ForecastWeights] = {}
         self._actions: dict[int, tuple[StepPlan, tuple[tuple[str, ...], ...]]] = {}
         self._steps: dict[tuple[int, bool], tuple[CachePlan, PlanSteps]] = {}  # per plan: derived per-step flags
         self.value_modules: dict[int, tuple[torch.nn.Module, torch.nn.Module, str]] = {}  # block -> (to_v, attn, rows)
@@ -168,6 +169,13 @@ class Denoiser:
                             for row in step_plan.fractions)
             entry = self._actions[id(step_plan)] = (step_plan, actions)
         return entry[1]
+
+    def forecast_weights(self, values: tuple[float, ...], device: torch.device) -> ForecastWeights:
+        """``values`` with their tensor on ``device``, made once per distinct weights (a plan has few)."""
+        entry = self._weights.get((values, device))
+        if entry is None:
+            entry = self._weights[(values, device)] = ForecastWeights.of(values, device)
+        return entry
 
     def steps_of(self, plan: CachePlan, error_selection: bool) -> PlanSteps:
         """What a plan implies per step (history length, scored and unread full steps), once per plan."""
@@ -294,13 +302,14 @@ class Call:
     error_order: int = 0  # order of the forecast whose error full steps measure (forecast-error selection)
     stack_history: bool = False  # the plan forecasts the skipped stack: keep its past outputs
     passthrough: bool = False  # a full step nothing later reads: blocks and modules run as stock, nothing stored
+    offload: bool = False  # stored values are copies on another device (cache_device): load them back, prefetch
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
     # Decided before the denoiser runs (outside any compiled region), read by the block and module hooks:
     actions: tuple[tuple[str, ...], ...] = ()  # per block and module column (Denoiser.actions)
     picks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (block, column) -> (B, k) rows
-    weights: dict[tuple[int, int, int], tuple[float, ...]] = field(default_factory=dict)  # forecast weights
-    stack_weights: tuple[float, ...] | None = None
-    error_weights: dict[tuple[int, int, int], tuple[float, ...]] = field(default_factory=dict)  # error forecasts
+    weights: dict[tuple[int, int, int], ForecastWeights] = field(default_factory=dict)  # forecast weights
+    stack_weights: ForecastWeights | None = None
+    error_weights: dict[tuple[int, int, int], ForecastWeights] = field(default_factory=dict)  # error forecasts
     # What the hooks did, turned into statistics, caches and forecast history after the call (end_call).
     # Written to these fresh containers rather than the state's, so that a compiled model guards on
     # nothing that grows during a generation:
@@ -496,7 +505,8 @@ class DualCacheEngine:
         passthrough = primed and costs is not None and facts.unread[branch.step]
         call = Call(den, branch, state, step_plan, recording=recording, counting=costs is None,
                     history=facts.history, error_order=facts.error_order, stack_history=facts.forecasts_stack,
-                    signature=signature, passthrough=passthrough, actions=den.actions(step_plan))
+                    signature=signature, passthrough=passthrough, actions=den.actions(step_plan),
+                    offload=self.storage.offloads_from(latents.device))
         state.costs = costs if costs is not None else Costs()
         state.stats.step_kinds.append(step_plan.kind)
         state.stats.num_calls += 1
@@ -511,9 +521,9 @@ class DualCacheEngine:
         if not step_plan.is_full:  # this step's rows and forecast weights, chosen before the denoiser runs
             self._select_rows(call, latents.shape[0], latents.device)
             if step_plan.forecast_order:
-                self._forecast_weights(call)
+                self._forecast_weights(call, latents.device)
         elif call.recording and self.selection in ERROR_SELECTIONS:
-            self._error_weights(call)
+            self._error_weights(call, latents.device)
         return call
 
     def _select_rows(self, call: Call, batch: int, device: torch.device) -> None:
@@ -532,20 +542,21 @@ class DualCacheEngine:
                 picked = call.picks[(cached.block, cached.column)] = self._select(call, cached, k, rows, image, device)
                 torch._dynamo.maybe_mark_dynamic(picked, 1)  # compiled: one graph whatever the step's token count
 
-    def _forecast_weights(self, call: Call) -> None:
-        """Forecast weights of each stored history at this step (Python floats, one per stored output used):
-        the plan's learned weights where it has them and enough is stored, else Lagrange extrapolation."""
-        order, step, memo = call.step_plan.forecast_order, call.branch.step, {}
+    def _forecast_weights(self, call: Call, device: torch.device) -> None:
+        """Forecast weights of each stored history at this step (one per stored output used; floats for eager,
+        a tensor for compiled models): the plan's learned weights where it has them and enough is stored,
+        else Lagrange extrapolation."""
+        order, step, memo, den = call.step_plan.forecast_order, call.branch.step, {}, call.denoiser
         learned = call.step_plan.forecast_weights
 
-        def weights(history: list[tuple[int, Any]]) -> tuple[float, ...] | None:
+        def weights(history: list[tuple[int, Any]]) -> ForecastWeights | None:
             if len(history) < 2:
                 return None
             if learned is not None and len(history) >= len(learned):  # learned weights (forecast_fit)
-                return learned
+                return den.forecast_weights(learned, device)
             steps = tuple(s for s, _ in history[-(order + 1):])
             if steps not in memo:
-                memo[steps] = tuple(lagrange_weights(steps, step))
+                memo[steps] = den.forecast_weights(tuple(lagrange_weights(steps, step)), device)
             return memo[steps]
 
         state = call.state
@@ -555,7 +566,7 @@ class DualCacheEngine:
                 call.weights[key] = w
         call.stack_weights = weights(state.stack_history)
 
-    def _error_weights(self, call: Call) -> None:
+    def _error_weights(self, call: Call, device: torch.device) -> None:
         """At a full step measuring forecast errors: the Lagrange weights (order ``call.error_order``) of the
         forecast each module's output is compared with (none: compared with the cached output)."""
         if not call.error_order:
@@ -566,7 +577,7 @@ class DualCacheEngine:
             if len(history) >= 2:
                 steps = tuple(s for s, _ in history[-(call.error_order + 1):])
                 if steps not in memo:
-                    memo[steps] = tuple(lagrange_weights(steps, step))
+                    memo[steps] = call.denoiser.forecast_weights(tuple(lagrange_weights(steps, step)), device)
                 call.error_weights[key] = memo[steps]
 
     @torch.compiler.disable
@@ -577,7 +588,7 @@ class DualCacheEngine:
             den.costs[signature] = state.costs
             state.stats.flops += state.costs.per_call
         for key, output in call.outputs.items():
-            state.module_cache[key] = self.storage.put(output)
+            state.module_cache[key] = self.storage.put(output) if call.offload else output
         state.anchors.update(call.anchors)
         state.scores.update(call.scores)
         state.forecast_errors.update(call.errors)
@@ -588,7 +599,7 @@ class DualCacheEngine:
         state.stats.cache_bytes = max(state.stats.cache_bytes, state.cache_bytes())
         if call.history:
             state.stats.history_bytes = max(state.stats.history_bytes, state.history_bytes())
-        if self.storage.offloads:
+        if call.offload:
             self._prefetch_next_step(call, signature[2])
         gen = self._local.generation
         if gen is not None:
@@ -687,16 +698,16 @@ class DualCacheEngine:
                 return _pass_through(info.spec.outputs, args, kwargs)
             device = _hidden(args, kwargs).device
             forecast = self._forecast(call, call.stack_weights, call.state.stack_history, device)
-            return self._load(call.state, call.state.stack_cache, device) if forecast is None else forecast
+            return self._load(call, call.state.stack_cache, device) if forecast is None else forecast
         call.block, call.block_calls, call.bucket = info.index, {}, ("block", info.index)
-        if self.storage.offloads and not call.step_plan.is_full:  # the next block's caches, one block ahead
+        if call.offload and not call.step_plan.is_full:  # the next block's caches, one block ahead
             self._prefetch_block(call, info.index + 1, _hidden(args, kwargs).device)
         try:
             output = forward(*args, **kwargs)
         finally:
             call.block, call.bucket = None, ("model",)
         if is_last:
-            call.state.stack_cache = self.storage.put(output)
+            call.state.stack_cache = self.storage.put(output) if call.offload else output
             call.events.append(("stack",))
         return output
 
@@ -719,24 +730,23 @@ class DualCacheEngine:
         device = _hidden(args, kwargs).device
         forecast = self._forecast(call, call.weights.get(key), _anchored(state, key), device)
         if forecast is None:
-            cache = self._load(state, cache, device)
+            cache = self._load(call, cache, device)
         if not partial:
             return cache if forecast is None else forecast
         return self._recompute_rows(call, cached, key, cache, forward, args, kwargs, forecast)
 
-    def _forecast(self, call: Call, weights: tuple[float, ...] | None, history, device: torch.device) -> Any:
+    def _forecast(self, call: Call, weights: ForecastWeights | None, history, device: torch.device) -> Any:
         """The step's forecast output from the weights chosen in begin_call (the plan's learned weights or
         Lagrange extrapolation), or None where the step reuses as is (or too little is stored)."""
         if weights is None:
             return None
-        return combine([v for _, v in self._loaded(call.state, history[-len(weights):], device)], weights)
-
-    def _loaded(self, state: ModelState, points, device: torch.device) -> list[tuple[int, Any]]:
-        return [(step, self._load(state, value, device)) for step, value in points]
+        return combine([self._load(call, v, device) for _, v in history[-weights.count:]], weights)
 
     # ---- cache storage (cache_device) ---------------------------------------------------------------
-    def _load(self, state: ModelState, stored: Any, device: torch.device) -> Any:
-        return self.storage.get(state.prefetched, stored, device)
+    def _load(self, call: Call, stored: Any, device: torch.device) -> Any:
+        """A stored value on the model's device. Without offloading (``call.offload`` False, decided in
+        begin_call) the stored value itself, with no bookkeeping for a compiled block to guard on."""
+        return self.storage.get(call.state.prefetched, stored, device) if call.offload else stored
 
     def _stored_needs(self, state: ModelState, step_plan: StepPlan, block: int | None) -> list[Any]:
         """The stored values a step reads in ``block`` (None: the skipped block stack)."""
@@ -783,7 +793,7 @@ class DualCacheEngine:
         if weights is not None:
             predicted = self._forecast(call, weights, _anchored(call.state, key), device)
         else:
-            predicted = self._load(call.state, call.state.module_cache.get(key), device)
+            predicted = self._load(call, call.state.module_cache.get(key), device)
         if not isinstance(predicted, torch.Tensor) or not isinstance(output, torch.Tensor):
             return
         image = call.image_rows(cached.grid)
@@ -832,7 +842,7 @@ class DualCacheEngine:
             )
         if forecast is not None:
             cache = forecast
-        elif call.history and state.module_cache[key] is cache:
+        elif call.history and _same_value(cache, state.module_cache[key]):
             # the cached tensor is also the newest stored full computation: keep that intact
             cache = call.outputs[key] = _clone(cache)
         picked = call.picks.get((cached.block, cached.column))  # (batch, k) image rows, chosen in begin_call
@@ -858,7 +868,7 @@ class DualCacheEngine:
                 rows_cache = rows_cache.contiguous()
             rows_cache.view(-1, rows_fresh.shape[1]).index_copy_(0, flat, rows_fresh)
         cache = (rows_cache, *(f.to(c.dtype) for f, c in zip(fresh[1:], cache[1:]))) if joint else rows_cache
-        if forecast is None and state.module_cache[key] is not cache:  # a new value, or a copy of an offloaded one
+        if forecast is None and not _same_value(cache, state.module_cache[key]):  # new, or a copy of an offloaded one
             call.outputs[key] = cache
         if call.history and self.config.forecast_reanchor:
             # re-anchor: until the next full computation, this step's output is the newest point forecasts
@@ -1154,6 +1164,17 @@ def module_of(call: Call, cached: CachedModule) -> torch.nn.Module:
 
 def _clone(value: Any) -> Any:
     return tuple(_clone(v) for v in value) if isinstance(value, tuple) else value.clone()
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether ``a`` is the stored value ``b`` (the same tensors, element by element for a joint module's tuple).
+
+    Not ``a is b``: dynamo cannot trace identity between two tuples (a graph break at every joint module of a
+    partial step), while identity between tensors, and the recursion, trace to constants.
+    """
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return a is b
 
 
 def _flat_rows(picked: torch.Tensor, rows: int) -> torch.Tensor:

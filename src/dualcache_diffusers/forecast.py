@@ -11,6 +11,7 @@ weights per step (:func:`weighted`, fitted by :mod:`.forecast_fit`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,13 +51,50 @@ def weighted(history: Sequence[tuple[int, Any]], weights: Sequence[float]) -> An
     return _combine([v for _, v in points], list(weights))
 
 
-def combine(values: Sequence[Any], weights: Sequence[float]) -> Any:
+@dataclass(frozen=True, eq=False)
+class ForecastWeights:
+    """One forecast's weights, as Python floats and as a float32 tensor on the model's device.
+
+    Eager, :func:`combine` uses the floats. Inside a compiled model it uses the tensor, so the weights
+    reach the graph as an input rather than as constants: a step kind compiles once, however many
+    different weights its steps use (Lagrange weights change with the distance to the last full
+    steps, a budget's full steps are unevenly spaced, learned weights differ per step).
+    """
+
+    values: tuple[float, ...]
+    tensor: torch.Tensor
+    count: int  # len(values), read where a compiled region slices the stored history
+
+    @classmethod
+    def of(cls, values: Sequence[float], device: torch.device | str) -> ForecastWeights:
+        values = tuple(float(w) for w in values)
+        return cls(values, torch.tensor(values, dtype=torch.float32, device=device), len(values))
+
+
+def combine(values: Sequence[Any], weights: Sequence[float] | ForecastWeights) -> Any:
     """``sum_i weights[i] * values[i]`` for tensors or (nested) tuples of them, in the values' dtype.
 
-    The engine computes the weights before a step (from step numbers) and combines in the step, so a
-    compiled model sees only tensors and the same few weights at every recurrence of a step kind.
+    The engine computes the weights before a step (from step numbers) and combines in the step. Given
+    :class:`ForecastWeights` inside a compiled region, the sum is taken in float32 with the weights as a
+    tensor (one rounding to the values' dtype, fused by the compiler); otherwise with Python floats.
     """
+    if isinstance(weights, ForecastWeights):
+        if torch.compiler.is_compiling():
+            return _combine_traced(list(values), weights.tensor)
+        weights = weights.values
     return _combine(list(values), list(weights))
+
+
+def _combine_traced(values: list[Any], weights: torch.Tensor) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        out = first.float() * weights[0]
+        for i, value in enumerate(values[1:], 1):
+            out = out + value.float() * weights[i]
+        return out.to(first.dtype)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_combine_traced([v[i] for v in values], weights) for i in range(len(first)))
+    return first
 
 
 def _combine(values: list[Any], weights: list[float]) -> Any:
