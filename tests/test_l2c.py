@@ -290,8 +290,17 @@ def test_latent_loss_space_weights_steps_by_the_ddim_coefficient():
 
 def test_latent_loss_space_trains_and_is_recorded(dit_pipe):
     plan = train_router(dit_pipe, STEPS, budget=0.7, kind="l2c", iterations=3, num_images=2, batch_size=2,
-                        loss_space="latent")
-    assert plan.metadata["learned"]["loss_space"] == "latent"
+                        loss_space="eps")
+    assert plan.metadata["learned"]["loss_space"] == "eps"
+
+
+@pytest.mark.parametrize(("budget", "interval"), [(0.5, 3), (0.36, 4), (None, 2)])
+def test_defaults_are_the_settings_that_measured_best(dit_pipe, budget, interval):
+    """Issue 11: the latent loss and an interval from the budget (3 at 0.5, 4 at 0.36: the README's measured
+    winners over FORA); the published interval 2 only for the threshold export."""
+    plan = train_router(dit_pipe, 12, budget=budget, kind="l2c", iterations=1, num_images=2, batch_size=2)
+    learned = plan.metadata["learned"]
+    assert learned["loss_space"] == "latent" and learned["interval"] == interval, learned
 
 
 def test_bad_loss_space_fails_before_any_trajectory_is_generated(dit_pipe, monkeypatch):

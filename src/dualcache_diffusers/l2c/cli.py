@@ -47,13 +47,13 @@ def configure_train(train: argparse.ArgumentParser) -> None:
     train.add_argument("--threshold", type=finite_float, default=None,
                        help="L2C export threshold with --budget 0 (default: 0.1, the published DiT value)")
     train.add_argument("--interval", type=positive_int, default=None,
-                       help="cycle length: 1 full step + interval-1 cache steps (default: 2 for l2c, from the budget "
-                            "for dual)")
+                       help="cycle length: 1 full step + interval-1 cache steps (default: from the budget, 3 at 0.5; "
+                            "2 with --budget 0)")
     train.add_argument("--partial-ratio", type=finite_float, default=0.25,
                        help="fraction of tokens a partial choice recomputes (dual)")
-    train.add_argument("--loss-space", choices=["eps", "latent"], default="eps",
-                       help="eps: error of the model output (published); latent: weighted by where the "
-                            "sampler puts it in the next latent")
+    train.add_argument("--loss-space", choices=["eps", "latent"], default="latent",
+                       help="latent (default): the error weighted by where the sampler puts it in the next latent; "
+                            "eps: the error of the model output (published)")
     train.add_argument("--lr", type=finite_float, default=1e-2, help="AdamW learning rate on the router logits")
     train.add_argument("--num-images", type=positive_int, default=32, help="data-free trajectories to generate")
     train.add_argument("--batch-size", type=positive_int, default=16, help="trajectory rows per optimizer step")
