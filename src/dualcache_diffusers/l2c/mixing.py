@@ -36,6 +36,7 @@ import torch
 
 from ..adapters import ModelAdapter, ModuleSpec
 from ..adapters.base import BlockInfo, resolve
+from ..forecast import lagrange_weights
 from ..plan import num_fresh_tokens
 from ..selection import select_tokens, vnorm_score
 from .costs import image_rows
@@ -226,8 +227,6 @@ class Mixer:
                            target: int, like: torch.Tensor) -> Any:
         """``sum_h P(h) * forecast_h(target)``: the engine's Lagrange forecast from history ``h``'s points (plain
         reuse of its one point while it has one), as one weighted sum of the stored outputs, oldest first."""
-        from ..forecast import lagrange_weights
-
         coeff: dict[int, torch.Tensor] = {}
         for history, p in histories.items():
             weights = [1.0] if len(history) == 1 else lagrange_weights(list(history), target)
