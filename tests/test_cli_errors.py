@@ -86,6 +86,12 @@ CASES = [
     (["train-router", "--model", "DIT", "--out", "{tmp}/p.json"], ["did you mean 'dit'"]),
     (["train-router", "--model", "dit", "--out", "{tmp}/p.json", "--resume", "{tmp}/nockpt"], ["--resume"]),
     (["train-router", "--model", "dit", "--out", "{tmp}/p.json", "--prompts", "{tmp}/none.txt"], ["--prompts"]),
+    (["train-router", "--model", "dit", "--out", "{tmp}/p.json", "--forecast-order", "2"],
+     ["--forecast-order", "invalid choice", "0, 1"]),
+    (["train-router", "--model", "dit", "--out", "{tmp}/p.json", "--forecast-order", "one"],
+     ["--forecast-order", "invalid int"]),
+    (["train-router", "--model", "dit", "--out", "{tmp}/p.json", "--kind", "dual", "--forecast-order", "1"],
+     ["--forecast-order 1", "--kind l2c"]),
 ]
 
 

@@ -301,6 +301,7 @@ def test_defaults_are_the_settings_that_measured_best(dit_pipe, budget, interval
     plan = train_router(dit_pipe, 12, budget=budget, kind="l2c", iterations=1, num_images=2, batch_size=2)
     learned = plan.metadata["learned"]
     assert learned["loss_space"] == "latent" and learned["interval"] == interval, learned
+    assert learned["forecast_order"] == 1 and all(s.forecast_order == 1 for s in plan.steps if not s.is_full)
 
 
 def test_bad_loss_space_fails_before_any_trajectory_is_generated(dit_pipe, monkeypatch):

@@ -54,6 +54,11 @@ def configure_train(train: argparse.ArgumentParser) -> None:
     train.add_argument("--loss-space", choices=["eps", "latent"], default="latent",
                        help="latent (default): the error weighted by where the sampler puts it in the next latent; "
                             "eps: the error of the model output (published)")
+    train.add_argument("--forecast-order", type=int, choices=(0, 1), default=None,
+                       help="l2c: what a cache step's reused branch is, in training and in the plan: 0 the cached "
+                            "output (published), 1 the engine's linear forecast from the module's last two "
+                            "computations (default: 1 for --kind l2c, which measured better; dual: 0, the only "
+                            "one it trains)")
     train.add_argument("--lr", type=finite_float, default=1e-2, help="AdamW learning rate on the router logits")
     train.add_argument("--num-images", type=positive_int, default=32, help="data-free trajectories to generate")
     train.add_argument("--batch-size", type=positive_int, default=16, help="trajectory rows per optimizer step")
@@ -104,6 +109,11 @@ def run_train(args: argparse.Namespace) -> int:
     ref = check_model_arguments(args)
     if not (0 <= args.budget <= 1):
         raise UserError(f"--budget {args.budget} is not allowed; it must be in (0, 1] (or 0 for the threshold export)")
+    if args.forecast_order is None:
+        args.forecast_order = 1 if args.kind == "l2c" else 0
+    if args.forecast_order and args.kind != "l2c":
+        raise UserError(f"--forecast-order {args.forecast_order} is only trained for --kind l2c, not --kind "
+                        f"{args.kind}; leave it at 0")
     prompts = None
     if args.prompts:
         try:
@@ -134,7 +144,8 @@ def run_train(args: argparse.Namespace) -> int:
     plan = train_router(
         pipe, num_inference_steps=args.steps, budget=budget, kind=args.kind, iterations=args.iterations,
         seed=args.seed, checkpoint=checkpoint, resume=args.resume, threshold=args.threshold,
-        interval=args.interval, partial_ratio=args.partial_ratio, loss_space=args.loss_space, lr=args.lr,
+        interval=args.interval, partial_ratio=args.partial_ratio, loss_space=args.loss_space,
+        forecast_order=args.forecast_order, lr=args.lr,
         num_images=args.num_images, batch_size=args.batch_size, prompts=prompts, progress=True,
     )
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,15 @@ blocks of several lists with different modules are covered):
   The mixed output becomes the new cache entry, as the engine's caches are updated by whatever a
   step computes.
 * ``off``: the hooks do nothing (teacher calls).
+
+Forecasting L2C (:meth:`Mixer.start_forecast`, ``forecast_order`` k >= 1): what a reused branch gets is
+the engine's forecast, the degree-k Lagrange extrapolation from the module's last k + 1 *computations*
+(full steps and cache steps where it was computed, as the engine's history holds them), or plain reuse
+while only one is stored. Which computations those are depends on the router's choices at the earlier
+cache steps, so the mixer keeps, per module, every computed output of the unrolled steps and the
+probability of each possible history (the steps of its last k + 1 computations, per row):
+``s * computed + (1 - s) * E[forecast]``, the expectation of the engine's output over independent
+choices, which is exactly the engine's output when every ``s`` is 0 or 1.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch
 
 from ..adapters import ModelAdapter, ModuleSpec
 from ..adapters.base import BlockInfo, resolve
+from ..forecast import lagrange_weights
 from ..plan import num_fresh_tokens
 from ..selection import select_tokens, vnorm_score
 from .costs import image_rows
@@ -79,6 +89,13 @@ class Mixer:
         self.calls: dict[int, dict[int, int]] = {}
         self.heads: dict[int, int] = {}  # block -> heads of its value projection
         self.handles: list[Any] = []
+        # forecasting (start_forecast): order, the current step's offset, per module its computed outputs
+        # by offset and the probability (per row) of each history, a tuple of offsets, oldest first
+        self.forecast_order = 0
+        self.offset = 0
+        self.points: dict[tuple[int, int, int], dict[int, Any]] = {}
+        self.histories: dict[tuple[int, int, int], dict[tuple[int, ...], torch.Tensor]] = {}
+        self.fresh: torch.Tensor | None = None  # (rows,) bool: at the next full step these rows' history restarts
 
     def __enter__(self) -> Mixer:
         for info in self.infos:
@@ -130,6 +147,8 @@ class Mixer:
             index = calls.get(m, 0)
             calls[m] = index + 1
             key = (b, m, index)
+            if self.forecast_order and self.mode in ("record", "mix"):
+                return self._forecast_hook(key, output)
             if self.mode == "record":
                 self.cache[key] = _map(torch.Tensor.detach, output)
                 return None
@@ -160,6 +179,71 @@ class Mixer:
         self.values.clear()
         self.masks.clear()
         self.staleness.clear()
+        self.points.clear()
+        self.histories.clear()
+        self.fresh = None
+
+    # ---- forecasting (L2C) ------------------------------------------------------------------------
+    def start_forecast(self, order: int) -> None:
+        """Forecast reused outputs at order ``order`` (0: the plain cache) from here on. Before every call set
+        :attr:`offset` (steps since the unroll's first step; the Lagrange weights need only differences), and
+        before every full step :attr:`fresh`, the rows (bool, per sample) whose history starts there (the others
+        keep theirs); :meth:`reset` before a new unroll."""
+        self.forecast_order = order
+        self.points.clear()
+        self.histories.clear()
+        self.fresh = None
+
+    def _forecast_hook(self, key: tuple[int, int, int], output: Any) -> Any:
+        """Record (full step: every row computes) or mix (cache step) one module's output, keeping the
+        distribution of its forecast history; see the module docstring."""
+        offset, keep = self.offset, self.forecast_order + 1
+        points = self.points.setdefault(key, {})
+        old = self.histories.get(key, {})
+        new: dict[tuple[int, ...], torch.Tensor] = {}
+
+        def add(history: tuple[int, ...], p: torch.Tensor) -> None:
+            new[history] = new[history] + p if history in new else p
+
+        if self.mode == "record":
+            points[offset] = _map(torch.Tensor.detach, output)
+            fresh = self.fresh.to(_first_tensor(output).device)  # rows whose history starts here
+            for history, p in old.items():
+                add((*history, offset)[-keep:], p * (~fresh).to(p.dtype))
+            add((offset,), fresh.float())
+            self.histories[key] = new
+            return None
+        s = self.weights[:, key[0], key[1]]
+        forecast = self._expected_forecast(old, points, offset, s)
+        mixed = _map(lambda o, f: _mix2(_expand(s, o.shape[0]).to(o.dtype), o, f), output, forecast)
+        points[offset] = output
+        for history, p in old.items():
+            add((*history, offset)[-keep:], p * s)
+            add(history, p * (1 - s))
+        self.histories[key] = new
+        return mixed
+
+    def _expected_forecast(self, histories: dict[tuple[int, ...], torch.Tensor], points: dict[int, Any],
+                           target: int, like: torch.Tensor) -> Any:
+        """``sum_h P(h) * forecast_h(target)``: the engine's Lagrange forecast from history ``h``'s points (plain
+        reuse of its one point while it has one), as one weighted sum of the stored outputs, oldest first."""
+        coeff: dict[int, torch.Tensor] = {}
+        for history, p in histories.items():
+            weights = [1.0] if len(history) == 1 else lagrange_weights(list(history), target)
+            for step, w in zip(history, weights):
+                term = p * w
+                coeff[step] = coeff[step] + term if step in coeff else term
+        steps = sorted(coeff)
+        values = [points[s] for s in steps]
+
+        def combine(*tensors: torch.Tensor) -> torch.Tensor:
+            out = None
+            for step, t in zip(steps, tensors):
+                c = _expand(coeff[step].to(like.device), t.shape[0]).to(t.dtype).view(-1, *([1] * (t.ndim - 1)))
+                out = c * t if out is None else out + c * t
+            return out
+
+        return _map(combine, *values)
 
     def update_masks(
         self,
@@ -197,6 +281,10 @@ class Mixer:
         if axes == "all":
             return frames * rows, cols
         return None
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else next(v for v in value if isinstance(v, torch.Tensor))
 
 
 def _mix2(w: torch.Tensor, computed: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:

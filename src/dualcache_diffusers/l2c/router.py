@@ -27,6 +27,7 @@ from ..plan import FULL, CachePlan, PlanLayout, StepPlan
 from .costs import PlanCost
 
 LEARNED = "learned"
+FORECAST_ORDERS = (0, 1)
 CHOICES = ("compute", "partial", "reuse")
 
 
@@ -42,8 +43,16 @@ class RouterSpec:
     block_modules: tuple[tuple[str, ...], ...] | None = None
     #: modules of each block that may recompute rows one by one (None: every module of every block)
     block_partial: tuple[tuple[str, ...], ...] | None = None
+    #: L2C: order of the engine's forecast of what a cache step reuses (0: plain reuse, 1: linear from the
+    #: module's last two computations); the exported cache steps carry it
+    forecast_order: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.forecast_order, bool) or self.forecast_order not in FORECAST_ORDERS:
+            raise ValueError(f"forecast_order={self.forecast_order!r} is not allowed; allowed: 0, 1")
+        if self.forecast_order and self.kind != "l2c":
+            raise ValueError(f"forecast_order={self.forecast_order} is only trained for kind='l2c', not "
+                             f"{self.kind!r}; pass forecast_order=0")
         self.modules = tuple(self.modules)
         if self.block_modules is not None:
             self.block_modules = tuple(tuple(b) for b in self.block_modules)
@@ -103,6 +112,8 @@ class RouterSpec:
             value = getattr(self, name)
             if value is not None:
                 data[name] = [list(b) for b in value]
+        if self.forecast_order:  # left out at 0, so checkpoints from before it existed resume
+            data["forecast_order"] = self.forecast_order
         return data
 
     @classmethod
@@ -162,7 +173,7 @@ def _plan(spec: RouterSpec, fractions: torch.Tensor, metadata: dict[str, Any], m
     for s in range(spec.num_steps):
         if s in cache_index:
             rows = [[float(f) for f in r] for r in fractions[cache_index[s]].tolist()]
-            steps.append(StepPlan(LEARNED, rows, interval=spec.interval))
+            steps.append(StepPlan(LEARNED, rows, interval=spec.interval, forecast_order=spec.forecast_order))
         else:
             steps.append(StepPlan(FULL, [list(r) for r in rows_full], interval=spec.interval))
     return CachePlan(spec.num_steps, spec.num_blocks, spec.modules, steps, method=method, metadata=metadata,

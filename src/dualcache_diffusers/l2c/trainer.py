@@ -179,10 +179,41 @@ class RouterTrainer:
             rows = torch.where(drop, self.data.uncond_rows[images], rows)
         return self.full_steps[cycles], rows
 
+    def _warm_up(self, mixer: Mixer, probs: torch.Tensor, starts: torch.Tensor, rows: torch.Tensor) -> None:
+        """Forecasting: the cycle before ``starts`` (its full step, then its cache steps with the router), so that
+        the history the engine forecasts from at the drawn cycle is there: the engine's history holds a module's
+        last computations, and the previous cycle's cache steps that computed it are among them. Rows in the
+        first cycle have no previous one (their history starts at their full step). No gradient: the previous
+        cycle's routers are trained on their own cycle."""
+        spec = self.spec
+        mixer.reset()
+        mixer.start_forecast(spec.forecast_order)
+        previous = starts - spec.interval
+        has_previous = previous >= 0
+        mixer.fresh = torch.ones(len(starts), dtype=torch.bool, device=self.device)
+        if not has_previous.any():
+            mixer.fresh = ~has_previous.to(self.device)
+            return
+        with torch.no_grad():
+            for d in range(spec.interval):
+                steps = (previous + d).clamp(min=0)
+                mixer.offset = d
+                if d:
+                    mixer.weights = probs[self.cache_index[steps].clamp(min=0)].detach()
+                mixer.mode = "record" if d == 0 else "mix"
+                hidden, kwargs = self.data.call_kwargs(steps, rows)
+                self.model(hidden, **kwargs, return_dict=False)
+        mixer.fresh = ~has_previous.to(self.device)
+
     def _batch_loss(self, mixer: Mixer, probs: torch.Tensor, starts: torch.Tensor, rows: torch.Tensor):
         """Sum of per-row MSEs over the valid (row, cache step) pairs, their number, and per-step counts."""
         spec = self.spec
-        mixer.reset()
+        base = 0
+        if spec.forecast_order:
+            self._warm_up(mixer, probs, starts, rows)
+            base = mixer.offset = spec.interval
+        else:
+            mixer.reset()
         mixer.mode = "record"
         hidden, kwargs = self.data.call_kwargs(starts, rows)
         with torch.no_grad():
@@ -202,6 +233,7 @@ class RouterTrainer:
                 mixer.update_masks(spec.partial_ratio, self.grid, **self.selection)
             mixer.weights = probs[index]
             mixer.mode = "mix"
+            mixer.offset = base + d
             hidden, kwargs = self.data.call_kwargs(steps, rows)
             out = _first_output(self.model(hidden, **kwargs, return_dict=False))
             teacher = self.data.teacher[steps, rows]
@@ -314,6 +346,7 @@ class RouterTrainer:
                 "lr": self.lr,
                 "l1": self.l1,
                 "loss_space": self.loss_space,
+                "forecast_order": self.spec.forecast_order,
                 "model": type(self.model).__name__,
             },
             "scheduler": {"class": type(sched).__name__ if sched is not None else None, "config": sched_config},
@@ -505,6 +538,7 @@ def train_router(
     conditions: list[Any] | None = None,
     init: str = "zeros",
     loss_space: str = "latent",
+    forecast_order: int | None = None,
     checkpoint_every: int = 100,
     pipeline_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
@@ -539,10 +573,21 @@ def train_router(
         loss_space: "latent" (default, ours: the error weighted by where the sampler puts it, see
             :func:`step_weights`; it beat "eps" at every budget measured) or "eps" (published: the error of
             the model output).
+        forecast_order: L2C: what a cache step's reused branch is, at training as in the exported plan's cache
+            steps: 0 the cached output (published), 1 the engine's linear forecast from the module's last two
+            computations at their steps (plain reuse while only one is stored, as the engine does).
+            Default (None): 1 for "l2c", which measured better, 0 for "dual" (the only order it trains).
         return_router: also return the :class:`TrainedRouter` (``(plan, router)``).
     """
     _check("kind", kind, kind in KINDS, f"allowed: {', '.join(map(repr, KINDS))}")
     _check("loss_space", loss_space, loss_space in LOSS_SPACES, f"allowed: {', '.join(map(repr, LOSS_SPACES))}")
+    if forecast_order is None:  # forecasting measured better for L2C; the dual router trains reuse only
+        forecast_order = 1 if kind == "l2c" else 0
+    _check("forecast_order", forecast_order, forecast_order in (0, 1) and not isinstance(forecast_order, bool),
+           "allowed: 0, 1")
+    if forecast_order and kind != "l2c":
+        raise ValueError(f"forecast_order={forecast_order} is only trained for kind='l2c', not {kind!r}; "
+                         "pass forecast_order=0")
     _check("num_inference_steps", num_inference_steps,
            isinstance(num_inference_steps, int) and num_inference_steps >= 2, "must be an integer >= 2")
     if budget is not None:
@@ -568,7 +613,7 @@ def train_router(
     adapter = find_adapter(model)
     disable_dual_cache(pipe)
     spec = RouterSpec.from_layout(kind, num_inference_steps, adapter.layout(model), interval=interval,
-                                  partial_ratio=partial_ratio)
+                                  partial_ratio=partial_ratio, forecast_order=forecast_order)
     family = adapter.family(model)
     if resume is not None:
         resume = Path(resume)
