@@ -112,6 +112,21 @@ def test_json_round_trip(tmp_path):
     assert json.loads(path.read_text())["format"] == "dualcache-plan"
 
 
+def test_metadata_with_non_finite_numbers_round_trips(tmp_path):
+    """A DPM-Solver scheduler config recorded in a plan holds lambda_min_clipped = -inf: written as a string, so
+    the plan reads back (strict JSON has no infinities, and the reader refuses them)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    plan = DualCacheConfig.from_preset("duca", "dit").build_plan(20, PlanLayout.uniform_layout(4, DIT_MODULES))
+    plan.metadata["scheduler"] = json.loads(DPMSolverMultistepScheduler().to_json_string())
+    assert plan.metadata["scheduler"]["lambda_min_clipped"] == float("-inf")
+    path = tmp_path / "plan.json"
+    plan.to_json(path)
+    again = CachePlan.from_json(path)
+    assert again.metadata["scheduler"]["lambda_min_clipped"] == "-inf"
+    assert again.kinds() == plan.kinds()
+
+
 def test_summary_is_readable():
     plan = DualCacheConfig.from_preset("duca", "pixart").build_plan(6, PlanLayout.uniform_layout(2, PIXART_MODULES))
     text = plan.summary()

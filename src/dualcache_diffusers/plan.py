@@ -357,7 +357,7 @@ class CachePlan:
             "num_blocks": self.num_blocks,
             "modules": list(self.modules),
             **layout,
-            "metadata": self.metadata,
+            "metadata": _finite_json(self.metadata),
             "steps": [
                 {
                     "kind": s.kind,
@@ -403,7 +403,7 @@ class CachePlan:
         )
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         if path is not None:
             Path(path).write_text(text)
         return text
@@ -638,3 +638,16 @@ def fora_plan(
         kinds, _layout(num_blocks, modules), aggressive="reuse", interval=interval, method="fora",
         metadata={"interval": interval},
     )
+
+
+def _finite_json(value: Any) -> Any:
+    """Metadata as strict JSON: non-finite floats (e.g. DPM-Solver's ``lambda_min_clipped = -inf`` in a recorded
+    scheduler config) become the strings "inf", "-inf", "nan", which the plan reader accepts (JSON has no such
+    numbers, and the reader refuses them so that a corrupt plan names its field)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(item) for item in value]
+    return value
