@@ -534,16 +534,19 @@ class Calibrator:
         assert knob is not None
         if not knob.integer:
             return [setting]
-        value = setting.get(knob.name, knob.low)
         step = 1 if (ratio < target) == (knob.faster_when == "higher") else -1
-        high = min(knob.high, self.workload.steps) if knob.name in ("interval", "num_inference_steps") else knob.high
-        neighbour = value + step
-        return [setting] + ([{**setting, knob.name: neighbour}] if knob.low <= neighbour <= high else [])
+        neighbour = setting.get(knob.name, knob.low) + step
+        in_range = knob.low <= neighbour <= self._high(knob)
+        return [setting] + ([{**setting, knob.name: neighbour}] if in_range else [])
+
+    def _high(self, knob: Knob) -> float:
+        """The knob's upper bound; intervals and step counts stop at the workload's step count."""
+        if knob.integer and knob.name in ("interval", "num_inference_steps"):
+            return min(knob.high, self.workload.steps)
+        return knob.high
 
     def _search_knob(self, method: Method, knob: Knob, base: Setting, target: float) -> tuple[Setting, float]:
-        low, high = knob.low, knob.high
-        if knob.integer and knob.name in ("interval", "num_inference_steps"):
-            high = min(high, self.workload.steps)
+        low, high = knob.low, self._high(knob)
         best: tuple[float, Setting, float] | None = None
 
         def evaluate(value: float) -> float:

@@ -109,9 +109,7 @@ def run_train(args: argparse.Namespace) -> int:
     ref = check_model_arguments(args)
     if not (0 <= args.budget <= 1):
         raise UserError(f"--budget {args.budget} is not allowed; it must be in (0, 1] (or 0 for the threshold export)")
-    if args.forecast_order is None:
-        args.forecast_order = 1 if args.kind == "l2c" else 0
-    if args.forecast_order and args.kind != "l2c":
+    if args.forecast_order and args.kind != "l2c":  # None: train_router's default for the kind
         raise UserError(f"--forecast-order {args.forecast_order} is only trained for --kind l2c, not --kind "
                         f"{args.kind}; leave it at 0")
     prompts = None

@@ -31,6 +31,16 @@ FORECAST_ORDERS = (0, 1)
 CHOICES = ("compute", "partial", "reuse")
 
 
+def check_forecast_order(kind: str, forecast_order: Any) -> None:
+    """Refuse a forecast order that is not one of :data:`FORECAST_ORDERS`, or above 0 for a router that only
+    trains plain reuse (the dual router)."""
+    if isinstance(forecast_order, bool) or forecast_order not in FORECAST_ORDERS:
+        raise ValueError(f"forecast_order={forecast_order!r} is not allowed; allowed: 0, 1")
+    if forecast_order and kind != "l2c":
+        raise ValueError(f"forecast_order={forecast_order} is only trained for kind='l2c', not {kind!r}; "
+                         "pass forecast_order=0")
+
+
 @dataclass
 class RouterSpec:
     kind: str  # "l2c" or "dual"
@@ -48,11 +58,7 @@ class RouterSpec:
     forecast_order: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.forecast_order, bool) or self.forecast_order not in FORECAST_ORDERS:
-            raise ValueError(f"forecast_order={self.forecast_order!r} is not allowed; allowed: 0, 1")
-        if self.forecast_order and self.kind != "l2c":
-            raise ValueError(f"forecast_order={self.forecast_order} is only trained for kind='l2c', not "
-                             f"{self.kind!r}; pass forecast_order=0")
+        check_forecast_order(self.kind, self.forecast_order)
         self.modules = tuple(self.modules)
         if self.block_modules is not None:
             self.block_modules = tuple(tuple(b) for b in self.block_modules)

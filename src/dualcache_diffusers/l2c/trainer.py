@@ -34,7 +34,7 @@ from ..config import DualCacheConfig
 from .costs import PlanCost, measure_plan_cost
 from .data import TrajectoryData, _first_output, generate_trajectories, trajectories_from_latents
 from .mixing import Mixer
-from .router import RouterSpec, TrainedRouter, check_logits, expected_fraction, probabilities
+from .router import RouterSpec, TrainedRouter, check_forecast_order, check_logits, expected_fraction, probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -583,11 +583,7 @@ def train_router(
     _check("loss_space", loss_space, loss_space in LOSS_SPACES, f"allowed: {', '.join(map(repr, LOSS_SPACES))}")
     if forecast_order is None:  # forecasting measured better for L2C; the dual router trains reuse only
         forecast_order = 1 if kind == "l2c" else 0
-    _check("forecast_order", forecast_order, forecast_order in (0, 1) and not isinstance(forecast_order, bool),
-           "allowed: 0, 1")
-    if forecast_order and kind != "l2c":
-        raise ValueError(f"forecast_order={forecast_order} is only trained for kind='l2c', not {kind!r}; "
-                         "pass forecast_order=0")
+    check_forecast_order(kind, forecast_order)  # here too (RouterSpec checks it), before the pipeline is touched
     _check("num_inference_steps", num_inference_steps,
            isinstance(num_inference_steps, int) and num_inference_steps >= 2, "must be an integer >= 2")
     if budget is not None:
