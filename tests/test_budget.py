@@ -39,6 +39,18 @@ def test_the_plan_reaches_the_budget_on_the_cost_model(budget, steps):
     assert plan.metadata["budget"]["target"] == budget
 
 
+def test_the_partial_steps_recompute_more_tokens_early_in_the_run_and_in_early_layers():
+    # DuCa's decreasing schedule (the default rule's principle 3), scaled to the budget
+    cost = CostModel.uniform(LAYOUT, tokens=64)
+    plan = budget_schedule(20, LAYOUT, 2.0, cost)
+    partial = [s for s in plan.steps if not s.is_full and not s.skip_blocks]
+    mlp = LAYOUT.modules.index("ff")
+    first, last = partial[0].fractions, partial[-1].fractions
+    assert first[0][mlp] > last[0][mlp] > 0  # earlier steps recompute more
+    assert first[0][mlp] > first[-1][mlp]  # earlier layers recompute more
+    assert plan.metadata["schedule"]["ratio_schedule"] == "pixart"
+
+
 def test_more_budget_means_fewer_full_steps():
     cost = CostModel.uniform(LAYOUT, tokens=64)
     fulls = [sum(s.is_full for s in budget_schedule(20, LAYOUT, b, cost).steps) for b in (1.5, 2, 3, 4, 6)]

@@ -34,6 +34,7 @@ from .budget import (
     affordable_full_steps,
     budget_schedule,
     check_budget,
+    default_schedule,
     fit_ratio,
 )
 from .plan import CachePlan
@@ -108,8 +109,7 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
     k0 = affordable_full_steps(steps, budget, cost, layout)
     default = budget_schedule(steps, layout, budget, cost)
     default_psnr = float(metrics.fidelity(default_images, reference)["psnr"])
-    best = Candidate(Schedule(k0, warmup=1), default, default_psnr,
-                     cost.ratio(default))
+    best = Candidate(default_schedule(k0), default, default_psnr, cost.ratio(default))
     tried: dict[Schedule, float] = {best.schedule: best.psnr}
     log = [{"schedule": best.schedule.describe(), "psnr": round(best.psnr, 3), "rule": "default"}]
     for _ in range(SEARCH_PASSES):  # coordinate search; a knob's best value can change once another moved
