@@ -253,10 +253,16 @@ class Mixer:
         interval: int,
         cell: int,
         bonus: float,
+        weights: torch.Tensor | None = None,
     ) -> None:
         """Image rows the engine would recompute at the next step (V-norm score, staleness, spatial bonus),
         one selection per (block, group) as the engine shares them. ``grid`` is the (rows, cols) grid of
-        the spatial bonus for blocks spanning every image token (None: no bonus)."""
+        the spatial bonus for blocks spanning every image token (None: no bonus).
+
+        The engine selects (and so ages the other tokens' staleness) only where some module of the group is
+        partial at the step: given the step's dual ``weights`` (rows, blocks, modules, 3), a row's staleness
+        moves by the probability ``q`` of that, ``stale + q * (aged - stale)``, which is the engine's for 0/1
+        choices (None: every row selects, ``q = 1``)."""
         self.masks = {}
         for c in self.cells:
             key = (c.block, c.group)
@@ -269,8 +275,19 @@ class Mixer:
                 stale = self.staleness[key] = torch.zeros_like(base)
             index = select_tokens(base, k, stale, staleness_weight, interval, self._bonus_grid(c.grid, grid), cell,
                                   bonus)
-            stale.add_(1.0).scatter_(1, index, 0.0)
             self.masks[key] = torch.zeros_like(base).scatter_(1, index, 1.0)
+            if not k:  # no row to recompute: the engine selects nothing
+                continue
+            aged = (stale + 1.0).scatter_(1, index, 0.0)
+            if weights is None:
+                stale.copy_(aged)
+                continue
+            keep = torch.ones(weights.shape[0], dtype=stale.dtype, device=stale.device)  # P(no module partial)
+            for other in self.cells:
+                if (other.block, other.group) == key and other.spec.can_partial and "image" in other.spec.calls:
+                    keep = keep * (1 - weights[:, other.block, other.column, 1].detach().to(stale.dtype))
+            q = _expand(1 - keep, stale.shape[0]).view(-1, 1)
+            stale.add_(q * (aged - stale))
 
     def _bonus_grid(self, axes: str, grid: tuple[int, int] | None) -> tuple[int, int] | None:
         if self.grid is None:

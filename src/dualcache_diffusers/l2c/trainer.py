@@ -229,9 +229,9 @@ class RouterTrainer:
                 break
             steps = steps.clamp(max=spec.num_steps - 1)
             index = self.cache_index[steps].clamp(min=0)
-            if spec.kind == "dual":
-                mixer.update_masks(spec.partial_ratio, self.grid, **self.selection)
             mixer.weights = probs[index]
+            if spec.kind == "dual":
+                mixer.update_masks(spec.partial_ratio, self.grid, **self.selection, weights=mixer.weights)
             mixer.mode = "mix"
             mixer.offset = base + d
             hidden, kwargs = self.data.call_kwargs(steps, rows)
