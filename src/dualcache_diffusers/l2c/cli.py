@@ -58,7 +58,7 @@ def configure_train(train: argparse.ArgumentParser) -> None:
                        help="what a cache step's reused branch is, in training and in the plan: 0 the cached "
                             "output (published), 1 the engine's linear forecast from the module's last two "
                             "computations; dual: a partial choice recomputes its rows into that forecast "
-                            "(default: 1 for --kind l2c, which measured better; 0 for --kind dual)")
+                            "(default: 1, which measured better for both kinds)")
     train.add_argument("--lr", type=finite_float, default=1e-2, help="AdamW learning rate on the router logits")
     train.add_argument("--num-images", type=positive_int, default=32, help="data-free trajectories to generate")
     train.add_argument("--batch-size", type=positive_int, default=16, help="trajectory rows per optimizer step")

@@ -582,14 +582,14 @@ def train_router(
             steps: 0 the cached output (published), 1 the engine's linear forecast from the module's last two
             computations at their steps (plain reuse while only one is stored, as the engine does). Dual: a
             partial choice recomputes its rows into that forecast (the engine's default, without re-anchoring:
-            only computations enter the history; see :mod:`.mixing`). Default (None): 1 for "l2c", which
-            measured better, 0 for "dual".
+            only computations enter the history; see :mod:`.mixing`). Default (None): 1, which measured better
+            for both kinds (docs/plans.md).
         return_router: also return the :class:`TrainedRouter` (``(plan, router)``).
     """
     _check("kind", kind, kind in KINDS, f"allowed: {', '.join(map(repr, KINDS))}")
     _check("loss_space", loss_space, loss_space in LOSS_SPACES, f"allowed: {', '.join(map(repr, LOSS_SPACES))}")
-    if forecast_order is None:  # forecasting measured better for L2C
-        forecast_order = 1 if kind == "l2c" else 0
+    if forecast_order is None:  # forecasting measured better for both routers
+        forecast_order = 1
     check_forecast_order(kind, forecast_order)  # here too (RouterSpec checks it), before the pipeline is touched
     _check("num_inference_steps", num_inference_steps,
            isinstance(num_inference_steps, int) and num_inference_steps >= 2, "must be an integer >= 2")
