@@ -90,8 +90,6 @@ CASES = [
      ["--forecast-order", "invalid choice", "0, 1"]),
     (["train-router", "--model", "dit", "--out", "{tmp}/p.json", "--forecast-order", "one"],
      ["--forecast-order", "invalid int"]),
-    (["train-router", "--model", "dit", "--out", "{tmp}/p.json", "--kind", "dual", "--forecast-order", "1"],
-     ["--forecast-order 1", "--kind l2c"]),
 ]
 
 

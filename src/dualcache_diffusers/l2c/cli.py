@@ -55,10 +55,10 @@ def configure_train(train: argparse.ArgumentParser) -> None:
                        help="latent (default): the error weighted by where the sampler puts it in the next latent; "
                             "eps: the error of the model output (published)")
     train.add_argument("--forecast-order", type=int, choices=(0, 1), default=None,
-                       help="l2c: what a cache step's reused branch is, in training and in the plan: 0 the cached "
+                       help="what a cache step's reused branch is, in training and in the plan: 0 the cached "
                             "output (published), 1 the engine's linear forecast from the module's last two "
-                            "computations (default: 1 for --kind l2c, which measured better; dual: 0, the only "
-                            "one it trains)")
+                            "computations; dual: a partial choice recomputes its rows into that forecast "
+                            "(default: 1, which measured better for both kinds)")
     train.add_argument("--lr", type=finite_float, default=1e-2, help="AdamW learning rate on the router logits")
     train.add_argument("--num-images", type=positive_int, default=32, help="data-free trajectories to generate")
     train.add_argument("--batch-size", type=positive_int, default=16, help="trajectory rows per optimizer step")
@@ -109,9 +109,6 @@ def run_train(args: argparse.Namespace) -> int:
     ref = check_model_arguments(args)
     if not (0 <= args.budget <= 1):
         raise UserError(f"--budget {args.budget} is not allowed; it must be in (0, 1] (or 0 for the threshold export)")
-    if args.forecast_order and args.kind != "l2c":  # None: train_router's default for the kind
-        raise UserError(f"--forecast-order {args.forecast_order} is only trained for --kind l2c, not --kind "
-                        f"{args.kind}; leave it at 0")
     prompts = None
     if args.prompts:
         try:

@@ -25,6 +25,18 @@ cache steps, so the mixer keeps, per module, every computed output of the unroll
 probability of each possible history (the steps of its last k + 1 computations, per row):
 ``s * computed + (1 - s) * E[forecast]``, the expectation of the engine's output over independent
 choices, which is exactly the engine's output when every ``s`` is 0 or 1.
+
+Forecasting dual router (the same with the three choices, weights ``(p_c, p_p, p_r)``): the reused branch is
+``E[forecast]`` and the partial one ``mask * computed + (1 - mask) * E[forecast]``, as the engine recomputes the
+selected rows into the step's forecast (``engine.run_module`` / ``_recompute_rows``). What a partial
+computation contributes to the history, at the engine's default ``forecast_reanchor=False`` (the trainer
+matches only that default): nothing while two computations are stored (the forecast is recomputed from them
+at the next step, the partial rows are not a point; only the compute choice, and a partial choice of a
+module that cannot recompute rows, which the engine computes whole, adds one), and while one is stored
+(the first cycle of a generation) the partial output replaces the cached output that plain reuse returns,
+as the engine writes the recomputed rows into its cache. So each length-1 history ``h`` also carries
+``P(h) * E[cached output | h]`` (:attr:`Mixer.bases`), updated ``p_r * base + p_p * partial(P(h) *
+computed, base)`` at each cache step that does not compute.
 """
 
 from __future__ import annotations
@@ -95,6 +107,8 @@ class Mixer:
         self.offset = 0
         self.points: dict[tuple[int, int, int], dict[int, Any]] = {}
         self.histories: dict[tuple[int, int, int], dict[tuple[int, ...], torch.Tensor]] = {}
+        # per module, for each history of one computation: P(history) * E[the output plain reuse returns | it]
+        self.bases: dict[tuple[int, int, int], dict[tuple[int, ...], Any]] = {}
         self.fresh: torch.Tensor | None = None  # (rows,) bool: at the next full step these rows' history restarts
 
     def __enter__(self) -> Mixer:
@@ -148,7 +162,7 @@ class Mixer:
             calls[m] = index + 1
             key = (b, m, index)
             if self.forecast_order and self.mode in ("record", "mix"):
-                return self._forecast_hook(key, output)
+                return self._forecast_hook(key, output, cell)
             if self.mode == "record":
                 self.cache[key] = _map(torch.Tensor.detach, output)
                 return None
@@ -159,20 +173,30 @@ class Mixer:
             if w.ndim == 1:  # L2C: probability of computing
                 mixed = _map(lambda o, c: _mix2(_expand(w, o.shape[0]).to(o.dtype), o, c), output, cached)
             else:
-                partial = output
-                mask = self.masks.get((b, cell.group))
-                kind = cell.spec.calls[min(index, len(cell.spec.calls) - 1)]
-                if mask is not None and cell.spec.can_partial and kind == "image":
-                    if isinstance(output, tuple):  # joint attention (image, text): image rows picked, text all fresh
-                        partial = (_partial(mask, "none", output[0], cached[0]), *output[1:])
-                    else:
-                        partial = _map(lambda o, c: _partial(mask, cell.spec.text_rows, o, c), output, cached)
-                mixed = _map(lambda o, p, c: _mix3(_expand(w, o.shape[0]).to(o.dtype), o, p, c), output, partial,
+                partial = self._partial_of(cell, index)
+                fresh = output if partial is None else partial(output, cached)
+                mixed = _map(lambda o, p, c: _mix3(_expand(w, o.shape[0]).to(o.dtype), o, p, c), output, fresh,
                              cached)
             self.cache[key] = mixed
             return mixed
 
         return hook
+
+    def _partial_of(self, cell: _Cell, index: int):
+        """``partial(computed, cached)``: the rows the engine recomputes at this step from ``computed`` (every text
+        row; of joint attention's (image, text) the picked image rows and all text), the others from ``cached``;
+        None where the module has no partial computation (the engine computes it whole)."""
+        mask = self.masks.get((cell.block, cell.group))
+        kind = cell.spec.calls[min(index, len(cell.spec.calls) - 1)]
+        if mask is None or not cell.spec.can_partial or kind != "image":
+            return None
+
+        def partial(computed: Any, cached: Any) -> Any:
+            if isinstance(computed, tuple):  # joint attention (image, text): image rows picked, text all fresh
+                return (_partial(mask, "none", computed[0], cached[0]), *computed[1:])
+            return _map(lambda o, c: _partial(mask, cell.spec.text_rows, o, c), computed, cached)
+
+        return partial
 
     def reset(self) -> None:
         self.cache.clear()
@@ -181,6 +205,7 @@ class Mixer:
         self.staleness.clear()
         self.points.clear()
         self.histories.clear()
+        self.bases.clear()
         self.fresh = None
 
     # ---- forecasting (L2C) ------------------------------------------------------------------------
@@ -192,15 +217,18 @@ class Mixer:
         self.forecast_order = order
         self.points.clear()
         self.histories.clear()
+        self.bases.clear()
         self.fresh = None
 
-    def _forecast_hook(self, key: tuple[int, int, int], output: Any) -> Any:
+    def _forecast_hook(self, key: tuple[int, int, int], output: Any, cell: _Cell) -> Any:
         """Record (full step: every row computes) or mix (cache step) one module's output, keeping the
         distribution of its forecast history; see the module docstring."""
         offset, keep = self.offset, self.forecast_order + 1
         points = self.points.setdefault(key, {})
         old = self.histories.get(key, {})
+        old_bases = self.bases.get(key, {})
         new: dict[tuple[int, ...], torch.Tensor] = {}
+        bases: dict[tuple[int, ...], Any] = {}
 
         def add(history: tuple[int, ...], p: torch.Tensor) -> None:
             new[history] = new[history] + p if history in new else p
@@ -211,36 +239,58 @@ class Mixer:
             for history, p in old.items():
                 add((*history, offset)[-keep:], p * (~fresh).to(p.dtype))
             add((offset,), fresh.float())
-            self.histories[key] = new
+            bases[(offset,)] = _map(lambda o: _scale(fresh.float(), o) * o, points[offset])
+            self.histories[key], self.bases[key] = new, bases
             return None
-        s = self.weights[:, key[0], key[1]]
-        forecast = self._expected_forecast(old, points, offset, s)
-        mixed = _map(lambda o, f: _mix2(_expand(s, o.shape[0]).to(o.dtype), o, f), output, forecast)
+        w = self.weights[:, key[0], key[1]]
+        partial = None
+        if w.ndim == 1:  # L2C: compute with probability s, else reuse
+            compute, p_partial, p_reuse = w, None, 1 - w
+        else:  # dual: compute / partial / reuse (a module without partial computation is computed whole)
+            partial = self._partial_of(cell, key[2])
+            compute = w[:, 0] if partial is not None else w[:, 0] + w[:, 1]
+            p_partial, p_reuse = w[:, 1], w[:, 2]
+        forecast = self._expected_forecast(old, old_bases, points, offset, w)
+        if w.ndim == 1:
+            mixed = _map(lambda o, f: _mix2(_expand(w, o.shape[0]).to(o.dtype), o, f), output, forecast)
+        else:
+            fresh = output if partial is None else partial(output, forecast)
+            mixed = _map(lambda o, p, f: _mix3(_expand(w, o.shape[0]).to(o.dtype), o, p, f), output, fresh,
+                         forecast)
         points[offset] = output
         for history, p in old.items():
-            add((*history, offset)[-keep:], p * s)
-            add(history, p * (1 - s))
-        self.histories[key] = new
+            add((*history, offset)[-keep:], p * compute)
+            add(history, p * (1 - compute))
+            if len(history) == 1:  # not computed: what plain reuse returns is the partial output, or stays
+                base = old_bases[history]
+                stay = _map(lambda b: _scale(p_reuse, b) * b, base)
+                if partial is not None:
+                    written = partial(_map(lambda o, p=p: _scale(p, o) * o, output), base)
+                    stay = _map(lambda s, r: s + _scale(p_partial, r) * r, stay, written)
+                bases[history] = stay
+        self.histories[key], self.bases[key] = new, bases
         return mixed
 
-    def _expected_forecast(self, histories: dict[tuple[int, ...], torch.Tensor], points: dict[int, Any],
-                           target: int, like: torch.Tensor) -> Any:
-        """``sum_h P(h) * forecast_h(target)``: the engine's Lagrange forecast from history ``h``'s points (plain
-        reuse of its one point while it has one), as one weighted sum of the stored outputs, oldest first."""
+    def _expected_forecast(self, histories: dict[tuple[int, ...], torch.Tensor], bases: dict[tuple[int, ...], Any],
+                           points: dict[int, Any], target: int, like: torch.Tensor) -> Any:
+        """``sum_h P(h) * forecast_h(target)``: the engine's Lagrange forecast from history ``h``'s points, or for a
+        history of one point ``P(h) * E[cached output | h]`` (plain reuse of the point, or of the partial outputs
+        written over it), as one weighted sum of the stored outputs, oldest first."""
         coeff: dict[int, torch.Tensor] = {}
         for history, p in histories.items():
-            weights = [1.0] if len(history) == 1 else lagrange_weights(list(history), target)
-            for step, w in zip(history, weights):
+            if len(history) == 1:
+                continue
+            for step, w in zip(history, lagrange_weights(list(history), target)):
                 term = p * w
                 coeff[step] = coeff[step] + term if step in coeff else term
         steps = sorted(coeff)
-        values = [points[s] for s in steps]
+        values = [points[s] for s in steps] + [bases[h] for h in histories if len(h) == 1]
 
         def combine(*tensors: torch.Tensor) -> torch.Tensor:
             out = None
-            for step, t in zip(steps, tensors):
-                c = _expand(coeff[step].to(like.device), t.shape[0]).to(t.dtype).view(-1, *([1] * (t.ndim - 1)))
-                out = c * t if out is None else out + c * t
+            for i, t in enumerate(tensors):
+                term = _scale(coeff[steps[i]].to(like.device), t) * t if i < len(steps) else t
+                out = term if out is None else out + term
             return out
 
         return _map(combine, *values)
@@ -253,10 +303,16 @@ class Mixer:
         interval: int,
         cell: int,
         bonus: float,
+        weights: torch.Tensor | None = None,
     ) -> None:
         """Image rows the engine would recompute at the next step (V-norm score, staleness, spatial bonus),
         one selection per (block, group) as the engine shares them. ``grid`` is the (rows, cols) grid of
-        the spatial bonus for blocks spanning every image token (None: no bonus)."""
+        the spatial bonus for blocks spanning every image token (None: no bonus).
+
+        The engine selects (and so ages the other tokens' staleness) only where some module of the group is
+        partial at the step: given the step's dual ``weights`` (rows, blocks, modules, 3), a row's staleness
+        moves by the probability ``q`` of that, ``stale + q * (aged - stale)``, which is the engine's for 0/1
+        choices (None: every row selects, ``q = 1``)."""
         self.masks = {}
         for c in self.cells:
             key = (c.block, c.group)
@@ -269,8 +325,19 @@ class Mixer:
                 stale = self.staleness[key] = torch.zeros_like(base)
             index = select_tokens(base, k, stale, staleness_weight, interval, self._bonus_grid(c.grid, grid), cell,
                                   bonus)
-            stale.add_(1.0).scatter_(1, index, 0.0)
             self.masks[key] = torch.zeros_like(base).scatter_(1, index, 1.0)
+            if not k:  # no row to recompute: the engine selects nothing
+                continue
+            aged = (stale + 1.0).scatter_(1, index, 0.0)
+            if weights is None:
+                stale.copy_(aged)
+                continue
+            keep = torch.ones(weights.shape[0], dtype=stale.dtype, device=stale.device)  # P(no module partial)
+            for other in self.cells:
+                if (other.block, other.group) == key and other.spec.can_partial and "image" in other.spec.calls:
+                    keep = keep * (1 - weights[:, other.block, other.column, 1].detach().to(stale.dtype))
+            q = _expand(1 - keep, stale.shape[0]).view(-1, 1)
+            stale.add_(q * (aged - stale))
 
     def _bonus_grid(self, axes: str, grid: tuple[int, int] | None) -> tuple[int, int] | None:
         if self.grid is None:
@@ -281,6 +348,11 @@ class Mixer:
         if axes == "all":
             return frames * rows, cols
         return None
+
+
+def _scale(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``p`` shaped to multiply ``t`` (batch first; samples folded into the batch repeated)."""
+    return _expand(p, t.shape[0]).to(t.dtype).view(-1, *([1] * (t.ndim - 1)))
 
 
 def _first_tensor(value: Any) -> torch.Tensor:

@@ -8,6 +8,10 @@ additionally ``attn2`` (cross-attention), routed as a branch of its own.
 
 The dual router has three logits per (cache step, block, module): compute / partial / reuse.
 
+Both routers may train against the engine's forecast (``forecast_order=1``): what a cache step reuses (and,
+dual, what a partial step does not recompute) is then extrapolated from the module's last two computations;
+the exported cache steps carry the order, so the plan runs what was trained.
+
 Models whose blocks differ (Flux's double then single stream blocks, SD3.5's ``attn2`` in some
 blocks, Lumina2's refiners) keep one logit per (block, module column) of the plan; the spec records
 which modules each block has (``block_modules``) and which of them may recompute rows one by one
@@ -32,13 +36,9 @@ CHOICES = ("compute", "partial", "reuse")
 
 
 def check_forecast_order(kind: str, forecast_order: Any) -> None:
-    """Refuse a forecast order that is not one of :data:`FORECAST_ORDERS`, or above 0 for a router that only
-    trains plain reuse (the dual router)."""
+    """Refuse a forecast order that is not one of :data:`FORECAST_ORDERS` (both routers train either)."""
     if isinstance(forecast_order, bool) or forecast_order not in FORECAST_ORDERS:
-        raise ValueError(f"forecast_order={forecast_order!r} is not allowed; allowed: 0, 1")
-    if forecast_order and kind != "l2c":
-        raise ValueError(f"forecast_order={forecast_order} is only trained for kind='l2c', not {kind!r}; "
-                         "pass forecast_order=0")
+        raise ValueError(f"forecast_order={forecast_order!r} is not allowed for kind={kind!r}; allowed: 0, 1")
 
 
 @dataclass
@@ -53,8 +53,9 @@ class RouterSpec:
     block_modules: tuple[tuple[str, ...], ...] | None = None
     #: modules of each block that may recompute rows one by one (None: every module of every block)
     block_partial: tuple[tuple[str, ...], ...] | None = None
-    #: L2C: order of the engine's forecast of what a cache step reuses (0: plain reuse, 1: linear from the
-    #: module's last two computations); the exported cache steps carry it
+    #: order of the engine's forecast of what a cache step reuses (0: plain reuse, 1: linear from the module's
+    #: last two computations), and for the dual router what a partial step's other rows are; the exported cache
+    #: steps carry it
     forecast_order: int = 0
 
     def __post_init__(self) -> None:

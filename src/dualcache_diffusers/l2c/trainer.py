@@ -184,7 +184,9 @@ class RouterTrainer:
         the history the engine forecasts from at the drawn cycle is there: the engine's history holds a module's
         last computations, and the previous cycle's cache steps that computed it are among them. Rows in the
         first cycle have no previous one (their history starts at their full step). No gradient: the previous
-        cycle's routers are trained on their own cycle."""
+        cycle's routers are trained on their own cycle. The dual router's partial steps there select their rows
+        as the engine does (scores of the cycle's full step, staleness from it), since what they recompute feeds
+        the computations the history holds."""
         spec = self.spec
         mixer.reset()
         mixer.start_forecast(spec.forecast_order)
@@ -200,10 +202,13 @@ class RouterTrainer:
                 mixer.offset = d
                 if d:
                     mixer.weights = probs[self.cache_index[steps].clamp(min=0)].detach()
+                    if spec.kind == "dual":  # its partial steps' rows, selected as at the drawn cycle
+                        mixer.update_masks(spec.partial_ratio, self.grid, **self.selection, weights=mixer.weights)
                 mixer.mode = "record" if d == 0 else "mix"
                 hidden, kwargs = self.data.call_kwargs(steps, rows)
                 self.model(hidden, **kwargs, return_dict=False)
         mixer.fresh = ~has_previous.to(self.device)
+        mixer.staleness.clear()  # the engine's token staleness restarts at every full step
 
     def _batch_loss(self, mixer: Mixer, probs: torch.Tensor, starts: torch.Tensor, rows: torch.Tensor):
         """Sum of per-row MSEs over the valid (row, cache step) pairs, their number, and per-step counts."""
@@ -229,9 +234,9 @@ class RouterTrainer:
                 break
             steps = steps.clamp(max=spec.num_steps - 1)
             index = self.cache_index[steps].clamp(min=0)
-            if spec.kind == "dual":
-                mixer.update_masks(spec.partial_ratio, self.grid, **self.selection)
             mixer.weights = probs[index]
+            if spec.kind == "dual":
+                mixer.update_masks(spec.partial_ratio, self.grid, **self.selection, weights=mixer.weights)
             mixer.mode = "mix"
             mixer.offset = base + d
             hidden, kwargs = self.data.call_kwargs(steps, rows)
@@ -573,16 +578,18 @@ def train_router(
         loss_space: "latent" (default, ours: the error weighted by where the sampler puts it, see
             :func:`step_weights`; it beat "eps" at every budget measured) or "eps" (published: the error of
             the model output).
-        forecast_order: L2C: what a cache step's reused branch is, at training as in the exported plan's cache
+        forecast_order: what a cache step's reused branch is, at training as in the exported plan's cache
             steps: 0 the cached output (published), 1 the engine's linear forecast from the module's last two
-            computations at their steps (plain reuse while only one is stored, as the engine does).
-            Default (None): 1 for "l2c", which measured better, 0 for "dual" (the only order it trains).
+            computations at their steps (plain reuse while only one is stored, as the engine does). Dual: a
+            partial choice recomputes its rows into that forecast (the engine's default, without re-anchoring:
+            only computations enter the history; see :mod:`.mixing`). Default (None): 1, which measured better
+            for both kinds (docs/plans.md).
         return_router: also return the :class:`TrainedRouter` (``(plan, router)``).
     """
     _check("kind", kind, kind in KINDS, f"allowed: {', '.join(map(repr, KINDS))}")
     _check("loss_space", loss_space, loss_space in LOSS_SPACES, f"allowed: {', '.join(map(repr, LOSS_SPACES))}")
-    if forecast_order is None:  # forecasting measured better for L2C; the dual router trains reuse only
-        forecast_order = 1 if kind == "l2c" else 0
+    if forecast_order is None:  # forecasting measured better for both routers
+        forecast_order = 1
     check_forecast_order(kind, forecast_order)  # here too (RouterSpec checks it), before the pipeline is touched
     _check("num_inference_steps", num_inference_steps,
            isinstance(num_inference_steps, int) and num_inference_steps >= 2, "must be an integer >= 2")
