@@ -320,3 +320,17 @@ def test_resume_refuses_a_checkpoint_of_another_loss_space(tmp_path, dit_pipe):
     train_router(dit_pipe, iterations=2, checkpoint=tmp_path / "ckpt", loss_space="latent", **common)
     with pytest.raises(ValueError, match=r"loss_space='latent', not 'eps'"):
         train_router(dit_pipe, iterations=4, resume=tmp_path / "ckpt", loss_space="eps", **common)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_training_images_never_start_from_the_noise_of_a_benchmark_image(dit_pipe, monkeypatch, seed):
+    # bench evaluates on seeds 0, 1, ... and calibrates on 1000s / 2000s: a training trajectory drawn from one of
+    # those seeds would start from an evaluated image's noise
+    from dualcache_diffusers.l2c import data
+
+    used = []
+    real = data._pipeline_call
+    monkeypatch.setattr(data, "_pipeline_call", lambda *a, **k: used.append(a[5]) or real(*a, **k))
+    data.generate_trajectories(dit_pipe, "dit", STEPS, 10, seed, chunk=4)
+    assert len(used) == 3 and len(set(used)) == 3
+    assert not set(used) & set(range(3000))

@@ -383,6 +383,19 @@ def _assemble(recorders: list[_Recorder], images: list[int], family: str, num_st
     )
 
 
+#: training trajectories draw their noise from seeds of their own: TRAJECTORY_SEEDS * (seed + 1) + image index
+TRAJECTORY_SEEDS = 10_000
+
+
+def trajectory_seed(seed: int, start: int) -> int:
+    """The generator seed of the pipeline call that makes training images ``start``, ``start + 1``, ... for
+    training seed ``seed``: 10000, 20000, ... for seeds 0, 1, ..., so that no training image starts from the
+    noise of an image ``dualcache bench`` evaluates (seeds 0, 1, ...) or calibrates on (1000s, 2000s). (Before
+    2026-11-23 it was ``seed + 1 + start``: two of the 100 benchmark images shared their noise and class with a
+    training image.)"""
+    return TRAJECTORY_SEEDS * (seed + 1) + start
+
+
 def generate_trajectories(
     pipe,
     family: str,
@@ -403,7 +416,8 @@ def generate_trajectories(
         part = conditions[start : start + chunk]
         rec = _Recorder(pipe.transformer, shared=shared)
         with rec:
-            _pipeline_call(pipe, family, part, num_steps, guidance_scale, seed + 1 + start, pipeline_kwargs or {})
+            _pipeline_call(pipe, family, part, num_steps, guidance_scale, trajectory_seed(seed, start),
+                           pipeline_kwargs or {})
         recorders.append(rec)
         sizes.append(len(part))
     return _assemble(recorders, sizes, family, num_steps)
