@@ -74,6 +74,8 @@ METHODS = {
     "duca": dict(config="duca"),  # the preset forecasts (order 1)
     "duca-reuse": dict(config="duca", aggressive="reuse"),
     "duca-error": dict(config="duca", selection="forecast_error", forecast_reanchor=True),  # dual forecasting
+    "budget-2": dict(budget=2),  # the default rule, as `enable_dual_cache(pipe, budget=2)`
+    "budget-3": dict(budget=3),
 }
 
 

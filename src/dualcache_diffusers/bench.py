@@ -286,7 +286,7 @@ def _budget_method() -> Method:
 
 #: seeds the `calibrated` method calibrates on: apart from the evaluation seeds (0, 1, ...) and the knob search's
 CALIBRATE_SEEDS = (2000, 2001)
-CALIBRATE_CONDITIONS = 4
+CALIBRATE_CONDITIONS = 10  # 20 images: with 8, selection noise made a calibrated plan lose to the default twice
 #: the knobs the benchmark's `calibrated` searches (a subset of `dualcache calibrate`'s, to keep CPU runs short)
 BENCH_CALIBRATE_SPACE = {"full_steps": (0, -1), "warp": (1.0, 1.5), "warmup": (1, 2, 3), "order": (1, 2)}
 _CALIBRATED: weakref.WeakKeyDictionary[DiffusionPipeline, dict[tuple, CachePlan]] = weakref.WeakKeyDictionary()

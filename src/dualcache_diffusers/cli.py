@@ -524,8 +524,9 @@ def _configure_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the plan JSON to write (required)")
     parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[1000, 1001],
                         help="calibration seeds (keep them apart from the seeds you evaluate on)")
-    parser.add_argument("--conditions", type=positive_int, default=4,
-                        help="classes / captions per seed (spread over the digits)")
+    parser.add_argument("--conditions", type=positive_int, default=10,
+                        help="classes / captions per seed (spread over the digits; default 10: 20 images with the "
+                             "default seeds)")
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
