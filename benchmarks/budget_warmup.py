@@ -1,17 +1,19 @@
 """One, two or three leading full steps under the default budget rule (the same K full steps, the rest evenly
 spaced, the fresh ratio fitted to the budget); or, with ``--ratio-schedules``, one leading full step and the
-given token schedules (how the recomputed fraction varies over steps and layers).
+given token schedules (how the recomputed fraction varies over steps and layers); or, with ``--warps``, one
+leading full step and the rest placed with these warps (< 1: gaps shrinking towards the end of the run).
 
     python benchmarks/budget_warmup.py --model dit --budgets 2.068 2.754 3.414 4.547
     python benchmarks/budget_warmup.py --model pixart --budgets 2.221 2.754 3.414 4.885
     python benchmarks/budget_warmup.py --model dit --steps 50 --guidance 1.5 --budgets 2.068 2.563 3.178 4.233
     python benchmarks/budget_warmup.py --model dit --seeds 3 --ratio-schedules constant pixart dit
+    python benchmarks/budget_warmup.py --model dit --seeds 3 --warps 1 0.8 0.65 --ratio-schedules constant
 
 Budgets are denoiser FLOPs reductions (what `dualcache bench` needed for 2x, 2.5x, 3x, 4x of the whole pipeline).
 Calibration images only: seeds 1000-1004 x the ten digits (50 images; ``--seeds 3``: 1000-1002, 30 images; the
 benchmark evaluates on seeds 0-9). ``--model`` also takes a saved pipeline's directory (e.g. the DiT saved with
 DPM-Solver++, as in the README's generalization rows).
-Prints: model, steps, budget, leading full steps, token schedule, engine FLOPs ratio, PSNR dB vs uncached,
+Prints: model, steps, budget, leading full steps, token schedule, warp, engine FLOPs ratio, PSNR dB vs uncached,
 step pattern.
 """
 
@@ -39,6 +41,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="calibration seeds 1000 .. 1000 + N - 1")
     parser.add_argument("--ratio-schedules", nargs="+", choices=sorted(RATIO_SCHEDULES), default=None,
                         help="compare these token schedules at one leading full step (default: compare 1-3 leading)")
+    parser.add_argument("--warps", type=float, nargs="+", default=None,
+                        help="compare these placements at one leading full step (with the first --ratio-schedules)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipe = load_pipeline(args.model)
@@ -50,13 +54,18 @@ def main() -> None:
     layout = find_adapter(pipe.transformer).layout(pipe.transformer)
     for budget in args.budgets:
         k = affordable_full_steps(args.steps, budget, cost, layout)
-        variants = ([(1, r) for r in args.ratio_schedules] if args.ratio_schedules
-                    else [(w, "constant") for w in (1, 2, 3)])
-        for warmup, ratio_schedule in variants:
-            schedule = Schedule(k, warmup=warmup, ratio_schedule=ratio_schedule)
+        if args.warps:
+            variants = [(1, (args.ratio_schedules or ["constant"])[0], w) for w in args.warps]
+        elif args.ratio_schedules:
+            variants = [(1, r, 1.0) for r in args.ratio_schedules]
+        else:
+            variants = [(w, "constant", 1.0) for w in (1, 2, 3)]
+        for warmup, ratio_schedule, warp in variants:
+            schedule = Schedule(k, warmup=warmup, warp=warp, ratio_schedule=ratio_schedule)
             fitted = fit_ratio(args.steps, layout, schedule, budget, cost)
             if fitted is None:
-                print(args.model, args.steps, budget, warmup, ratio_schedule, "does not reach the budget", flush=True)
+                print(args.model, args.steps, budget, warmup, ratio_schedule, warp, "does not reach the budget",
+                      flush=True)
                 continue
             plan, _ = fitted
             enable_dual_cache(pipe, plan=plan)
@@ -66,8 +75,8 @@ def main() -> None:
                 disable_dual_cache(pipe)
             pattern = "".join("F" if s.is_full else ("A" if s.skip_blocks else "C") for s in plan.steps)
             psnr = metrics.fidelity(images, reference)["psnr"]
-            print(args.model, args.steps, budget, warmup, ratio_schedule, round(cost.ratio(plan), 3), round(psnr, 2),
-                  pattern, flush=True)
+            print(args.model, args.steps, budget, warmup, ratio_schedule, warp, round(cost.ratio(plan), 3),
+                  round(psnr, 2), pattern, flush=True)
 
 
 if __name__ == "__main__":
