@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
+import calibration_images
 
 from dualcache_diffusers import metrics
-from dualcache_diffusers.api import disable_dual_cache, enable_dual_cache
-from dualcache_diffusers.bench import Workload, default_conditions, load_pipeline
 
 SELECTIONS = ({}, {"selection": "forecast_error"}, {"selection": "forecast_error", "forecast_reanchor": True},
               {"selection": "random"})
@@ -26,33 +24,14 @@ SELECTIONS = ({}, {"selection": "forecast_error"}, {"selection": "forecast_error
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="dit")
-    parser.add_argument("--dpm", action="store_true", help="swap the scheduler for DPM-Solver++ (multistep)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[2.068, 2.754, 3.414, 4.547])
+    calibration_images.add_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    pipe = load_pipeline(args.model)
-    if args.dpm:
-        from diffusers import DPMSolverMultistepScheduler
-
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    seeds = list(range(1000, 1000 + args.seeds))
-    workload = Workload(pipe, args.steps, seeds, default_conditions(pipe), batch_size=10 * args.seeds,
-                        guidance_scale=args.guidance)
-    reference = workload.generate()
+    pipe, workload, reference = calibration_images.setting(args)
     for budget in args.budgets:
         for options in SELECTIONS:
-            enable_dual_cache(pipe, budget=budget, **options)
-            try:
-                images = workload.generate()
-            finally:
-                disable_dual_cache(pipe)
+            images = calibration_images.generate_cached(pipe, workload, budget=budget, **options)
             psnr = metrics.fidelity(images, reference)["psnr"]
-            name = args.model + (" dpm" if args.dpm else "")
-            print(name, args.steps, budget, options or "vnorm", round(psnr, 2), flush=True)
+            print(calibration_images.name(args), args.steps, budget, options or "vnorm", round(psnr, 2), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ leading full step and the rest placed with these warps (< 1: gaps shrinking towa
 
 Budgets are denoiser FLOPs reductions (what `dualcache bench` needed for 2x, 2.5x, 3x, 4x of the whole pipeline).
 Calibration images only: seeds 1000-1004 x the ten digits (50 images; ``--seeds 3``: 1000-1002, 30 images; the
-benchmark evaluates on seeds 0-9). ``--model`` also takes a saved pipeline's directory (e.g. the DiT saved with
-DPM-Solver++, as in the README's generalization rows).
+benchmark evaluates on seeds 0-9). ``--dpm`` swaps the scheduler for DPM-Solver++ (the README's generalization
+rows); ``--model`` also takes a saved pipeline's directory.
 Prints: model, steps, budget, leading full steps, token schedule, warp, engine FLOPs ratio, PSNR dB vs uncached,
 step pattern.
 """
@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
+import calibration_images
 
 from dualcache_diffusers import metrics
 from dualcache_diffusers.adapters import find_adapter
-from dualcache_diffusers.api import disable_dual_cache, enable_dual_cache
-from dualcache_diffusers.bench import Workload, default_conditions, load_pipeline
 from dualcache_diffusers.budget import Schedule, affordable_full_steps, fit_ratio
 from dualcache_diffusers.calibrate import cost_model
 from dualcache_diffusers.plan import RATIO_SCHEDULES
@@ -34,22 +32,13 @@ from dualcache_diffusers.plan import RATIO_SCHEDULES
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="dit")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[2.068, 2.754, 3.414, 4.547])
-    parser.add_argument("--seeds", type=int, default=5, help="calibration seeds 1000 .. 1000 + N - 1")
+    calibration_images.add_arguments(parser, seeds=5)
     parser.add_argument("--ratio-schedules", nargs="+", choices=sorted(RATIO_SCHEDULES), default=None,
                         help="compare these token schedules at one leading full step (default: compare 1-3 leading)")
     parser.add_argument("--warps", type=float, nargs="+", default=None,
                         help="compare these placements at one leading full step (with the first --ratio-schedules)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    pipe = load_pipeline(args.model)
-    seeds = list(range(1000, 1000 + args.seeds))
-    workload = Workload(pipe, args.steps, seeds, default_conditions(pipe), batch_size=10 * args.seeds,
-                        guidance_scale=args.guidance)
-    reference = workload.generate()
+    pipe, workload, reference = calibration_images.setting(args)
     cost, _ = cost_model(pipe, workload, 2)  # the engine's FLOPs per step, from one budget-rule generation
     layout = find_adapter(pipe.transformer).layout(pipe.transformer)
     for budget in args.budgets:
@@ -62,21 +51,16 @@ def main() -> None:
             variants = [(w, "constant", 1.0) for w in (1, 2, 3)]
         for warmup, ratio_schedule, warp in variants:
             schedule = Schedule(k, warmup=warmup, warp=warp, ratio_schedule=ratio_schedule)
+            row = (calibration_images.name(args), args.steps, budget, warmup, ratio_schedule, warp)
             fitted = fit_ratio(args.steps, layout, schedule, budget, cost)
             if fitted is None:
-                print(args.model, args.steps, budget, warmup, ratio_schedule, warp, "does not reach the budget",
-                      flush=True)
+                print(*row, "does not reach the budget", flush=True)
                 continue
             plan, _ = fitted
-            enable_dual_cache(pipe, plan=plan)
-            try:
-                images = workload.generate()
-            finally:
-                disable_dual_cache(pipe)
+            images = calibration_images.generate_cached(pipe, workload, plan=plan)
             pattern = "".join("F" if s.is_full else ("A" if s.skip_blocks else "C") for s in plan.steps)
             psnr = metrics.fidelity(images, reference)["psnr"]
-            print(args.model, args.steps, budget, warmup, ratio_schedule, warp, round(cost.ratio(plan), 3),
-                  round(psnr, 2), pattern, flush=True)
+            print(*row, round(cost.ratio(plan), 3), round(psnr, 2), pattern, flush=True)
 
 
 if __name__ == "__main__":

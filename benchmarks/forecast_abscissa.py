@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import math
 
-import torch
+import calibration_images
 
 from dualcache_diffusers import engine, metrics
-from dualcache_diffusers.api import disable_dual_cache, enable_dual_cache
-from dualcache_diffusers.bench import Workload, default_conditions, load_pipeline
 from dualcache_diffusers.forecast import lagrange_weights
 
 ABSCISSAE = ("index", "lambda", "phi", "sigma")
@@ -39,23 +37,9 @@ def coordinate(kind: str, alpha_bar: float, index: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="dit")
-    parser.add_argument("--dpm", action="store_true", help="swap the scheduler for DPM-Solver++ (multistep)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[2.068, 2.754, 3.414, 4.547])
+    calibration_images.add_arguments(parser)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    pipe = load_pipeline(args.model)
-    if args.dpm:
-        from diffusers import DPMSolverMultistepScheduler
-
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    seeds = list(range(1000, 1000 + args.seeds))
-    workload = Workload(pipe, args.steps, seeds, default_conditions(pipe), batch_size=10 * args.seeds,
-                        guidance_scale=args.guidance)
-    reference = workload.generate()  # also sets the scheduler's timesteps for this step count
+    pipe, workload, reference = calibration_images.setting(args)  # also sets the scheduler's timesteps
     alpha_bars = [float(pipe.scheduler.alphas_cumprod[int(t)]) for t in pipe.scheduler.timesteps]
     chosen = {"kind": "index"}
 
@@ -69,13 +53,9 @@ def main() -> None:
     for budget in args.budgets:
         for kind in ABSCISSAE:
             chosen["kind"] = kind
-            enable_dual_cache(pipe, budget=budget)
-            try:
-                images = workload.generate()
-            finally:
-                disable_dual_cache(pipe)
+            images = calibration_images.generate_cached(pipe, workload, budget=budget)
             psnr = metrics.fidelity(images, reference)["psnr"]
-            print(args.model + (" dpm" if args.dpm else ""), budget, kind, round(psnr, 2), flush=True)
+            print(calibration_images.name(args), budget, kind, round(psnr, 2), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 
+import calibration_images
 import torch
 
 from dualcache_diffusers import engine, metrics
-from dualcache_diffusers.api import disable_dual_cache, enable_dual_cache
-from dualcache_diffusers.bench import Workload, default_conditions, load_pipeline
 
 ORACLES = ("none", "truth_mlp", "truth_attn", "scalar", "channel")
 
@@ -36,16 +35,9 @@ def rescaled(truth: torch.Tensor, forecast: torch.Tensor, anchor: torch.Tensor, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="dit")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[2.068, 2.754])
+    calibration_images.add_arguments(parser, seeds=2, budgets=(2.068, 2.754))
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    pipe = load_pipeline(args.model)
-    seeds = list(range(1000, 1000 + args.seeds))
-    workload = Workload(pipe, args.steps, seeds, default_conditions(pipe), batch_size=10 * args.seeds)
-    reference = workload.generate()
+    pipe, workload, reference = calibration_images.setting(args)
     run_module, chosen = engine.DualCacheEngine.run_module, {"oracle": "none"}
 
     def oracle_run_module(self, cached, forward, call_args, call_kwargs):
@@ -69,12 +61,9 @@ def main() -> None:
     for budget in args.budgets:
         for oracle in ORACLES:
             chosen["oracle"] = oracle
-            enable_dual_cache(pipe, budget=budget)
-            try:
-                images = workload.generate()
-            finally:
-                disable_dual_cache(pipe)
-            print(args.model, budget, oracle, round(metrics.fidelity(images, reference)["psnr"], 2), flush=True)
+            images = calibration_images.generate_cached(pipe, workload, budget=budget)
+            psnr = metrics.fidelity(images, reference)["psnr"]
+            print(calibration_images.name(args), budget, oracle, round(psnr, 2), flush=True)
 
 
 if __name__ == "__main__":

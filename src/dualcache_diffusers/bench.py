@@ -739,8 +739,9 @@ def run_benchmark(
             result.rows += rows
             result.notes.append(
                 f"{matched.name} rows at budgets other than those asked for: run at the FLOPs ratio another method "
-                "achieved (where that was more than 3% from its own row at the same budget), so that every "
-                "comparison has a pair within 3%: " + "; ".join(f"{t:g}x = {who}" for t, who in targets.items()))
+                f"achieved (where that was more than {MATCH_TOLERANCE:.0%} from its own row at the same budget), so "
+                f"that every comparison has a pair within {MATCH_TOLERANCE:.0%}: "
+                + "; ".join(f"{t:g}x = {who}" for t, who in targets.items()))
     return result
 
 
