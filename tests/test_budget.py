@@ -17,7 +17,9 @@ from dualcache_diffusers.budget import (
     check_budget,
     fit_ratio,
     full_step_positions,
+    largest_gap,
     schedule_plan,
+    short_tail,
 )
 from dualcache_diffusers.plan import PlanLayout
 from dualcache_diffusers.stats import count_flops
@@ -31,7 +33,8 @@ def test_the_plan_reaches_the_budget_on_the_cost_model(budget, steps):
     cost = CostModel.uniform(LAYOUT, tokens=64)
     plan = budget_schedule(steps, LAYOUT, budget, cost)
     full = [i for i, s in enumerate(plan.steps) if s.is_full]
-    assert full == full_step_positions(steps, len(full), 1, 1.0)  # step 0, then evenly spaced
+    # step 0, then evenly spaced (ending one step before the last where that lengthens no gap)
+    assert full == full_step_positions(steps, len(full), 1, 1.0, tail=short_tail(steps, len(full)))
     gaps = [b - a for a, b in itertools.pairwise(full)]
     assert full[0] == 0 and max(gaps) - min(gaps) <= 1
     assert cost.ratio(plan) == pytest.approx(budget, rel=0.03)
@@ -64,6 +67,26 @@ def test_full_steps_start_the_run_and_are_spread_over_it():
     assert len(set(even)) == 6 and len(set(front)) == 6 and max(even) < 20
     assert sum(front) < sum(even)  # warp > 1 moves full steps towards the start
     assert full_step_positions(5, 5, 2, 1.5) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("steps", "full", "tail"), [(20, 7, 1), (50, 15, 1), (20, 5, None), (20, 9, None)])
+def test_one_forecast_step_follows_the_last_full_step_where_that_lengthens_no_gap(steps, full, tail):
+    even = full_step_positions(steps, full, 1, 1.0)
+    assert short_tail(steps, full) == tail
+    if tail is None:  # the even grid already ends one step before the last, or ending there would lengthen a gap
+        shifted = full_step_positions(steps, full, 1, 1.0, tail=1)
+        assert even[-1] >= steps - 2 or largest_gap(shifted, steps) > largest_gap(even, steps)
+        return
+    shifted = full_step_positions(steps, full, 1, 1.0, tail=tail)
+    assert even[-1] < steps - 2 and shifted[-1] == steps - 2 and len(set(shifted)) == full and shifted[0] == 0
+    assert largest_gap(shifted, steps) == largest_gap(even, steps)
+
+
+def test_the_default_rule_ends_its_full_steps_one_step_before_the_last_where_it_can():
+    cost = CostModel.uniform(LAYOUT, tokens=64)
+    plan = budget_schedule(20, LAYOUT, 2.75, cost)  # 7 full steps: the even grid would end at step 17
+    full = [i for i, s in enumerate(plan.steps) if s.is_full]
+    assert full == [0, 3, 6, 9, 12, 15, 18] and plan.metadata["schedule"]["tail"] == 1
 
 
 def test_ends_gathers_full_steps_at_both_ends_of_the_run():

@@ -5,7 +5,8 @@
 1. generate the calibration images uncached (the reference) and once with the default budget rule,
    which also records the model's FLOPs per step (the engine's own count);
 2. search the knobs of :class:`~.budget.Schedule` (number of full steps, leading full steps, how the
-   rest are spread and whether they gather at both ends of the run, forecast order, how the recomputed
+   rest are spread, whether they gather at both ends of the run and how many forecast steps follow
+   the last, forecast order, how the recomputed
    tokens are spread over steps and layers,
    whether the other steps skip the block stack), one knob at a time from the default rule; every
    candidate gets the fresh ratio that brings it to the budget (within 3%, from below) and is
@@ -46,6 +47,7 @@ SEARCH_SPACE: dict[str, Sequence[Any]] = {
     "full_steps": (0, -1, -2, 1),  # offsets from the most full steps the budget affords
     "warp": (1.0, 1.5, 2.0, 2.5),
     "ends": (0.0, 0.3, 0.6),  # full steps denser at both ends of the run
+    "tail": (None, 1),  # forecast steps after the last full step (None: the even grid's)
     "warmup": (1, 2, 3, 4),
     "order": (1, 2),
     "ratio_schedule": ("constant", "pixart"),
@@ -109,7 +111,7 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
     k0 = affordable_full_steps(steps, budget, cost, layout)
     default = budget_schedule(steps, layout, budget, cost)
     default_psnr = float(metrics.fidelity(default_images, reference)["psnr"])
-    best = Candidate(default_schedule(k0), default, default_psnr, cost.ratio(default))
+    best = Candidate(default_schedule(steps, k0), default, default_psnr, cost.ratio(default))
     tried: dict[Schedule, float] = {best.schedule: best.psnr}
     log = [{"schedule": best.schedule.describe(), "psnr": round(best.psnr, 3), "rule": "default"}]
     for _ in range(SEARCH_PASSES):  # coordinate search; a knob's best value can change once another moved
