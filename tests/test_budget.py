@@ -69,13 +69,16 @@ def test_full_steps_start_the_run_and_are_spread_over_it():
     assert full_step_positions(5, 5, 2, 1.5) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize(("steps", "full", "tail"), [(20, 7, 1), (50, 15, 1), (20, 5, None), (20, 9, None)])
-def test_one_forecast_step_follows_the_last_full_step_where_that_lengthens_no_gap(steps, full, tail):
+@pytest.mark.parametrize(("steps", "full", "tail"),
+                         [(20, 7, 1), (50, 15, 1), (20, 5, None), (20, 9, None), (20, 6, None)])
+def test_one_forecast_step_follows_the_last_full_step_where_that_lengthens_neither_the_largest_nor_the_first_gap(
+        steps, full, tail):
     even = full_step_positions(steps, full, 1, 1.0)
     assert short_tail(steps, full) == tail
     if tail is None:  # the even grid already ends one step before the last, or ending there would lengthen a gap
         shifted = full_step_positions(steps, full, 1, 1.0, tail=1)
-        assert even[-1] >= steps - 2 or largest_gap(shifted, steps) > largest_gap(even, steps)
+        assert (even[-1] >= steps - 2 or largest_gap(shifted, steps) > largest_gap(even, steps)
+                or shifted[1] > even[1])  # (20, 6): no gap grows but the first, 3 -> 4
         return
     shifted = full_step_positions(steps, full, 1, 1.0, tail=tail)
     assert even[-1] < steps - 2 and shifted[-1] == steps - 2 and len(set(shifted)) == full and shifted[0] == 0
