@@ -19,6 +19,7 @@ from dualcache_diffusers.budget import (
     full_step_positions,
     largest_gap,
     schedule_plan,
+    short_first_gap,
     short_tail,
 )
 from dualcache_diffusers.plan import PlanLayout
@@ -34,7 +35,7 @@ def test_the_plan_reaches_the_budget_on_the_cost_model(budget, steps):
     plan = budget_schedule(steps, LAYOUT, budget, cost)
     full = [i for i, s in enumerate(plan.steps) if s.is_full]
     # step 0, then evenly spaced (ending one step before the last where that lengthens no gap)
-    assert full == full_step_positions(steps, len(full), 1, 1.0, tail=short_tail(steps, len(full)))
+    assert full == full_step_positions(steps, len(full), 1, 1.0, tail=short_tail(steps, len(full)), short_first=True)
     gaps = [b - a for a, b in itertools.pairwise(full)]
     assert full[0] == 0 and max(gaps) - min(gaps) <= 1
     assert cost.ratio(plan) == pytest.approx(budget, rel=0.03)
@@ -85,11 +86,27 @@ def test_one_forecast_step_follows_the_last_full_step_where_that_lengthens_neith
     assert largest_gap(shifted, steps) == largest_gap(even, steps)
 
 
+@pytest.mark.parametrize(("steps", "full"), [(20, 3), (50, 19), (50, 11), (20, 9), (20, 5)])
+def test_the_first_gap_of_the_grid_is_its_shortest_and_no_gap_grows(steps, full):
+    even = full_step_positions(steps, full, 1, 1.0)
+    moved = full_step_positions(steps, full, 1, 1.0, short_first=True)
+    assert moved == short_first_gap(even, 1, steps) and moved[0] == 0 and len(set(moved)) == full
+    gaps = [b - a for a, b in itertools.pairwise(moved)]
+    assert gaps[0] == min(gaps) and moved[-1] == even[-1]
+    assert largest_gap(moved, steps) <= largest_gap(even, steps)
+    if (steps, full) == (20, 3):
+        assert even == [0, 7, 13] and moved == [0, 6, 13]
+    if (steps, full) in ((20, 9), (20, 5)):  # already shortest first (or all gaps equal): unchanged
+        assert moved == even
+
+
 def test_the_default_rule_ends_its_full_steps_one_step_before_the_last_where_it_can():
     cost = CostModel.uniform(LAYOUT, tokens=64)
     plan = budget_schedule(20, LAYOUT, 2.75, cost)  # 7 full steps: the even grid would end at step 17
     full = [i for i, s in enumerate(plan.steps) if s.is_full]
     assert full == [0, 3, 6, 9, 12, 15, 18] and plan.metadata["schedule"]["tail"] == 1
+    three = budget_schedule(20, LAYOUT, 5.5, cost)  # 3 full steps: the even grid would be 0, 7, 13
+    assert [i for i, s in enumerate(three.steps) if s.is_full] == [0, 6, 13]
 
 
 def test_ends_gathers_full_steps_at_both_ends_of_the_run():

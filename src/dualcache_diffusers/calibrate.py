@@ -48,6 +48,7 @@ SEARCH_SPACE: dict[str, Sequence[Any]] = {
     "warp": (1.0, 1.5, 2.0, 2.5),
     "ends": (0.0, 0.3, 0.6),  # full steps denser at both ends of the run
     "tail": (None, 1),  # forecast steps after the last full step (None: the even grid's)
+    "short_first": (True, False),  # the grid's first gap its shortest
     "warmup": (1, 2, 3, 4),
     "order": (1, 2),
     "ratio_schedule": ("constant", "pixart"),
