@@ -100,6 +100,18 @@ def test_the_first_gap_of_the_grid_is_its_shortest_and_no_gap_grows(steps, full)
         assert moved == even
 
 
+@pytest.mark.parametrize("warmup", [1, 2, 3])
+def test_every_placement_of_the_default_rule_is_k_distinct_steps_from_step_0(warmup):
+    for steps in range(1, 61):
+        for full in range(1, steps + 1):
+            tail = short_tail(steps, full, warmup)
+            positions = full_step_positions(steps, full, warmup, 1.0, tail=tail, short_first=True)
+            assert positions == sorted(set(positions)) and len(positions) == full, (steps, full, positions)
+            assert positions[:min(warmup, full)] == list(range(min(warmup, full))) and positions[-1] < steps
+            if tail is not None:
+                assert positions[-1] == steps - 1 - tail
+
+
 def test_the_default_rule_ends_its_full_steps_one_step_before_the_last_where_it_can():
     cost = CostModel.uniform(LAYOUT, tokens=64)
     plan = budget_schedule(20, LAYOUT, 2.75, cost)  # 7 full steps: the even grid would end at step 17
