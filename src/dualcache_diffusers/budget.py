@@ -353,8 +353,9 @@ def default_schedule(num_steps: int, full_steps: int, order: int = 1, warp: floa
 
 def budget_schedule(num_steps: int, layout: PlanLayout, budget: float, cost: CostModel, order: int = 1,
                     warp: float = 1.0) -> CachePlan:
-    """The default budget rule (module docstring): as many full steps as fit, evenly spaced from step 0, the rest
-    forecast at ``order`` with DuCa's decreasing token schedule, scaled to fill what the budget leaves."""
+    """The default budget rule (module docstring): as many full steps as fit, evenly spaced from step 0 (shortest
+    gap first, ending one step before the last where no gap grows: :func:`default_schedule`), the rest forecast at
+    ``order`` with DuCa's decreasing token schedule, scaled to fill what the budget leaves."""
     budget = check_budget(budget)
     base = default_schedule(num_steps, affordable_full_steps(num_steps, budget, cost, layout, order), order, warp)
     for skip in (False, True):
