@@ -16,8 +16,6 @@ import argparse
 
 import calibration_images
 
-from dualcache_diffusers import metrics
-
 SELECTIONS = ({}, {"selection": "forecast_error"}, {"selection": "forecast_error", "forecast_reanchor": True},
               {"selection": "random"})
 
@@ -29,8 +27,7 @@ def main() -> None:
     pipe, workload, reference = calibration_images.setting(args)
     for budget in args.budgets:
         for options in SELECTIONS:
-            images = calibration_images.generate_cached(pipe, workload, budget=budget, **options)
-            psnr = metrics.fidelity(images, reference)["psnr"]
+            psnr = calibration_images.cached_psnr(pipe, workload, reference, budget=budget, **options)
             print(calibration_images.name(args), args.steps, budget, options or "vnorm", round(psnr, 2), flush=True)
 
 

@@ -26,7 +26,6 @@ import argparse
 
 import calibration_images
 
-from dualcache_diffusers import metrics
 from dualcache_diffusers.adapters import find_adapter
 from dualcache_diffusers.budget import DEFAULT_RATIO_SCHEDULE, Schedule, affordable_full_steps, fit_ratio, short_tail
 from dualcache_diffusers.calibrate import cost_model
@@ -66,9 +65,8 @@ def main() -> None:
                 print(*row, "does not reach the budget", flush=True)
                 continue
             plan, _ = fitted
-            images = calibration_images.generate_cached(pipe, workload, plan=plan)
+            psnr = calibration_images.cached_psnr(pipe, workload, reference, plan=plan)
             pattern = "".join("F" if s.is_full else ("A" if s.skip_blocks else "C") for s in plan.steps)
-            psnr = metrics.fidelity(images, reference)["psnr"]
             print(*row, round(cost.ratio(plan), 3), round(psnr, 2), pattern, flush=True)
 
 

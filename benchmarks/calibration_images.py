@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dualcache_diffusers import metrics
 from dualcache_diffusers.api import disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.bench import Workload, default_conditions, load_pipeline
 
@@ -48,6 +49,11 @@ def generate_cached(pipe: Any, workload: Workload, **options: Any) -> np.ndarray
         return workload.generate()
     finally:
         disable_dual_cache(pipe)
+
+
+def cached_psnr(pipe: Any, workload: Workload, reference: np.ndarray, **options: Any) -> float:
+    """Mean PSNR (dB) against ``reference`` of the workload generated with ``enable_dual_cache(pipe, **options)``."""
+    return float(metrics.fidelity(generate_cached(pipe, workload, **options), reference)["psnr"])
 
 
 def name(args: argparse.Namespace) -> str:

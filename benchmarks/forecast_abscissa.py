@@ -19,7 +19,7 @@ import math
 
 import calibration_images
 
-from dualcache_diffusers import engine, metrics
+from dualcache_diffusers import engine
 from dualcache_diffusers.forecast import lagrange_weights
 
 ABSCISSAE = ("index", "lambda", "phi", "sigma")
@@ -53,8 +53,7 @@ def main() -> None:
     for budget in args.budgets:
         for kind in ABSCISSAE:
             chosen["kind"] = kind
-            images = calibration_images.generate_cached(pipe, workload, budget=budget)
-            psnr = metrics.fidelity(images, reference)["psnr"]
+            psnr = calibration_images.cached_psnr(pipe, workload, reference, budget=budget)
             print(calibration_images.name(args), budget, kind, round(psnr, 2), flush=True)
 
 

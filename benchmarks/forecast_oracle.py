@@ -21,7 +21,7 @@ import argparse
 import calibration_images
 import torch
 
-from dualcache_diffusers import engine, metrics
+from dualcache_diffusers import engine
 
 ORACLES = ("none", "truth_mlp", "truth_attn", "scalar", "channel")
 
@@ -61,8 +61,7 @@ def main() -> None:
     for budget in args.budgets:
         for oracle in ORACLES:
             chosen["oracle"] = oracle
-            images = calibration_images.generate_cached(pipe, workload, budget=budget)
-            psnr = metrics.fidelity(images, reference)["psnr"]
+            psnr = calibration_images.cached_psnr(pipe, workload, reference, budget=budget)
             print(calibration_images.name(args), budget, oracle, round(psnr, 2), flush=True)
 
 

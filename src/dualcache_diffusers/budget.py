@@ -333,13 +333,9 @@ def short_tail(num_steps: int, full_steps: int, warmup: int = 1, warp: float = 1
     if len(even) <= warmup or num_steps - 1 - even[-1] <= 1:
         return None
     shifted = full_step_positions(num_steps, full_steps, warmup, warp, tail=1)
-    first = warmup  # the first full step of the grid
-
-    def first_gap(positions: list[int]) -> int:
-        return positions[first] - positions[first - 1]
-
-    keeps_gaps = largest_gap(shifted, num_steps) <= largest_gap(even, num_steps)
-    return 1 if keeps_gaps and first_gap(shifted) <= first_gap(even) else None
+    keeps_largest = largest_gap(shifted, num_steps) <= largest_gap(even, num_steps)
+    keeps_first = shifted[warmup] - shifted[warmup - 1] <= even[warmup] - even[warmup - 1]
+    return 1 if keeps_largest and keeps_first else None
 
 
 def default_schedule(num_steps: int, full_steps: int, order: int = 1, warp: float = 1.0) -> Schedule:
