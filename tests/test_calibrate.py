@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from dualcache_diffusers import cli
+from dualcache_diffusers.budget import default_schedule
+from dualcache_diffusers.calibrate import _candidate, significantly_better
 from dualcache_diffusers.plan import CachePlan
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
@@ -42,3 +45,60 @@ def test_bench_runs_the_budget_rule_and_a_calibrated_plan_at_the_same_flops(dit_
     assert json.loads(rows["calibrated"]["setting"])["budget"] == budget  # same searched budget, same FLOPs
     for name in ("duca-budget", "calibrated"):
         assert float(rows[name]["flops_ratio"]) == pytest.approx(2.0, rel=0.05)
+
+
+@pytest.mark.parametrize("gain, taken", [
+    ([0.3, 0.2, 0.4, 0.3, 0.25, 0.35], True),  # small but consistent
+    ([3.0, -0.5, -0.4, -0.6, -0.5, -0.4], False),  # a higher mean carried by one image
+    ([-0.1, -0.2, -0.1, -0.3, -0.1, -0.2], False),  # worse
+    ([0.0] * 6, False),  # a tie keeps the plan already found
+    ([0.1], True),  # one image: no spread to judge by
+])
+def test_a_candidate_replaces_the_best_plan_only_with_a_significant_paired_gain(gain, taken):
+    best = np.linspace(30.0, 40.0, len(gain))  # images of different difficulty: only the paired gain counts
+    assert significantly_better(best + np.array(gain), best) is taken
+
+
+def test_a_knob_that_moves_the_grid_brings_the_rules_tail_for_the_new_grid():
+    schedule = default_schedule(20, 7)  # 7 of 20: the rule ends the grid at step 18
+    assert schedule.tail == 1
+    # 6 of 20: ending at 18 would lengthen the first gap, so the rule keeps the even grid (budget.short_tail)
+    assert _candidate(schedule, "full_steps", 6, 20).tail is None
+    assert _candidate(schedule, "full_steps", 6, 20).full_steps == 6
+    assert _candidate(schedule, "order", 2, 20).tail == 1  # other knobs leave the grid as it is
+    assert _candidate(schedule, "tail", None, 20).tail is None  # and the tail knob sets it
+
+
+def test_calibration_keeps_the_default_plan_when_no_candidate_wins_significantly(monkeypatch):
+    """A search whose candidates all score a higher mean than the default rule on the calibration images, each
+    carried by one image, returns the default rule's plan."""
+    from dualcache_diffusers import calibrate as calibration
+    from dualcache_diffusers.budget import CostModel
+    from dualcache_diffusers.plan import PlanLayout
+
+    layout = PlanLayout.uniform_layout(2, ("attn1", "ff"))
+    reference = np.zeros((6, 4, 4, 3))
+    default_scores = np.full(6, 30.0)
+    lucky = np.array([36.0, 29.5, 29.5, 29.5, 29.5, 29.5])  # mean 30.58
+
+    class Workload:
+        steps, seeds, conditions, guidance_scale = 10, (1,), (0,), None
+
+        def generate(self):
+            return reference
+
+        def __len__(self):
+            return len(reference)
+
+    monkeypatch.setattr(calibration, "cost_model", lambda pipe, workload, budget: (CostModel.uniform(layout), reference))
+    monkeypatch.setattr(calibration, "image_scores", lambda images, ref: default_scores)
+    monkeypatch.setattr(calibration, "score_plan", lambda pipe, workload, plan, ref: lucky)
+    monkeypatch.setattr(calibration, "_with_learned_forecast", lambda pipe, workload, best, ref: best.plan)
+    monkeypatch.setattr("dualcache_diffusers.adapters.find_adapter", lambda model: type("A", (), {
+        "layout": staticmethod(lambda m: layout)})())
+    pipe = type("Pipe", (), {"transformer": None})()
+    plan = calibration.calibrate(pipe, Workload(), 2.5, space={"warmup": (1, 2), "order": (1, 2)})
+    info = plan.metadata["calibration"]
+    assert info["psnr"] == info["default_rule_psnr"] == 30.0
+    assert [entry.get("taken") for entry in info["search"][1:]] == [False] * (len(info["search"]) - 1)
+    assert info["schedule"]["warmup"] == 1 and info["schedule"]["order"] == 1
