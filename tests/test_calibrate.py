@@ -90,7 +90,8 @@ def test_calibration_keeps_the_default_plan_when_no_candidate_wins_significantly
         def __len__(self):
             return len(reference)
 
-    monkeypatch.setattr(calibration, "cost_model", lambda pipe, workload, budget: (CostModel.uniform(layout), reference))
+    monkeypatch.setattr(calibration, "cost_model", lambda pipe, workload, budget: (CostModel.uniform(layout),
+                                                                                 reference))
     monkeypatch.setattr(calibration, "image_scores", lambda images, ref: default_scores)
     monkeypatch.setattr(calibration, "score_plan", lambda pipe, workload, plan, ref: lucky)
     monkeypatch.setattr(calibration, "_with_learned_forecast", lambda pipe, workload, best, ref: best.plan)
