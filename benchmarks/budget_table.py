@@ -14,9 +14,9 @@ import csv
 from pathlib import Path
 
 BUDGETS = (2.0, 2.5, 3.0, 4.0)
-COLUMNS = ("calibrated", "taylorseer", "seacache", "fora", "steps", "dbcache")
+COLUMNS = ("calibrated", "taylorseer", "seacache", "fora", "steps", "dbcache", "dbcache-taylorseer", "dbcache-foca")
 HEADER = ("| {label} | budget | **duca-budget** (default) | calibrated | TaylorSeer | SeaCache | FORA | fewer steps "
-          "| DBCache |\n|---|---|---|---|---|---|---|---|---|")
+          "| DBCache | DBCache + TaylorSeer | DBCache + FoCa |\n|---|---|---|---|---|---|---|---|---|---|---|")
 MATCH_TOLERANCE = 0.03
 
 

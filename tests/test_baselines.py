@@ -42,6 +42,8 @@ AGGRESSIVE: dict[str, dict[str, Any]] = {
     "fastercache": {},
     "seacache": {"threshold": 1.0},
     "cachedit_dbcache": {"residual_diff_threshold": 0.5, "max_warmup_steps": 2},
+    "cachedit_dbcache_taylorseer": {"residual_diff_threshold": 0.5, "max_warmup_steps": 2},
+    "cachedit_dbcache_foca": {"residual_diff_threshold": 0.5, "max_warmup_steps": 2},
 }
 # Knobs at the "never skip" end: the cached pipeline must reproduce the uncached one exactly.
 CONSERVATIVE: dict[str, dict[str, Any]] = {
@@ -52,6 +54,8 @@ CONSERVATIVE: dict[str, dict[str, Any]] = {
     "fastercache": {"spatial_timestep_skip_range": (-1, -1), "uncond_timestep_skip_range": (-1, -1)},
     "seacache": {"threshold": 0.0},
     "cachedit_dbcache": {"residual_diff_threshold": 0.0},
+    "cachedit_dbcache_taylorseer": {"residual_diff_threshold": 0.0},
+    "cachedit_dbcache_foca": {"residual_diff_threshold": 0.0},
 }
 
 
@@ -230,3 +234,22 @@ def test_every_baseline_declares_its_sweep_knob() -> None:
         assert spec.name == name
         assert spec.sweep_knob in spec.defaults
         assert spec.faster_when in ("higher", "lower")
+
+
+@pytest.mark.skipif("cachedit_dbcache" not in available_baselines(), reason="cache-dit is not installed")
+def test_dbcache_calibrators_forecast_the_skipped_residual_instead_of_reusing_it() -> None:
+    """cache-dit's TaylorSeer and FoCa calibrators change what DBCache's skipped steps use: at the same threshold,
+    the three variants give three different images; an unknown calibrator is refused before anything is applied."""
+    pipe = tiny_dit_pipeline()
+    images = {}
+    for name in ("cachedit_dbcache", "cachedit_dbcache_taylorseer", "cachedit_dbcache_foca"):
+        handle = apply_baseline(pipe, name, **AGGRESSIVE[name])
+        assert handle.knobs["calibrator"] == {"cachedit_dbcache": "none"}.get(name, name.rsplit("_", 1)[1])
+        images[name] = _generate(pipe)
+        remove_baseline(pipe, handle)
+    plain, taylor, foca = images.values()
+    assert not np.array_equal(plain, taylor) and not np.array_equal(plain, foca)
+    assert not np.array_equal(taylor, foca)
+    with pytest.raises(ValueError, match="calibrator='dmd' is not one of"):
+        apply_baseline(pipe, "cachedit_dbcache", calibrator="dmd")
+    _assert_no_traces(pipe)

@@ -18,7 +18,8 @@ CLASS_CONDITIONAL_PIPELINES = ("DiTPipeline",)
 METHOD_ORDER = (
     "uncached", "steps", "fora", "toca", "duca", "duca-budget", "calibrated", "duca-reuse", "duca-random",
     "duca-attention",
-    "fbcache", "taylorseer", "magcache", "pab", "fastercache", "seacache", "dbcache",
+    "fbcache", "taylorseer", "magcache", "pab", "fastercache", "seacache", "dbcache", "dbcache-taylorseer",
+    "dbcache-foca",
 )
 
 # What the letters of a step pattern and the symbols of a plan summary mean (printed with them).

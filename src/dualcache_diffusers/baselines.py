@@ -11,7 +11,8 @@ Two families are wrapped:
   `current_timestep_callback` of PAB / FasterCache. It resets all stateful hooks when a new generation starts, which
   it detects because the pipeline's `scheduler.set_timesteps` replaced `scheduler.timesteps` by a new tensor (or
   because the step counter reached the step count, for callers that drive the transformer directly).
-* cache-dit's DBCache (optional, `pip install cache-dit`), through `cache_dit.enable_cache(pipe, ...)`.
+* cache-dit's DBCache (optional, `pip install cache-dit`), through `cache_dit.enable_cache(pipe, ...)`, alone or with
+  cache-dit's TaylorSeer or FoCa calibrator forecasting the skipped blocks' residual.
 
 Usage::
 
@@ -432,6 +433,11 @@ def _apply_seacache(pipe: DiffusionPipeline, knobs: dict[str, Any]) -> list[Undo
 # --------------------------------------------------------------------------------------------------------------------
 
 
+#: what cache-dit's DBCache forecasts the skipped blocks' residual with: nothing (it reuses the last one), its
+#: TaylorSeer calibrator (order ``taylorseer_order``) or its FoCa calibrator (BDF2 predictor, Heun corrector)
+DBCACHE_CALIBRATORS = ("none", "taylorseer", "foca")
+
+
 def _apply_cachedit_dbcache(pipe: DiffusionPipeline, knobs: dict[str, Any]) -> list[Undo]:
     """cache-dit's DBCache through `cache_dit.enable_cache(pipe, ...)`.
 
@@ -440,9 +446,14 @@ def _apply_cachedit_dbcache(pipe: DiffusionPipeline, knobs: dict[str, Any]) -> l
     and for DiT its `DiTPatchFunctor` replaces `transformer.forward` and registers `transformer._norm1_emb` as a
     submodule, both of which outlive `disable_cache`. We snapshot and restore those.
     """
+    calibrator = knobs["calibrator"]
+    if calibrator not in DBCACHE_CALIBRATORS:
+        allowed = ", ".join(map(repr, DBCACHE_CALIBRATORS))
+        raise ValueError(f"calibrator={calibrator!r} is not one of cache-dit's DBCache calibrators: {allowed}")
     try:
         import cache_dit
-        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+        from cache_dit import DBCacheConfig
+        from cache_dit.caching.cache_contexts.calibrators import FoCaCalibratorConfig, TaylorSeerCalibratorConfig
     except ImportError as error:
         raise ImportError("cachedit_dbcache needs cache-dit: `pip install cache-dit`.") from error
 
@@ -459,7 +470,11 @@ def _apply_cachedit_dbcache(pipe: DiffusionPipeline, knobs: dict[str, Any]) -> l
         if key in vars(pipe_cls)
     }
 
-    order = knobs["taylorseer_order"]
+    calibrator_config = None
+    if calibrator == "taylorseer":
+        calibrator_config = TaylorSeerCalibratorConfig(taylorseer_order=knobs["taylorseer_order"])
+    elif calibrator == "foca":
+        calibrator_config = FoCaCalibratorConfig()
     cache_dit.enable_cache(
         pipe,
         cache_config=DBCacheConfig(
@@ -472,7 +487,7 @@ def _apply_cachedit_dbcache(pipe: DiffusionPipeline, knobs: dict[str, Any]) -> l
             max_continuous_cached_steps=knobs["max_continuous_cached_steps"],
             num_inference_steps=knobs["num_inference_steps"],
         ),
-        calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=order) if order > 0 else None,
+        calibrator_config=calibrator_config,
     )
 
     def undo() -> None:
@@ -498,6 +513,39 @@ def _apply_cachedit_dbcache(pipe: DiffusionPipeline, knobs: dict[str, Any]) -> l
 # --------------------------------------------------------------------------------------------------------------------
 # Registry and public API
 # --------------------------------------------------------------------------------------------------------------------
+
+
+_DBCACHE_FORECAST = {
+    "none": "reusing their last residual",
+    "taylorseer": "forecasting their residual with cache-dit's TaylorSeer calibrator (order `taylorseer_order`)",
+    "foca": "forecasting their residual with cache-dit's FoCa calibrator (BDF2 predictor, Heun corrector)",
+}
+
+
+def _dbcache_spec(calibrator: str) -> BaselineSpec:
+    """cache-dit's DBCache with one of its calibrators (``cachedit_dbcache``, ``cachedit_dbcache_taylorseer``, ...)."""
+    return BaselineSpec(
+        name="cachedit_dbcache" + ("" if calibrator == "none" else "_" + calibrator),
+        summary="cache-dit DBCache (F<n>B<m>): always compute the first `Fn_compute_blocks` and last "
+        "`Bn_compute_blocks` blocks; skip the middle ones while the Fn output residual changed less than "
+        f"`residual_diff_threshold`, {_DBCACHE_FORECAST[calibrator]}.",
+        sweep_knob="residual_diff_threshold",
+        faster_when="higher",
+        defaults={
+            "residual_diff_threshold": 0.08,
+            "Fn_compute_blocks": 1,
+            "Bn_compute_blocks": 0,
+            "max_warmup_steps": 8,
+            "warmup_interval": 1,
+            "max_cached_steps": -1,
+            "max_continuous_cached_steps": -1,
+            "num_inference_steps": None,
+            "calibrator": calibrator,
+            "taylorseer_order": 1,
+        },
+        apply=_apply_cachedit_dbcache,
+        requires="cache_dit",
+    )
 
 
 _SPECS = [
@@ -590,27 +638,7 @@ _SPECS = [
         },
         apply=_apply_seacache,
     ),
-    BaselineSpec(
-        name="cachedit_dbcache",
-        summary="cache-dit DBCache (F<n>B<m>): always compute the first `Fn_compute_blocks` and last "
-        "`Bn_compute_blocks` blocks; skip the middle ones while the Fn output residual changed less than "
-        "`residual_diff_threshold`. `taylorseer_order` > 0 adds cache-dit's TaylorSeer calibrator.",
-        sweep_knob="residual_diff_threshold",
-        faster_when="higher",
-        defaults={
-            "residual_diff_threshold": 0.08,
-            "Fn_compute_blocks": 1,
-            "Bn_compute_blocks": 0,
-            "max_warmup_steps": 8,
-            "warmup_interval": 1,
-            "max_cached_steps": -1,
-            "max_continuous_cached_steps": -1,
-            "num_inference_steps": None,
-            "taylorseer_order": 0,
-        },
-        apply=_apply_cachedit_dbcache,
-        requires="cache_dit",
-    ),
+    *(_dbcache_spec(calibrator) for calibrator in DBCACHE_CALIBRATORS),
 ]
 
 if SeaCacheConfig is None:  # pragma: no cover - depends on the installed diffusers

@@ -336,8 +336,8 @@ def _baseline_fixed_knobs(name: str, steps: int) -> Setting:
         "taylorseer": {"disable_cache_before_step": max(1, min(3, steps // 6))},
         "magcache": {"max_skip_steps": steps, "num_inference_steps": steps},
         "seacache": {"max_consecutive_cached": steps},
-        "cachedit_dbcache": {"max_warmup_steps": max(1, steps // 10), "num_inference_steps": steps},
-    }.get(name, {})
+    }.get(name) or ({"max_warmup_steps": max(1, steps // 10), "num_inference_steps": steps}
+                    if name.startswith("cachedit_dbcache") else {})
 
 
 def _baseline_knob(name: str, steps: int) -> Knob:
@@ -423,7 +423,8 @@ def build_methods(steps: int, plans: dict[str, Path] | None = None) -> dict[str,
 
 
 def _alias(baseline: str) -> str:
-    return "dbcache" if baseline == "cachedit_dbcache" else baseline
+    """The benchmark's name of a baseline: cache-dit's ``cachedit_dbcache[_calibrator]`` -> ``dbcache[-calibrator]``."""
+    return baseline.replace("cachedit_dbcache", "dbcache").replace("_", "-")
 
 
 def unavailable_methods() -> dict[str, str]:
