@@ -332,12 +332,13 @@ def _plan_method(name: str, path: Path) -> Method:
 # Knobs of diffusers' caches fixed for the benchmark (the sweep knob is searched). Caps that would make the
 # larger budgets unreachable whatever the threshold are lifted to the step count; see docs of each cache.
 def _baseline_fixed_knobs(name: str, steps: int) -> Setting:
+    if name.startswith("cachedit_dbcache"):  # DBCache with any of its calibrators
+        return {"max_warmup_steps": max(1, steps // 10), "num_inference_steps": steps}
     return {
         "taylorseer": {"disable_cache_before_step": max(1, min(3, steps // 6))},
         "magcache": {"max_skip_steps": steps, "num_inference_steps": steps},
         "seacache": {"max_consecutive_cached": steps},
-    }.get(name) or ({"max_warmup_steps": max(1, steps // 10), "num_inference_steps": steps}
-                    if name.startswith("cachedit_dbcache") else {})
+    }.get(name, {})
 
 
 def _baseline_knob(name: str, steps: int) -> Knob:
