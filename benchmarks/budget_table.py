@@ -2,9 +2,10 @@
 
     python benchmarks/budget_table.py "DiT=docs/results/budget/dit" "PixArt=docs/results/budget/pixart"
 
-Each cell is PSNR dB vs uncached (achieved FLOPs ratio of the whole pipeline). Where a baseline landed more than
-3% from `duca-budget`'s row at the same budget, "/ ours" adds the `duca-budget` row that `--match-flops` ran
-nearest that baseline's FLOPs. Below the table: per row, the best baseline against ours at its FLOPs (dB).
+Each cell is PSNR dB vs uncached (achieved FLOPs ratio of the whole pipeline; `*`: more than 10% off the budget).
+Where a baseline landed more than 3% from `duca-budget`'s row at the same budget, "/ ours" adds the `duca-budget`
+row that `--match-flops` ran nearest that baseline's FLOPs. Below the table: per row, the best baseline against
+ours at its FLOPs (dB).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def read(directory: Path) -> list[dict[str, str]]:
 
 
 def cell(row: dict[str, str]) -> str:
-    return f"{float(row['psnr']):.2f} ({float(row['flops_ratio']):.2f}x)"
+    """PSNR (FLOPs ratio), the ratio starred where the method landed more than 10% off its budget (as bench does)."""
+    star = "" if row.get("reached", "True") == "True" else " *"
+    return f"{float(row['psnr']):.2f} ({float(row['flops_ratio']):.2f}x{star})"
 
 
 def ours_at(rows: list[dict[str, str]], ratio: float) -> dict[str, str]:
