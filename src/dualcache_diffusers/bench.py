@@ -287,8 +287,6 @@ def _budget_method() -> Method:
 #: seeds the `calibrated` method calibrates on: apart from the evaluation seeds (0, 1, ...) and the knob search's
 CALIBRATE_SEEDS = (2000, 2001)
 CALIBRATE_CONDITIONS = 10  # 20 images: with 8, selection noise made a calibrated plan lose to the default twice
-#: the knobs the benchmark's `calibrated` searches (a subset of `dualcache calibrate`'s, to keep CPU runs short)
-BENCH_CALIBRATE_SPACE = {"full_steps": (0, -1), "warp": (1.0, 1.5), "warmup": (1, 2, 3), "order": (1, 2)}
 _CALIBRATED: weakref.WeakKeyDictionary[DiffusionPipeline, dict[tuple, CachePlan]] = weakref.WeakKeyDictionary()
 
 
@@ -303,8 +301,8 @@ def calibration_workload(workload: Workload) -> Workload:
 
 
 def _calibrated_method() -> Method:
-    """A plan from ``dualcache calibrate`` at the budget ``duca-budget`` found (so at the same FLOPs), calibrated
-    on :data:`CALIBRATE_SEEDS`, never on the evaluation images."""
+    """A plan from ``dualcache calibrate`` (its whole search) at the budget ``duca-budget`` found (so at the same
+    FLOPs), calibrated on :data:`CALIBRATE_SEEDS`, never on the evaluation images."""
 
     def apply(workload: Workload, setting: Setting) -> Undo:
         from .calibrate import calibrate
@@ -312,8 +310,7 @@ def _calibrated_method() -> Method:
         plans = _CALIBRATED.setdefault(workload.pipe, {})
         key = (workload.steps, workload.guidance_scale, round(float(setting["budget"]), 6))
         if key not in plans:
-            plans[key] = calibrate(workload.pipe, calibration_workload(workload), setting["budget"],
-                                   space=BENCH_CALIBRATE_SPACE)
+            plans[key] = calibrate(workload.pipe, calibration_workload(workload), setting["budget"])
         enable_dual_cache(workload.pipe, plan=plans[key])
         return lambda: disable_dual_cache(workload.pipe)
 
