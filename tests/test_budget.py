@@ -143,6 +143,32 @@ def test_a_schedule_that_cannot_reach_the_budget_is_refused():
     assert fitted is not None and fitted[1] == 1.0
 
 
+def test_a_schedule_is_never_fitted_with_more_flops_than_the_budget_gives_even_within_the_tolerance():
+    # a calibration candidate with one full step more than affords: its plan recomputing nothing lands 1% over the
+    # budget's FLOPs, inside the 3% tolerance, but would buy its quality with compute the default does not get
+    cost = CostModel.uniform(LAYOUT, tokens=64)
+    schedule = Schedule(7, warmup=1)
+    nothing_recomputed = cost.ratio(schedule_plan(20, LAYOUT, schedule, 0.0))
+    assert fit_ratio(20, LAYOUT, schedule, nothing_recomputed * 1.01, cost) is None
+    plan, _ = fit_ratio(20, LAYOUT, schedule, nothing_recomputed * 0.99, cost)
+    assert cost.ratio(plan) >= nothing_recomputed * 0.99
+
+
+def test_a_budget_the_rule_cannot_reach_warns_and_its_plan_records_the_schedule_it_ran(caplog):
+    cost = CostModel.uniform(LAYOUT, tokens=64)
+    with caplog.at_level("WARNING", logger="dualcache_diffusers.budget"):
+        plan = budget_schedule(4, LAYOUT, 10.0, cost)  # 4 steps, one of them full: at most ~4x
+    assert "cannot be reached with 4 steps" in caplog.text
+    assert plan.metadata["budget"]["predicted"] < 10.0 * 0.97
+    recorded = plan.metadata["schedule"]  # what `dualcache calibrate` starts its search from
+    rebuilt = schedule_plan(4, LAYOUT, Schedule(**recorded))
+    assert recorded["skip"] and [s.skip_blocks for s in rebuilt.steps] == [s.skip_blocks for s in plan.steps]
+    with caplog.at_level("WARNING", logger="dualcache_diffusers.budget"):
+        caplog.clear()
+        budget_schedule(20, LAYOUT, 2.5, cost)
+    assert not caplog.text  # a reachable budget is silent
+
+
 @pytest.mark.parametrize("value", [1, 1.0, 0.5, 11, float("nan"), float("inf"), -2])
 def test_a_budget_outside_its_range_is_a_clear_error(value):
     with pytest.raises(ValueError, match=r"budget=.*\(1, 10\]"):
@@ -205,3 +231,25 @@ def test_the_budget_is_reached_on_joint_and_video_blocks(family):
     assert cache_stats(pipe).flops_speedup == pytest.approx(2.5, rel=0.01)
     disable_dual_cache(pipe)
 
+
+def test_calibration_plans_with_the_cost_model_the_engine_planned_with_on_a_joint_attention_model():
+    """Flux's joint blocks recompute their text rows with every partial call: calibration's candidates must be fitted
+    on the engine's own cost model (which knows the text rows), or its plans miss the budget (2.39x for 2.5)."""
+    from family_harness import run
+    from test_family_flux import CASE
+
+    from dualcache_diffusers.adapters import find_adapter
+    from dualcache_diffusers.calibrate import cost_model
+
+    pipe = CASE.build()
+
+    class OneCall:
+        def generate(self):
+            run(pipe, CASE, steps=10)
+
+    cost, _ = cost_model(pipe, OneCall(), 2.5)
+    plan = budget_schedule(10, find_adapter(pipe.transformer).layout(pipe.transformer), 2.5, cost)
+    enable_dual_cache(pipe, plan=plan)
+    run(pipe, CASE, steps=10)
+    assert cache_stats(pipe).flops_speedup == pytest.approx(2.5, rel=0.01)
+    disable_dual_cache(pipe)

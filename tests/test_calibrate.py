@@ -29,7 +29,7 @@ def test_calibrate_writes_a_plan_at_the_budget_no_worse_than_the_default_rule(di
     assert info["budget"] == 2.5 and info["seeds"] == [5, 6]
     assert info["predicted_flops_ratio"] == pytest.approx(2.5, rel=0.03)
     assert info["psnr"] >= info["default_rule_psnr"]  # the default rule is the search's starting point
-    assert len(info["search"]) > 3
+    assert len(info["search"]) >= 2 and all("gain_z" in entry for entry in info["search"][1:])  # candidates scored
 
 
 def test_bench_runs_the_budget_rule_and_a_calibrated_plan_at_the_same_flops(dit_dir, tmp_path):
@@ -57,6 +57,20 @@ def test_bench_runs_the_budget_rule_and_a_calibrated_plan_at_the_same_flops(dit_
 def test_a_candidate_replaces_the_best_plan_only_with_a_significant_paired_gain(gain, taken):
     best = np.linspace(30.0, 40.0, len(gain))  # images of different difficulty: only the paired gain counts
     assert significantly_better(best + np.array(gain), best) is taken
+
+
+def test_a_candidate_with_a_broken_image_never_replaces_the_best_plan():
+    from dualcache_diffusers.calibrate import image_scores
+
+    reference = np.random.default_rng(0).random((4, 8, 8, 3))
+    good = reference + 0.01
+    broken = good.copy()
+    broken[2, 0, 0, 0] = np.nan  # e.g. a diverging forecast in half precision
+    best, candidate = image_scores(good, reference), image_scores(broken, reference)
+    assert candidate[2] == -np.inf and np.isfinite(candidate[[0, 1, 3]]).all()
+    assert not significantly_better(candidate, best)
+    assert significantly_better(best, candidate)  # a sound plan replaces a broken one
+    assert not significantly_better(candidate, candidate)  # both broken on the same image: no evidence
 
 
 def test_a_knob_that_moves_the_grid_brings_the_rules_tail_for_the_new_grid():

@@ -35,6 +35,17 @@ def test_known_mse_gives_known_psnr():
     np.testing.assert_allclose(metrics.psnr(zeros, zeros + 25.5, data_range=255.0), 20.0, atol=1e-9)
 
 
+def test_an_image_holding_nan_is_not_scored_as_identical():
+    images = _random_images()
+    broken = images.copy()
+    broken[1, 0, 0, 0] = np.nan
+    scores = metrics.psnr(broken, images)
+    assert np.isinf(scores[0]) and np.isnan(scores[1]) and np.isinf(scores[2])
+    clips = np.stack([broken, images])  # [2 clips, 3 frames, H, W, C]
+    frames = metrics.frame_psnr(clips, np.stack([images, images]))
+    assert np.isnan(frames[0, 1]) and np.isinf(frames[1]).all()
+
+
 def test_psnr_is_per_image():
     a = np.zeros((2, 8, 8, 1))
     b = a.copy()

@@ -48,6 +48,7 @@ holds the knobs; :func:`budget_schedule` is the default rule and ``dualcache cal
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -64,6 +65,8 @@ from .plan import (
     num_fresh_tokens,
     plan_from_kinds,
 )
+
+logger = logging.getLogger(__name__)
 
 MIN_BUDGET = 1.0  # exclusive: a budget of 1 is no caching
 MAX_BUDGET = 10.0
@@ -281,14 +284,16 @@ def affordable_full_steps(num_steps: int, budget: float, cost: CostModel, layout
 
 def fit_ratio(num_steps: int, layout: PlanLayout, schedule: Schedule, budget: float, cost: CostModel,
               iterations: int = 30) -> tuple[CachePlan, float] | None:
-    """The plan of ``schedule`` whose fresh ratio brings it nearest ``budget`` from below (or exactly to it).
+    """The plan of ``schedule`` whose fresh ratio brings its FLOPs nearest the budget's without exceeding them (its
+    FLOPs reduction at least ``budget``, and within :data:`BUDGET_TOLERANCE` of it unless nothing is left to fit).
 
-    None when even recomputing nothing stays above the budget's FLOPs."""
+    None when even recomputing nothing needs more FLOPs than the budget allows (such a plan would buy its quality
+    with compute the budget does not give: calibration compares candidates at the budget)."""
     def plan_at(r: float) -> CachePlan:
         return schedule_plan(num_steps, layout, replace(schedule, fresh_ratio=r))
 
     low_plan = plan_at(0.0)
-    if cost.ratio(low_plan) < budget * (1 - BUDGET_TOLERANCE):
+    if cost.ratio(low_plan) < budget * (1 - 1e-9):
         return None
     high_plan = plan_at(1.0)
     if cost.ratio(high_plan) >= budget:  # nothing left to fit (e.g. steps that skip the stack): on budget or not at all
@@ -361,6 +366,11 @@ def budget_schedule(num_steps: int, layout: PlanLayout, budget: float, cost: Cos
             break
     else:  # not even skipping every other step reaches it (a budget beyond steps / K): skip with K full steps
         plan, ratio = schedule_plan(num_steps, layout, replace(base, skip=True)), 0.0
-    plan.metadata["budget"] = {"target": budget, "predicted": round(cost.ratio(plan), 4), "rule": "default",
+    predicted = cost.ratio(plan)
+    if abs(predicted / budget - 1) > BUDGET_TOLERANCE:
+        logger.warning("budget=%g cannot be reached with %d steps: the nearest plan the rule makes reduces the "
+                       "denoiser's FLOPs %.2fx (%s)", budget, num_steps, predicted,
+                       "more steps or a lower budget reach it" if predicted < budget else "more than asked")
+    plan.metadata["budget"] = {"target": budget, "predicted": round(predicted, 4), "rule": "default",
                                "fresh_ratio": round(ratio, 4)}
     return plan

@@ -9,7 +9,7 @@
    the last, forecast order, how the recomputed
    tokens are spread over steps and layers,
    whether the other steps skip the block stack), one knob at a time from the default rule; every
-   candidate gets the fresh ratio that brings it to the budget (within 3%, from below) and is
+   candidate gets the fresh ratio that brings its FLOPs to the budget's (never above them) and is
    scored by PSNR against the reference; it replaces the best plan so far only where its gain, paired
    image by image, is significant (:func:`significantly_better`);
 3. (hook) fit learned forecast weights for the best plan where the library provides them (kept on the
@@ -38,7 +38,6 @@ from .budget import (
     affordable_full_steps,
     budget_schedule,
     check_budget,
-    default_schedule,
     fit_ratio,
     short_tail,
 )
@@ -84,16 +83,16 @@ class Candidate:
 
 
 def cost_model(pipe: Any, workload: Any, budget: float) -> tuple[CostModel, Any]:
-    """The FLOPs per step of the pipeline's denoiser, recorded by the engine in one budget-rule generation,
-    with the images of that generation."""
+    """The FLOPs per step of the pipeline's denoiser, recorded by the engine in one budget-rule generation (the
+    cost model the engine built its plan from, which knows a joint block's text rows), with the images of that
+    generation."""
     from .api import disable_dual_cache, enable_dual_cache, get_engine
 
     enable_dual_cache(pipe, budget=budget)
     try:
         images = workload.generate()
         den = get_engine(pipe).denoisers[0]
-        costs = next(iter(den.costs.values()))
-        return CostModel.from_engine(costs, den.modules), images
+        return next(iter(den.cost_models.values())), images
     finally:
         disable_dual_cache(pipe)
 
@@ -111,18 +110,23 @@ def score_plan(pipe: Any, workload: Any, plan: CachePlan, reference: np.ndarray)
 
 
 def image_scores(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """PSNR (dB) per image (per clip: the mean over its frames), identical images counting as the metrics' cap."""
+    """PSNR (dB) per image (per clip: the mean over its frames), identical images counting as the metrics' cap and
+    an image holding NaN as -inf (a broken plan loses every comparison)."""
     from . import metrics
 
     if np.asarray(images).ndim == 5:  # clips [N, F, H, W, C]: frame PSNRs, averaged per clip
-        return np.minimum(metrics.frame_psnr(images, reference), metrics.PSNR_CAP_DB).mean(axis=1)
-    return np.minimum(metrics.psnr(images, reference), metrics.PSNR_CAP_DB)
+        scores = np.minimum(metrics.frame_psnr(images, reference), metrics.PSNR_CAP_DB).mean(axis=1)
+    else:
+        scores = np.minimum(metrics.psnr(images, reference), metrics.PSNR_CAP_DB)
+    return np.where(np.isnan(scores), -np.inf, scores)
 
 
 def gain_z(scores: np.ndarray, best: np.ndarray) -> float:
     """The mean PSNR gain of ``scores`` over ``best`` (per image, the same images) in standard errors of that mean
     (a paired test: the images' own difficulty cancels out); +-inf where every image gains or loses the same."""
     gain = np.asarray(scores, dtype=np.float64) - np.asarray(best, dtype=np.float64)
+    if np.isnan(gain).any():  # both broken on some image (-inf - -inf): no evidence of a gain
+        return -math.inf
     mean = gain.mean() if gain.size else 0.0
     spread = gain.std(ddof=1) / np.sqrt(gain.size) if gain.size > 1 else 0.0
     if spread > 0:
@@ -158,9 +162,11 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
     layout = find_adapter(pipe.transformer).layout(pipe.transformer)
     progress.update(1)
     k0 = affordable_full_steps(steps, budget, cost, layout)
-    default = budget_schedule(steps, layout, budget, cost)
-    best = Candidate(default_schedule(steps, k0), default, image_scores(default_images, reference), cost.ratio(default))
+    default = budget_schedule(steps, layout, budget, cost)  # the plan the engine ran (same rule, same cost model)
+    schedule = replace(Schedule(**default.metadata["schedule"]), fresh_ratio=None)  # skip=True where it had to
+    best = Candidate(schedule, default, image_scores(default_images, reference), cost.ratio(default))
     tried: dict[Schedule, float] = {best.schedule: best.psnr}
+    scored = {_plan_key(default)}  # knob values that give a plan already scored are not generated again
     log = [{"schedule": best.schedule.describe(), "psnr": round(best.psnr, 3), "rule": "default"}]
     for _ in range(SEARCH_PASSES):  # coordinate search; a knob's best value can change once another moved
         start = best.schedule
@@ -177,6 +183,10 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
                     tried[schedule] = float("-inf")
                     continue
                 plan, _ = fitted
+                if _plan_key(plan) in scored:
+                    tried[schedule] = float("-inf")
+                    continue
+                scored.add(_plan_key(plan))
                 scores = score_plan(pipe, workload, plan, reference)
                 tried[schedule] = float(scores.mean())
                 z = gain_z(scores, best.scores)
@@ -199,6 +209,12 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
     })
     plan.method = "duca-calibrated"
     return plan
+
+
+def _plan_key(plan: CachePlan) -> tuple:
+    """What makes two plans run the same: every step's kind, fractions, stack skipping, forecast and cycle length."""
+    return tuple((step.kind, tuple(map(tuple, step.fractions)), step.skip_blocks, step.forecast_order,
+                  step.forecast_weights, step.interval) for step in plan.steps)
 
 
 def _with_learned_forecast(pipe: Any, workload: Any, best: Candidate, reference: np.ndarray) -> CachePlan:

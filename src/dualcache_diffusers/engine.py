@@ -122,6 +122,7 @@ class Denoiser:
         ]
         self.plans: dict[int, CachePlan] = {}
         self.costs: dict[tuple, Costs] = {}
+        self.cost_models: dict[tuple, CostModel] = {}  # what each budget plan was built from (read by calibrate)
         self._weights: dict[tuple[tuple[float, ...], torch.device], ForecastWeights] = {}
         self._actions: dict[int, tuple[StepPlan, tuple[tuple[str, ...], ...]]] = {}
         self._steps: dict[tuple[int, bool], tuple[CachePlan, PlanSteps]] = {}  # per plan: derived per-step flags
@@ -153,7 +154,7 @@ class Denoiser:
             return plan
         key = (num_steps, id(costs))
         if key not in self.plans:
-            cost = CostModel.from_engine(costs, self.modules, image_rows)
+            cost = self.cost_models[key] = CostModel.from_engine(costs, self.modules, image_rows)
             self.plans[key] = self.config.build_plan(num_steps, self.layout, cost)
         return self.plans[key]
 

@@ -80,10 +80,9 @@ def mse(a: ImageBatch, b: ImageBatch) -> np.ndarray:
 
 
 def psnr(a: ImageBatch, b: ImageBatch, data_range: float = 1.0) -> np.ndarray:
-    """Peak signal-to-noise ratio in dB per image, shape [N]; ``inf`` where the images are identical."""
-    errors = mse(a, b)
-    with np.errstate(divide="ignore"):
-        return np.where(errors > 0, 10.0 * np.log10(data_range**2 / np.maximum(errors, 1e-300)), np.inf)
+    """Peak signal-to-noise ratio in dB per image, shape [N]; ``inf`` where the images are identical, NaN where an
+    image holds NaN (a broken generation must not score as a perfect one)."""
+    return _psnr_of_errors(mse(a, b), data_range)
 
 
 def ssim(a: ImageBatch, b: ImageBatch, data_range: float = 1.0) -> np.ndarray:
@@ -224,8 +223,10 @@ def _clip_pair(a: ClipBatch, b: ClipBatch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _psnr_of_errors(errors: np.ndarray, data_range: float) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.where(errors > 0, 10.0 * np.log10(data_range**2 / np.maximum(errors, 1e-300)), np.inf)
+    """PSNR of mean squared errors: ``inf`` for 0, NaN for NaN (not ``inf``: NaN fails ``errors > 0``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = np.where(errors > 0, 10.0 * np.log10(data_range**2 / np.maximum(errors, 1e-300)), np.inf)
+    return np.where(np.isnan(errors), np.nan, scores)
 
 
 def frame_psnr(a: ClipBatch, b: ClipBatch, data_range: float = 1.0) -> np.ndarray:
