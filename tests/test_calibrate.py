@@ -87,7 +87,7 @@ def test_calibration_keeps_the_default_plan_when_no_candidate_wins_significantly
     """A search whose candidates all score a higher mean than the default rule on the calibration images, each
     carried by one image, returns the default rule's plan."""
     from dualcache_diffusers import calibrate as calibration
-    from dualcache_diffusers.budget import CostModel
+    from dualcache_diffusers.budget import CostModel, budget_schedule
     from dualcache_diffusers.plan import PlanLayout
 
     layout = PlanLayout.uniform_layout(2, ("attn1", "ff"))
@@ -104,8 +104,9 @@ def test_calibration_keeps_the_default_plan_when_no_candidate_wins_significantly
         def __len__(self):
             return len(reference)
 
-    monkeypatch.setattr(calibration, "cost_model", lambda pipe, workload, budget: (CostModel.uniform(layout),
-                                                                                 reference))
+    cost = CostModel.uniform(layout)
+    monkeypatch.setattr(calibration, "default_run", lambda pipe, workload, budget: (
+        cost, budget_schedule(workload.steps, layout, budget, cost), reference))
     monkeypatch.setattr(calibration, "image_scores", lambda images, ref: default_scores)
     monkeypatch.setattr(calibration, "score_plan", lambda pipe, workload, plan, ref: lucky)
     monkeypatch.setattr(calibration, "_with_learned_forecast", lambda pipe, workload, best, ref: best.plan)

@@ -37,7 +37,6 @@ from .budget import (
     CostModel,
     Schedule,
     affordable_full_steps,
-    budget_schedule,
     check_budget,
     fit_ratio,
     short_tail,
@@ -83,19 +82,25 @@ class Candidate:
         return float(self.scores.mean())
 
 
-def cost_model(pipe: Any, workload: Any, budget: float) -> tuple[CostModel, Any]:
-    """The FLOPs per step of the pipeline's denoiser, recorded by the engine in one budget-rule generation (the
-    cost model the engine built its plan from, which knows a joint block's text rows), with the images of that
-    generation."""
+def default_run(pipe: Any, workload: Any, budget: float) -> tuple[CostModel, CachePlan, Any]:
+    """One generation of the workload with the default budget rule: the cost model the engine built its plan from
+    (the FLOPs per step it recorded, knowing a joint block's text rows), that plan, and the images."""
     from .api import disable_dual_cache, enable_dual_cache, get_engine
 
     enable_dual_cache(pipe, budget=budget)
     try:
         images = workload.generate()
         den = get_engine(pipe).denoisers[0]
-        return next(iter(den.cost_models.values())), images
+        key, cost = next(iter(den.cost_models.items()))
+        return cost, den.plans[key], images
     finally:
         disable_dual_cache(pipe)
+
+
+def cost_model(pipe: Any, workload: Any, budget: float) -> tuple[CostModel, Any]:
+    """The cost model and images of :func:`default_run`."""
+    cost, _, images = default_run(pipe, workload, budget)
+    return cost, images
 
 
 def score_plan(pipe: Any, workload: Any, plan: CachePlan, reference: np.ndarray) -> np.ndarray:
@@ -157,16 +162,15 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
     progress = progress or _NoProgress()
     steps = workload.steps
     reference = workload.generate()
-    cost, default_images = cost_model(pipe, workload, budget)
+    cost, default, default_images = default_run(pipe, workload, budget)
     from .adapters import find_adapter
 
     layout = find_adapter(pipe.transformer).layout(pipe.transformer)
     progress.update(1)
     k0 = affordable_full_steps(steps, budget, cost, layout)
-    default = budget_schedule(steps, layout, budget, cost)  # the plan the engine ran (same rule, same cost model)
     schedule = replace(Schedule(**default.metadata["schedule"]), fresh_ratio=None)  # skip=True where it had to
     best = Candidate(schedule, default, image_scores(default_images, reference), cost.ratio(default))
-    tried: dict[Schedule, float] = {best.schedule: best.psnr}
+    tried = {best.schedule}
     scored = {_plan_key(default)}  # knob values that give a plan already scored are not generated again
     log = [{"schedule": best.schedule.describe(), "psnr": round(best.psnr, 3), "rule": "default"}]
     for _ in range(SEARCH_PASSES):  # coordinate search; a knob's best value can change once another moved
@@ -180,20 +184,16 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
                     continue
                 fitted = fit_ratio(steps, layout, schedule, budget, cost)
                 progress.update(1)
-                if fitted is None:
-                    tried[schedule] = float("-inf")
+                tried.add(schedule)
+                if fitted is None or _plan_key(fitted[0]) in scored:
                     continue
-                plan, _ = fitted
-                if _plan_key(plan) in scored:
-                    tried[schedule] = float("-inf")
-                    continue
+                plan = fitted[0]
                 scored.add(_plan_key(plan))
                 scores = score_plan(pipe, workload, plan, reference)
-                tried[schedule] = float(scores.mean())
                 z = gain_z(scores, best.scores)
                 taken = z > SIGNIFICANCE
-                log.append({"schedule": schedule.describe(), "psnr": round(tried[schedule], 3), "gain_z": round(z, 2),
-                            "taken": taken})
+                log.append({"schedule": schedule.describe(), "psnr": round(float(scores.mean()), 3),
+                            "gain_z": round(z, 2), "taken": taken})
                 if taken:
                     best = Candidate(schedule, plan, scores, cost.ratio(plan))
                 progress.set_postfix_str(f"best {best.psnr:.2f} dB")
