@@ -216,19 +216,28 @@ def test_enable_with_a_budget_reaches_it_as_counted(budget):
     disable_dual_cache(pipe)
 
 
-@pytest.mark.parametrize("family", ["test_family_flux", "test_family_latte"])
+@pytest.mark.parametrize("family", ["test_family_flux", "test_family_latte", "test_family_wan:wan21"])
 def test_the_budget_is_reached_on_joint_and_video_blocks(family):
     """Flux's joint blocks recompute their text rows with every partial call; Latte's temporal blocks see frames,
-    not image tokens, and have no cross-attention: the cost model follows the engine's accounting of both."""
+    not image tokens, and have no cross-attention; Wan passes the caption to its cross-attention positionally: the
+    cost model follows the engine's accounting of each, and that accounting follows the FLOP counter."""
     import importlib
 
     from family_harness import run
 
-    case = importlib.import_module(family).CASE
+    module, _, key = family.partition(":")
+    module = importlib.import_module(module)
+    case = module.CASES[key] if key else module.CASE
     pipe = case.build()
+    name = type(pipe.transformer).__name__
+    with count_flops() as uncached:
+        run(pipe, case, steps=20)
     enable_dual_cache(pipe, budget=2.5)
-    run(pipe, case, steps=20)
+    with count_flops() as cached:
+        run(pipe, case, steps=20)
     assert cache_stats(pipe).flops_speedup == pytest.approx(2.5, rel=0.01)
+    counted = sum(uncached.get_flop_counts()[name].values()) / sum(cached.get_flop_counts()[name].values())
+    assert counted == pytest.approx(cache_stats(pipe).flops_speedup, rel=1e-3)
     disable_dual_cache(pipe)
 
 

@@ -817,7 +817,7 @@ class DualCacheEngine:
             finally:
                 call.bucket = ("block", cached.block)
             hidden = _hidden(args, kwargs)
-            state.costs.rows[key] = (hidden.shape[1], _kv_rows(hidden, kwargs))
+            state.costs.rows[key] = (hidden.shape[1], _kv_rows(hidden, args, kwargs))
         else:
             output = forward(*args, **kwargs)
         if (call.recording and self.selection in ERROR_SELECTIONS and cached.spec.can_partial
@@ -1154,8 +1154,12 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _kv_rows(hidden: torch.Tensor, kwargs: dict) -> int:
+def _kv_rows(hidden: torch.Tensor, args: tuple, kwargs: dict) -> int:
+    """The key/value rows of an attention call: ``encoder_hidden_states``'s, by keyword or as the second positional
+    argument (diffusers' attention signature; Wan calls ``attn2(x, context, None, None)``), else the query rows."""
     encoder = kwargs.get("encoder_hidden_states")
+    if encoder is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        encoder = args[1]
     return hidden.shape[1] if encoder is None else encoder.shape[1]
 
 
