@@ -1154,13 +1154,16 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _encoder(args: tuple, kwargs: dict) -> Any:
+    """``encoder_hidden_states`` of a block or attention call, by keyword or as the second positional argument
+    (diffusers' signatures; Wan calls ``attn2(x, context, None, None)``)."""
+    return args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+
+
 def _kv_rows(hidden: torch.Tensor, args: tuple, kwargs: dict) -> int:
-    """The key/value rows of an attention call: ``encoder_hidden_states``'s, by keyword or as the second positional
-    argument (diffusers' attention signature; Wan calls ``attn2(x, context, None, None)``), else the query rows."""
-    encoder = kwargs.get("encoder_hidden_states")
-    if encoder is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-        encoder = args[1]
-    return hidden.shape[1] if encoder is None else encoder.shape[1]
+    """The key/value rows of an attention call: ``encoder_hidden_states``'s, else the query rows."""
+    encoder = _encoder(args, kwargs)
+    return encoder.shape[1] if isinstance(encoder, torch.Tensor) else hidden.shape[1]
 
 
 def module_of(call: Call, cached: CachedModule) -> torch.nn.Module:
@@ -1206,7 +1209,7 @@ def _pass_through(outputs: str, args: tuple, kwargs: dict) -> Any:
     hidden = _hidden(args, kwargs)
     if outputs == "h":
         return hidden
-    encoder = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+    encoder = _encoder(args, kwargs)
     return (hidden, encoder) if outputs == "h,e" else (encoder, hidden)
 
 
