@@ -262,3 +262,24 @@ def test_calibration_plans_with_the_cost_model_the_engine_planned_with_on_a_join
     run(pipe, CASE, steps=10)
     assert cache_stats(pipe).flops_speedup == pytest.approx(2.5, rel=0.01)
     disable_dual_cache(pipe)
+
+
+def test_a_second_expert_spends_the_budget_over_the_steps_it_runs():
+    """Wan 2.2 A14B hands the low-noise steps to ``transformer_2``: its plan must start with its first call, not
+    with the generation, or it computes an unplanned full step there and misses the budget (2.19x for 2.5)."""
+    from family_harness import run
+    from test_family_wan import CASES
+
+    case = CASES["wan22_a14b"]
+    pipe = case.build()
+    enable_dual_cache(pipe, budget=2.5)
+    run(pipe, case, steps=12)
+    second = {key: s for key, s in get_engine(pipe).last_stats.items() if key.endswith("/1")}
+    assert second, "the second expert never ran"
+    for stats in second.values():
+        joined = 12 - len(stats.step_kinds)
+        assert joined > 0 and stats.step_kinds[0] == "full"
+        assert stats.flops_speedup == pytest.approx(2.5, rel=0.01)
+    plans = [plan for key, plan in get_engine(pipe).denoisers[1].plans.items() if key[2]]
+    assert plans and all(plan.metadata["first_step"] == 12 - len(stats.step_kinds) for plan in plans)
+    disable_dual_cache(pipe)

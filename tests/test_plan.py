@@ -170,3 +170,11 @@ def test_toca_pixart_ratio_uses_the_ratio_scheduler_not_the_interval_one():
     # first step, first block, cross-attention: 0.1 x 1.9 (step) x 1.6 (layer) x 0.6 (module)
     assert ratio(0, 20, 0, 28, "cross_attention") == pytest.approx(0.1 * 1.9 * 1.6 * 0.6)
     assert ratio(0, 20, 0, 28, "mlp") > ratio(19, 20, 0, 28, "mlp")  # decreasing over the run
+
+
+def test_a_delayed_plan_starts_with_full_steps_and_keeps_its_own():
+    plan = fora_plan(6, 2, ("attn", "mlp"), interval=3)
+    later = plan.delayed(4)
+    assert later.num_steps == 10 and later.metadata["first_step"] == 4
+    assert [s.is_full for s in later.steps[:4]] == [True] * 4
+    assert later.steps[4:] == plan.steps

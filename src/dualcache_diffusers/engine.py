@@ -134,28 +134,30 @@ class Denoiser:
                 if value is not None and attn is not None and hasattr(attn, "heads"):
                     self.value_modules[info.index] = (value, attn, info.spec.value_text_rows)
 
-    def plan(self, num_steps: int, costs: Costs | None = None, image_rows: Any = None) -> CachePlan:
+    def plan(self, num_steps: int, costs: Costs | None = None, image_rows: Any = None, start: int = 0) -> CachePlan:
+        """The plan of a generation of ``num_steps`` calls; a budget's plan of a denoiser whose first call is at
+        step ``start`` (a second expert) spends the budget over the steps from there."""
         if self.config.budget is not None and self.config.plan is None:
-            return self._budget_plan(num_steps, costs, image_rows)
+            return self._budget_plan(num_steps, costs, image_rows, start)
         if num_steps not in self.plans:
             self.plans[num_steps] = self.config.build_plan(num_steps, self.layout)
         return self.plans[num_steps]
 
-    def _budget_plan(self, num_steps: int, costs: Costs | None, image_rows: Any = None) -> CachePlan:
+    def _budget_plan(self, num_steps: int, costs: Costs | None, image_rows: Any = None, start: int = 0) -> CachePlan:
         """A budget's plan needs the model's costs, recorded at its first (full) call: until they are known
         the plan is full steps that keep the forecast history (only its first step is used)."""
         if costs is None:
-            known = [plan for (steps, _), plan in self.plans.items() if steps == num_steps]
+            known = [plan for (steps, _, first), plan in self.plans.items() if (steps, first) == (num_steps, start)]
             if known:
                 return known[-1]
             plan = full_plan(num_steps, self.layout)
             for step in plan.steps:
                 step.forecast_order = self.config.forecast_order or 1
             return plan
-        key = (num_steps, id(costs))
+        key = (num_steps, id(costs), start)
         if key not in self.plans:
             cost = self.cost_models[key] = CostModel.from_engine(costs, self.modules, image_rows)
-            self.plans[key] = self.config.build_plan(num_steps, self.layout, cost)
+            self.plans[key] = self.config.build_plan(num_steps - start, self.layout, cost).delayed(start)
         return self.plans[key]
 
     def actions(self, step_plan: StepPlan) -> tuple[tuple[str, ...], ...]:
@@ -232,6 +234,7 @@ class ModelState:
 
     costs: Costs | None = None
     primed: bool = False  # had a full step (a denoiser joining mid-generation starts with one)
+    first_step: int = 0  # the generation's step at this denoiser's first call (> 0: an expert joining later)
     module_cache: dict[tuple[int, int, int], Any] = field(default_factory=dict)
     stack_cache: Any = None
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # per block, from the last full step
@@ -487,12 +490,12 @@ class DualCacheEngine:
         branch.step += 1
         state = branch.models.get(d_index)
         if state is None:
-            state = branch.models[d_index] = ModelState()
+            state = branch.models[d_index] = ModelState(first_step=branch.step)
         # per branch too: a CFG branch called on its own may see another caption length (Lumina2 trims
         # its rows to the caption's true length inside the model, which no input shape tells)
         signature = (tuple(latents.shape), latents.dtype, latents.device, key)
         costs = den.costs.get(signature)
-        plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch))
+        plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch), state.first_step)
         primed = state.primed
         step_plan = plan.steps[branch.step] if primed else plan.steps[0]  # nothing cached yet: full
         if step_plan.skip_blocks and state.stack_cache is None:

@@ -18,7 +18,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -277,6 +277,13 @@ class CachePlan:
                     total += w
                     done += 0.0 if step.skip_blocks else w * f
         return done / total if total else 1.0
+
+    def delayed(self, steps: int) -> CachePlan:
+        """This plan after ``steps`` full steps: the plan of a denoiser that joins a generation at step ``steps``
+        (Wan 2.2's low-noise expert), planned over the steps it runs and indexed by the generation's step."""
+        before = [StepPlan(FULL, _rows(self.num_blocks, len(self.modules), 1.0)) for _ in range(steps)]
+        return replace(self, num_steps=self.num_steps + steps, steps=before + self.steps,
+                                   metadata={**self.metadata, "first_step": steps})
 
     # ---- resampling ----------------------------------------------------------------------
     def resample(self, num_steps: int) -> CachePlan:
