@@ -120,7 +120,7 @@ class Denoiser:
             for info in self.infos
             for spec in info.modules
         ]
-        self.plans: dict[int, CachePlan] = {}
+        self.plans: dict[Any, CachePlan] = {}  # by step count; budget plans by (step count, costs, first step)
         self.costs: dict[tuple, Costs] = {}
         self.cost_models: dict[tuple, CostModel] = {}  # what each budget plan was built from (read by calibrate)
         self._weights: dict[tuple[tuple[float, ...], torch.device], ForecastWeights] = {}

@@ -281,9 +281,11 @@ class CachePlan:
     def delayed(self, steps: int) -> CachePlan:
         """This plan after ``steps`` full steps: the plan of a denoiser that joins a generation at step ``steps``
         (Wan 2.2's low-noise expert), planned over the steps it runs and indexed by the generation's step."""
+        if not steps:
+            return self
         before = [StepPlan(FULL, _rows(self.num_blocks, len(self.modules), 1.0)) for _ in range(steps)]
         return replace(self, num_steps=self.num_steps + steps, steps=before + self.steps,
-                                   metadata={**self.metadata, "first_step": steps})
+                       metadata={**self.metadata, "first_step": steps})
 
     # ---- resampling ----------------------------------------------------------------------
     def resample(self, num_steps: int) -> CachePlan:
