@@ -172,9 +172,16 @@ def test_toca_pixart_ratio_uses_the_ratio_scheduler_not_the_interval_one():
     assert ratio(0, 20, 0, 28, "mlp") > ratio(19, 20, 0, 28, "mlp")  # decreasing over the run
 
 
-def test_a_delayed_plan_starts_with_full_steps_and_keeps_its_own():
+def test_a_placed_plan_is_full_outside_its_steps_and_keeps_its_own():
     plan = fora_plan(6, 2, ("attn", "mlp"), interval=3)
-    later = plan.delayed(4)
-    assert later.num_steps == 10 and later.metadata["first_step"] == 4
+    assert plan.placed(0, 6) is plan
+    later = plan.placed(4, 10)
+    assert later.num_steps == 10 and (later.metadata["first_step"], later.metadata["last_step"]) == (4, 9)
     assert [s.is_full for s in later.steps[:4]] == [True] * 4
     assert later.steps[4:] == plan.steps
+    early = plan.placed(0, 9)  # a first expert: its steps, then the other expert's
+    assert early.steps[:6] == plan.steps and all(s.is_full for s in early.steps[6:])
+    with pytest.raises(ValueError, match="cannot start at step 5 of 10"):
+        plan.placed(5, 10)
+
+

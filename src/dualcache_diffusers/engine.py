@@ -63,6 +63,9 @@ from .stats import CacheStats, ModuleCost, flop_formulas, weight_bytes
 
 logger = logging.getLogger(__name__)
 
+#: most denoiser calls in one step that are told apart as CFG branches (cond, uncond, skip-layer guidance)
+MAX_BRANCHES = 4
+
 HOOK_DENOISER = "dualcache_denoiser"
 HOOK_BLOCK = "dualcache_block"
 HOOK_MODULE = "dualcache_module"
@@ -120,7 +123,7 @@ class Denoiser:
             for info in self.infos
             for spec in info.modules
         ]
-        self.plans: dict[Any, CachePlan] = {}  # by step count; budget plans by (step count, costs, first step)
+        self.plans: dict[Any, CachePlan] = {}  # by step count; budget plans by (step count, costs, window)
         self.costs: dict[tuple, Costs] = {}
         self.cost_models: dict[tuple, CostModel] = {}  # what each budget plan was built from (read by calibrate)
         self._weights: dict[tuple[tuple[float, ...], torch.device], ForecastWeights] = {}
@@ -134,30 +137,32 @@ class Denoiser:
                 if value is not None and attn is not None and hasattr(attn, "heads"):
                     self.value_modules[info.index] = (value, attn, info.spec.value_text_rows)
 
-    def plan(self, num_steps: int, costs: Costs | None = None, image_rows: Any = None, start: int = 0) -> CachePlan:
-        """The plan of a generation of ``num_steps`` calls; a budget's plan of a denoiser whose first call is at
-        step ``start`` (a second expert) spends the budget over the steps from there."""
+    def plan(self, num_steps: int, costs: Costs | None = None, image_rows: Any = None,
+             window: tuple[int, int] | None = None) -> CachePlan:
+        """The plan of a generation of ``num_steps`` calls; a budget's plan of a denoiser that runs only the steps
+        ``window`` = (first, stop) of it (Wan 2.2's experts) spends the budget over those steps."""
         if self.config.budget is not None and self.config.plan is None:
-            return self._budget_plan(num_steps, costs, image_rows, start)
+            return self._budget_plan(num_steps, costs, image_rows, window or (0, num_steps))
         if num_steps not in self.plans:
             self.plans[num_steps] = self.config.build_plan(num_steps, self.layout)
         return self.plans[num_steps]
 
-    def _budget_plan(self, num_steps: int, costs: Costs | None, image_rows: Any = None, start: int = 0) -> CachePlan:
+    def _budget_plan(self, num_steps: int, costs: Costs | None, image_rows: Any, window: tuple[int, int]) -> CachePlan:
         """A budget's plan needs the model's costs, recorded at its first (full) call: until they are known
         the plan is full steps that keep the forecast history (only its first step is used)."""
         if costs is None:
-            known = [plan for (steps, _, first), plan in self.plans.items() if (steps, first) == (num_steps, start)]
+            known = [plan for (steps, _, where), plan in self.plans.items() if (steps, where) == (num_steps, window)]
             if known:
                 return known[-1]
             plan = full_plan(num_steps, self.layout)
             for step in plan.steps:
                 step.forecast_order = self.config.forecast_order or 1
             return plan
-        key = (num_steps, id(costs), start)
+        key = (num_steps, id(costs), window)
         if key not in self.plans:
+            start, stop = window
             cost = self.cost_models[key] = CostModel.from_engine(costs, self.modules, image_rows)
-            self.plans[key] = self.config.build_plan(num_steps - start, self.layout, cost).delayed(start)
+            self.plans[key] = self.config.build_plan(stop - start, self.layout, cost).placed(start, num_steps)
         return self.plans[key]
 
     def actions(self, step_plan: StepPlan) -> tuple[tuple[str, ...], ...]:
@@ -287,8 +292,11 @@ class Generation:
     epoch: int
     num_steps: int
     branches: dict[tuple, BranchState] = field(default_factory=dict)
-    timestep: float | None = None  # branches told apart by call order: the current timestep
-    calls_at_timestep: int = 0
+    clock: Any = None  # branches told apart by call order: the current step (see DualCacheEngine._step_clock)
+    calls_at_clock: int = 0
+    unsplit: bool = False  # the step clock did not advance: calls are no longer told apart by order
+    measured: bool = False  # the steps it runs were read from the scheduler (at a branch's second call)
+    windows: dict[int, tuple[int, int]] = field(default_factory=dict)  # denoiser -> (first, stop) of its steps
 
 
 @dataclass
@@ -301,6 +309,7 @@ class Call:
     step_plan: StepPlan
     recording: bool  # full step that records token scores (a later partial step reads them)
     counting: bool  # first call for this input shape: FLOPs are being recorded
+    plan: CachePlan | None = None  # the plan the step is from (the next step's is read from it too)
     history: int = 0  # full computations to keep per output (max forecast order + 1; 0 = none)
     signature: tuple = ()  # what the call's FLOPs depend on (input shape and branch): key of its Costs
     error_order: int = 0  # order of the forecast whose error full steps measure (forecast-error selection)
@@ -357,6 +366,9 @@ class DualCacheEngine:
     # ---- hooks ----------------------------------------------------------------------------------
     def attach(self) -> None:
         scheduler_watch.start()
+        scheduler = getattr(self._pipeline(), "scheduler", None) if self._pipeline is not None else None
+        if scheduler is not None:  # a scheduler class that is no diffusers SchedulerMixin: watched from now on
+            scheduler_watch.watch_class(type(scheduler))
         # detach stops the watch; so does the engine's garbage collection when a pipeline is dropped enabled
         self._stop_watch = weakref.finalize(self, scheduler_watch.stop)
         for d_index, den in enumerate(self.denoisers):
@@ -460,15 +472,70 @@ class DualCacheEngine:
             self._local.generation = gen
         return gen
 
+    def _measure(self, gen: Generation) -> None:
+        """At a branch's second call, once per generation: the steps it runs, from the scheduler's position.
+
+        The scheduler's timesteps cover the whole schedule, but an image-to-image or video-to-video pipeline
+        (``strength`` < 1) starts part-way through them, which its scheduler's ``step_index`` tells only after
+        the first step (step 0 is a full step whatever the plan, so nothing is lost by learning it there).
+        Pipelines with two experts (``ModelAdapter.expert_switch``) also give each its own steps: one host
+        read of the timesteps per generation, never per step."""
+        gen.measured = True
+        scheduler = gen.scheduler
+        index = getattr(scheduler, "step_index", None) if scheduler is not None else None
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(index, int) or timesteps is None or not 1 <= index <= len(timesteps):
+            return  # no scheduler position to read: the whole schedule, as planned
+        first = index - 1  # the step the generation started at
+        if not 2 <= len(timesteps) - first <= gen.num_steps:
+            return  # not where a second call can be (a scheduler another pipeline stepped): as planned
+        gen.num_steps = len(timesteps) - first
+        for branch in gen.branches.values():
+            branch.plan_steps = gen.num_steps
+        gen.windows = self._expert_windows(scheduler, timesteps[first:])
+
+    def _expert_windows(self, scheduler: Any, timesteps: torch.Tensor) -> dict[int, tuple[int, int]]:
+        """(first, stop) of the steps each denoiser runs, where the pipeline switches between two by timestep."""
+        switch = self.denoisers[0].adapter.expert_switch
+        pipe = self._pipeline() if self._pipeline is not None else None
+        ratio = getattr(getattr(pipe, "config", None), switch.config_key, None) if switch is not None else None
+        if ratio is None:
+            return {}
+        boundary = ratio * scheduler.config.num_train_timesteps
+        high = int((timesteps >= boundary).sum())  # the pipeline's own test: t >= boundary on the high expert
+        windows = {switch.high: (0, high), switch.low: (high, len(timesteps))}
+        return {i: windows[attr] for i, den in enumerate(self.denoisers)
+                for attr in windows if getattr(pipe, attr, None) is den.model}
+
     def _branch_key(self, den: Denoiser, gen: Generation, args: tuple, kwargs: dict, batch: int) -> tuple:
+        """A call's CFG branch: the pipeline's ``cache_context`` name, else the order of calls within one step
+        (Flux img2img's true CFG, Wan's video-to-video and others call the denoiser once per branch without one)."""
         name = getattr(self._local, "context", None)
-        if name is None and den.adapter.branches_by_timestep:
-            value = _timestep_value(den.adapter.timestep(args, kwargs), sync=True)
-            if value != gen.timestep:
-                gen.timestep, gen.calls_at_timestep = value, 0
-            name = f"call{gen.calls_at_timestep}"
-            gen.calls_at_timestep += 1
+        if name is None and not gen.unsplit:
+            clock = self._step_clock(den, gen, args, kwargs)
+            if clock is not None:
+                if clock != gen.clock:
+                    gen.clock, gen.calls_at_clock = clock, 0
+                if gen.calls_at_clock >= MAX_BRANCHES:
+                    # no CFG has this many branches: the clock does not advance (a loop that never steps the
+                    # scheduler); stop splitting rather than keep a cache per call
+                    logger.warning("dual cache: %d denoiser calls at one step of %s: caching them as one branch",
+                                   gen.calls_at_clock + 1, type(gen.scheduler).__name__)
+                    gen.unsplit = True
+                    return None, batch
+                name = f"call{gen.calls_at_clock}"
+                gen.calls_at_clock += 1
         return name, batch
+
+    @staticmethod
+    def _step_clock(den: Denoiser, gen: Generation, args: tuple, kwargs: dict) -> Any:
+        """What changes from one step to the next: the scheduler's step counter (a host int, no sync) where it
+        keeps one, else, for families declared to need it, the call's timestep (a host read per call)."""
+        if gen.scheduler is not None and hasattr(type(gen.scheduler), "step_index"):
+            return "step", gen.scheduler.step_index
+        if den.adapter.branches_by_timestep:
+            return "timestep", _timestep_value(den.adapter.timestep(args, kwargs), sync=True)
+        return None
 
     @torch.compiler.disable
     def begin_call(self, d_index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
@@ -488,6 +555,8 @@ class DualCacheEngine:
             branch = gen.branches[key] = self._new_branch(den, gen, args, kwargs, latents)
             branch.first_timestep = timestep
         branch.step += 1
+        if branch.step == 1 and not gen.measured:
+            self._measure(gen)
         state = branch.models.get(d_index)
         if state is None:
             state = branch.models[d_index] = ModelState(first_step=branch.step)
@@ -495,7 +564,8 @@ class DualCacheEngine:
         # its rows to the caption's true length inside the model, which no input shape tells)
         signature = (tuple(latents.shape), latents.dtype, latents.device, key)
         costs = den.costs.get(signature)
-        plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch), state.first_step)
+        window = gen.windows.get(d_index, (state.first_step, branch.plan_steps))
+        plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch), window)
         primed = state.primed
         step_plan = plan.steps[branch.step] if primed else plan.steps[0]  # nothing cached yet: full
         if step_plan.skip_blocks and state.stack_cache is None:
@@ -507,7 +577,7 @@ class DualCacheEngine:
         # plan-derived flags hold for the plan's own step; a denoiser priming mid-generation records and stores
         recording = step_plan.is_full and (not primed or facts.scored[branch.step])
         passthrough = primed and costs is not None and facts.unread[branch.step]
-        call = Call(den, branch, state, step_plan, recording=recording, counting=costs is None,
+        call = Call(den, branch, state, step_plan, plan=plan, recording=recording, counting=costs is None,
                     history=facts.history, error_order=facts.error_order, stack_history=facts.forecasts_stack,
                     signature=signature, passthrough=passthrough, actions=den.actions(step_plan),
                     offload=self.storage.offloads_from(latents.device))
@@ -776,9 +846,9 @@ class DualCacheEngine:
         """At the end of a call: start bringing back what the branch's next step reads first."""
         state = call.state
         state.prefetched.clear()  # copies this step did not use (its plan changed its mind)
-        plan = call.denoiser.plan(call.branch.plan_steps)
+        plan = call.plan
         step = call.branch.step + 1
-        if step >= plan.num_steps:
+        if plan is None or step >= plan.num_steps:
             return
         step_plan = plan.steps[step]
         if step_plan.is_full:

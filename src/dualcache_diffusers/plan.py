@@ -278,14 +278,18 @@ class CachePlan:
                     done += 0.0 if step.skip_blocks else w * f
         return done / total if total else 1.0
 
-    def delayed(self, steps: int) -> CachePlan:
-        """This plan after ``steps`` full steps: the plan of a denoiser that joins a generation at step ``steps``
-        (Wan 2.2's low-noise expert), planned over the steps it runs and indexed by the generation's step."""
-        if not steps:
+    def placed(self, start: int, total: int) -> CachePlan:
+        """This plan run from step ``start`` of a generation of ``total`` steps, full steps around it: the plan
+        of a denoiser that runs only part of the generation (Wan 2.2's two experts), planned over the steps it
+        runs and indexed by the generation's step. The steps outside are never run by that denoiser."""
+        after = total - start - self.num_steps
+        if start < 0 or after < 0:
+            raise ValueError(f"a plan of {self.num_steps} steps cannot start at step {start} of {total}")
+        if not start and not after:
             return self
-        before = [StepPlan(FULL, _rows(self.num_blocks, len(self.modules), 1.0)) for _ in range(steps)]
-        return replace(self, num_steps=self.num_steps + steps, steps=before + self.steps,
-                       metadata={**self.metadata, "first_step": steps})
+        full = [StepPlan(FULL, _rows(self.num_blocks, len(self.modules), 1.0)) for _ in range(start + after)]
+        return replace(self, num_steps=total, steps=full[:start] + self.steps + full[start:],
+                       metadata={**self.metadata, "first_step": start, "last_step": start + self.num_steps - 1})
 
     # ---- resampling ----------------------------------------------------------------------
     def resample(self, num_steps: int) -> CachePlan:

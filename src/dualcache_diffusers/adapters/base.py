@@ -118,6 +118,17 @@ class BlockListSpec:
 
 
 @dataclass(frozen=True)
+class ExpertSwitch:
+    """Two denoisers splitting a generation by timestep (Wan 2.2 A14B): the pipeline runs its ``high`` attribute
+    while the step's timestep is at least the pipeline config's ``config_key`` times the scheduler's
+    ``num_train_timesteps``, then its ``low`` one. The engine plans each over the steps it runs."""
+
+    config_key: str
+    high: str
+    low: str
+
+
+@dataclass(frozen=True)
 class BlockInfo:
     """One block in execution order, as the engine sees it."""
 
@@ -137,8 +148,10 @@ class ModelAdapter:
     block_lists: tuple[BlockListSpec, ...] = ()
     #: run the i-th block of every list in turn (Latte: spatial 0, temporal 0, spatial 1, ...)
     interleaved: bool = False
-    #: the pipeline calls the denoiser once per CFG branch without a ``cache_context``: tell the
-    #: branches apart by the order of calls at the same timestep
+    #: the pipeline calls the denoiser once per CFG branch without a ``cache_context``, and may drive it with a
+    #: scheduler that keeps no step counter: tell the branches apart by the order of calls at the same timestep
+    #: (a host read per call). With a scheduler that has ``step_index`` (most), every family's calls without a
+    #: ``cache_context`` are told apart by their order within its step, with no host read
     branches_by_timestep: bool = False
     #: config attributes holding the patch size of the token grid's (frames, rows, cols) axes; a scalar
     #: is that axis' size, a (t, h, w) tuple (Wan's ``patch_size``) gives every axis, an (h, w) tuple the
@@ -146,6 +159,9 @@ class ModelAdapter:
     patch_attrs: tuple[str | None, str, str] = ("patch_size_t", "patch_size", "patch_size")
     #: axes of 5-D latents: "BCFHW" (most video models) or "BFCHW" (CogVideoX)
     latent_layout: str = "BCFHW"
+    #: the pipeline hands the generation from one denoiser to another at a timestep (None: one denoiser runs
+    #: every step)
+    expert_switch: ExpertSwitch | None = None
     #: keyword (or position) of the timestep in the denoiser call
     timestep_arg: tuple[str, int] = ("timestep", 2)
     #: call keywords whose tensors are the same for every sample (not batched), such as Flux's

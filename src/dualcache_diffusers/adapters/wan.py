@@ -10,7 +10,8 @@ diffusion-forcing attention mask). The DuCa preset still reuses `attn1` whole at
 as published: with "partial" it saved under 2x FLOPs on the tiny test pipelines. `attn2` and `ffn`
 recompute a subset of rows. Wan VACE caches its main `blocks` only: the `vace_blocks`
 (control hints) always run. Wan 2.2 A14B's two experts are both cached by the engine
-(`transformer` and `transformer_2` share the pipeline's step counter).
+(`transformer` and `transformer_2` share the pipeline's step counter; each plans a budget over the steps
+it runs, from the pipeline's ``boundary_ratio``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..partial_attention import RotaryAttention
-from .base import BlockListSpec, ModelAdapter, ModuleSpec
+from .base import BlockListSpec, ExpertSwitch, ModelAdapter, ModuleSpec
 
 
 def apply_wan_rotary(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -50,4 +51,6 @@ class WanAdapter(ModelAdapter):
     }
     block_lists = (BlockListSpec("blocks", WAN_BLOCK_MODULES, inputs="h,e", value="attn1.to_v"),)
     timestep_arg = ("timestep", 1)
+    # Wan 2.2 A14B: `transformer` (high noise) while t >= boundary_ratio x num_train_timesteps, then `transformer_2`
+    expert_switch = ExpertSwitch("boundary_ratio", high="transformer", low="transformer_2")
     # token grid: latents (B, C, F, H, W) over the config's (t, h, w) `patch_size` (the default reading)

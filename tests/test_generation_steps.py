@@ -1,0 +1,126 @@
+"""Which steps a generation runs, and which calls are one CFG branch, when the pipeline does not say.
+
+Image-to-image and video-to-video pipelines (``strength`` < 1) start part-way through the scheduler's timesteps;
+Wan 2.2 A14B hands the generation from one expert to the other at a timestep; several pipelines call the
+denoiser once per CFG branch without a ``cache_context``. Each case used to miss the budget or mix the branches.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import engine_pixart_pipeline
+from diffusers import FluxImg2ImgPipeline, WanVideoToVideoPipeline
+from family_harness import run
+from PIL import Image
+from test_family_flux import tiny_flux_pipeline
+from test_family_wan import CASES as WAN
+
+from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
+from dualcache_diffusers.api import get_engine
+from dualcache_diffusers.engine import MAX_BRANCHES
+
+FLUX_IMG2IMG = dict(prompt="a red car", image=torch.ones(1, 3, 16, 16) * 0.3, height=16, width=16,
+                    max_sequence_length=8, guidance_scale=3.5)
+
+
+@pytest.fixture(scope="module")
+def flux_img2img():
+    pipe = FluxImg2ImgPipeline.from_pipe(tiny_flux_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _flux(pipe, steps: int, strength: float, **kwargs) -> np.ndarray:
+    out = pipe(**FLUX_IMG2IMG, num_inference_steps=steps, strength=strength, output_type="np",
+               generator=torch.Generator().manual_seed(0), **kwargs)
+    return out.images
+
+
+@pytest.mark.parametrize("budget", [2, 4])
+def test_an_image_to_image_run_spends_the_budget_over_the_steps_it_runs(flux_img2img, budget):
+    """strength=0.6 of 20 steps runs 12: planned over 20, budget=4 saved 3.28x and budget=2 1.81x."""
+    enable_dual_cache(flux_img2img, budget=budget)
+    try:
+        _flux(flux_img2img, steps=20, strength=0.6)
+        stats = cache_stats(flux_img2img)
+    finally:
+        disable_dual_cache(flux_img2img)
+    assert len(stats.step_kinds) == 12 and stats.num_steps == 12
+    assert stats.flops_speedup == pytest.approx(budget, rel=0.01)
+
+
+def test_a_video_to_video_run_without_a_begin_index_is_planned_from_the_scheduler():
+    """Wan's video-to-video slices the timesteps itself (no ``set_begin_index``) and calls the denoiser once per
+    CFG branch without a cache_context: both are read from the scheduler's step counter."""
+    case = WAN["wan21"]
+    pipe = WanVideoToVideoPipeline.from_pipe(case.build())
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {k: v for k, v in case.call_kwargs.items() if k != "num_frames"}
+    video = [Image.fromarray(np.full((128, 128, 3), 40 * i, dtype=np.uint8)) for i in range(5)]
+    enable_dual_cache(pipe, budget=3)
+    pipe(video=video, **kwargs, num_inference_steps=10, strength=0.6, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    stats = get_engine(pipe).last_stats
+    assert sorted(key.split("/")[0] for key in stats) == ["call0", "call1"]  # cond and uncond
+    for branch in stats.values():
+        assert len(branch.step_kinds) == 6 and branch.flops_speedup == pytest.approx(3, rel=0.01)
+
+
+def test_true_cfg_without_a_cache_context_keeps_the_branches_apart(flux_img2img):
+    """Flux img2img's true CFG calls the denoiser for cond and uncond in turn, with no cache_context: one branch
+    each (before, the second call looked like a restarted generation and raised)."""
+    true_cfg = dict(negative_prompt="blurry", true_cfg_scale=2.0)
+    stock = _flux(flux_img2img, steps=6, strength=1.0, **true_cfg)
+    enable_dual_cache(flux_img2img, interval=1)
+    try:
+        np.testing.assert_allclose(_flux(flux_img2img, steps=6, strength=1.0, **true_cfg), stock, atol=1e-6, rtol=0)
+        enable_dual_cache(flux_img2img, budget=2)
+        _flux(flux_img2img, steps=6, strength=1.0, **true_cfg)
+        stats = get_engine(flux_img2img).last_stats
+    finally:
+        disable_dual_cache(flux_img2img)
+    assert len(stats) == 2
+    for branch in stats.values():
+        assert len(branch.step_kinds) == 6 and branch.flops_speedup == pytest.approx(2, rel=0.01)
+
+
+def test_calls_at_a_step_that_never_advances_stop_being_split(caplog):
+    """A loop that never steps the scheduler: call order cannot tell branches apart, so after MAX_BRANCHES calls
+    the engine stops splitting (one warning) instead of keeping a cache per call."""
+    pipe = engine_pixart_pipeline(num_layers=2)
+    enable_dual_cache(pipe, "fora")
+    pipe.scheduler.set_timesteps(8)
+    latents = torch.randn(1, 4, 16, 16)
+    text = torch.randn(1, 8, pipe.transformer.config.caption_channels)
+    added = {"resolution": None, "aspect_ratio": None}
+    with caplog.at_level(logging.WARNING, logger="dualcache_diffusers"):
+        for i in range(MAX_BRANCHES + 3):
+            pipe.transformer(latents, encoder_hidden_states=text, timestep=torch.tensor([900 - 100 * i]),
+                             added_cond_kwargs=added)
+    branches = get_engine(pipe)._local.generation.branches
+    assert len(branches) == MAX_BRANCHES + 1  # call0 .. call3, then one unsplit branch
+    assert sum("caching them as one branch" in r.message for r in caplog.records) == 1
+    disable_dual_cache(pipe)
+
+
+def test_each_expert_spends_the_budget_over_the_steps_it_runs():
+    """Wan 2.2 A14B: each expert plans over its own steps, which the pipeline's boundary_ratio decides (before,
+    the high-noise expert ran the first part of a plan for the whole run: budget=2.5 gave 2.19x there)."""
+    case = WAN["wan22_a14b"]
+    pipe = case.build()
+    pipe.register_to_config(boundary_ratio=0.6)  # 5 of 12 steps on the high-noise expert, 7 on the low-noise one
+    enable_dual_cache(pipe, budget=2.5)
+    run(pipe, case, steps=12)
+    engine = get_engine(pipe)
+    runs = {key: len(stats.step_kinds) for key, stats in engine.last_stats.items()}
+    assert runs == {"cond/1/0": 5, "cond/1/1": 7, "uncond/1/0": 5, "uncond/1/1": 7}
+    for stats in engine.last_stats.values():
+        assert stats.step_kinds[0] == "full" and stats.flops_speedup == pytest.approx(2.5, rel=0.01)
+    windows = {key[2] for den in engine.denoisers for key in den.plans if isinstance(key, tuple)}
+    assert windows == {(0, 5), (5, 12)}
+    assert cache_stats(pipe).flops_speedup == pytest.approx(2.5, rel=0.01)
+    disable_dual_cache(pipe)
