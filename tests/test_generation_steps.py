@@ -12,8 +12,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import engine_pixart_pipeline
-from diffusers import FluxImg2ImgPipeline, WanVideoToVideoPipeline
+from conftest import engine_dit_pipeline, engine_pixart_pipeline
+from diffusers import DDIMScheduler, FluxImg2ImgPipeline, WanVideoToVideoPipeline
 from family_harness import run
 from PIL import Image
 from test_family_flux import tiny_flux_pipeline
@@ -51,6 +51,25 @@ def test_an_image_to_image_run_spends_the_budget_over_the_steps_it_runs(flux_img
         disable_dual_cache(flux_img2img)
     assert len(stats.step_kinds) == 12 and stats.num_steps == 12
     assert stats.flops_speedup == pytest.approx(budget, rel=0.01)
+
+
+def test_a_scheduler_without_a_step_index_is_located_by_the_timestep():
+    """DDIM keeps no step_index (nor do CogVideoX's schedulers): an image-to-image loop over the last 12 of its 20
+    timesteps is located by the second call's timestep (one host read per generation)."""
+    pipe = engine_dit_pipeline(num_layers=3)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    enable_dual_cache(pipe, budget=3)
+    labels = torch.tensor([1, 3, 1000, 1000])  # CFG: two classes, then the null class
+    for _ in range(2):  # the second generation plans from the costs the first recorded
+        pipe.scheduler.set_timesteps(20)
+        latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        for t in pipe.scheduler.timesteps[8:]:
+            out = pipe.transformer(torch.cat([latents] * 2), timestep=t.expand(4), class_labels=labels).sample
+            cond, uncond = out[:, :4].chunk(2)
+            latents = pipe.scheduler.step(uncond + 4 * (cond - uncond), t, latents).prev_sample
+        stats = cache_stats(pipe)
+        assert len(stats.step_kinds) == 12 and stats.flops_speedup == pytest.approx(3, rel=0.01)
+    disable_dual_cache(pipe)
 
 
 def test_a_video_to_video_run_without_a_begin_index_is_planned_from_the_scheduler():

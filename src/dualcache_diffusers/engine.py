@@ -472,23 +472,28 @@ class DualCacheEngine:
             self._local.generation = gen
         return gen
 
-    def _measure(self, gen: Generation) -> None:
+    def _measure(self, gen: Generation, timestep: Any) -> None:
         """At a branch's second call, once per generation: the steps it runs, from the scheduler's position.
 
         The scheduler's timesteps cover the whole schedule, but an image-to-image or video-to-video pipeline
         (``strength`` < 1) starts part-way through them, which its scheduler's ``step_index`` tells only after
-        the first step (step 0 is a full step whatever the plan, so nothing is lost by learning it there).
-        Pipelines with two experts (``ModelAdapter.expert_switch``) also give each its own steps: one host
-        read of the timesteps per generation, never per step."""
+        the first step (step 0 is a full step whatever the plan, so nothing is lost by learning it there); a
+        scheduler without one (DDIM, CogVideoX's) is located by this call's timestep in its timesteps. Pipelines
+        with two experts (``ModelAdapter.expert_switch``) also give each its own steps. At most one host read
+        of a timestep per generation, never per step."""
         gen.measured = True
         scheduler = gen.scheduler
-        index = getattr(scheduler, "step_index", None) if scheduler is not None else None
-        timesteps = getattr(scheduler, "timesteps", None)
-        if not isinstance(index, int) or timesteps is None or not 1 <= index <= len(timesteps):
-            return  # no scheduler position to read: the whole schedule, as planned
+        timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
+        if timesteps is None:
+            return  # a bare transformer: its planned calls
+        index = getattr(scheduler, "step_index", None)
+        if not isinstance(index, int):
+            value = _timestep_value(timestep, sync=True)
+            values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+            index = values.index(value) if value in values else None
+        if index is None or not 2 <= len(timesteps) - (index - 1) <= gen.num_steps:
+            return  # not where a second call can be (another pipeline's scheduler, a rescaled timestep)
         first = index - 1  # the step the generation started at
-        if not 2 <= len(timesteps) - first <= gen.num_steps:
-            return  # not where a second call can be (a scheduler another pipeline stepped): as planned
         gen.num_steps = len(timesteps) - first
         for branch in gen.branches.values():
             branch.plan_steps = gen.num_steps
@@ -556,7 +561,7 @@ class DualCacheEngine:
             branch.first_timestep = timestep
         branch.step += 1
         if branch.step == 1 and not gen.measured:
-            self._measure(gen)
+            self._measure(gen, den.adapter.timestep(args, kwargs))
         state = branch.models.get(d_index)
         if state is None:
             state = branch.models[d_index] = ModelState(first_step=branch.step)
@@ -1292,7 +1297,8 @@ def _timestep_value(timestep: Any, sync: bool) -> float | None:
         return None
     if isinstance(timestep, (int, float)):
         return float(timestep)
-    if isinstance(timestep, torch.Tensor) and timestep.numel() and (sync or timestep.device.type == "cpu"):
+    if (isinstance(timestep, torch.Tensor) and timestep.numel() and timestep.device.type != "meta"
+            and (sync or timestep.device.type == "cpu")):
         return float(timestep.detach().reshape(-1)[0])
     return None
 
