@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import engine_dit_pipeline, engine_pixart_pipeline
-from diffusers import DDIMScheduler, FluxImg2ImgPipeline, WanVideoToVideoPipeline
+from diffusers import DDIMScheduler, FluxImg2ImgPipeline, FluxKontextPipeline, WanVideoToVideoPipeline
 from family_harness import run
 from PIL import Image
 from test_family_flux import tiny_flux_pipeline
@@ -89,19 +89,31 @@ def test_a_video_to_video_run_without_a_begin_index_is_planned_from_the_schedule
         assert len(branch.step_kinds) == 6 and branch.flops_speedup == pytest.approx(3, rel=0.01)
 
 
-def test_true_cfg_without_a_cache_context_keeps_the_branches_apart(flux_img2img):
-    """Flux img2img's true CFG calls the denoiser for cond and uncond in turn, with no cache_context: one branch
-    each (before, the second call looked like a restarted generation and raised)."""
-    true_cfg = dict(negative_prompt="blurry", true_cfg_scale=2.0)
-    stock = _flux(flux_img2img, steps=6, strength=1.0, **true_cfg)
-    enable_dual_cache(flux_img2img, interval=1)
+@pytest.mark.parametrize("pipeline", ["img2img", "kontext"])
+def test_true_cfg_without_a_cache_context_keeps_the_branches_apart(flux_img2img, pipeline):
+    """Flux img2img's and Kontext's true CFG call the denoiser for cond and uncond in turn, with no cache_context:
+    one branch each (before, the second call looked like a restarted generation and raised)."""
+    if pipeline == "kontext":
+        pipe = FluxKontextPipeline.from_pipe(flux_img2img)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = dict(_auto_resize=False, max_area=16 * 16)  # keep the tiny 16 x 16 size
+    else:
+        pipe, kwargs = flux_img2img, dict(strength=1.0)
+    kwargs.update(negative_prompt="blurry", true_cfg_scale=2.0)
+
+    def generate() -> np.ndarray:
+        return pipe(**FLUX_IMG2IMG, num_inference_steps=6, output_type="np", **kwargs,
+                    generator=torch.Generator().manual_seed(0)).images
+
+    stock = generate()
+    enable_dual_cache(pipe, interval=1)
     try:
-        np.testing.assert_allclose(_flux(flux_img2img, steps=6, strength=1.0, **true_cfg), stock, atol=1e-6, rtol=0)
-        enable_dual_cache(flux_img2img, budget=2)
-        _flux(flux_img2img, steps=6, strength=1.0, **true_cfg)
-        stats = get_engine(flux_img2img).last_stats
+        np.testing.assert_allclose(generate(), stock, atol=1e-6, rtol=0)
+        enable_dual_cache(pipe, budget=2)
+        generate()
+        stats = get_engine(pipe).last_stats
     finally:
-        disable_dual_cache(flux_img2img)
+        disable_dual_cache(pipe)
     assert len(stats) == 2
     for branch in stats.values():
         assert len(branch.step_kinds) == 6 and branch.flops_speedup == pytest.approx(2, rel=0.01)
