@@ -309,7 +309,7 @@ class Call:
     step_plan: StepPlan
     recording: bool  # full step that records token scores (a later partial step reads them)
     counting: bool  # first call for this input shape: FLOPs are being recorded
-    plan: CachePlan | None = None  # the plan the step is from (the next step's is read from it too)
+    plan: CachePlan  # the plan the step is from (the next step's is read from it too)
     history: int = 0  # full computations to keep per output (max forecast order + 1; 0 = none)
     signature: tuple = ()  # what the call's FLOPs depend on (input shape and branch): key of its Costs
     error_order: int = 0  # order of the forecast whose error full steps measure (forecast-error selection)
@@ -483,7 +483,7 @@ class DualCacheEngine:
         of a timestep per generation, never per step."""
         gen.measured = True
         scheduler = gen.scheduler
-        timesteps = getattr(scheduler, "timesteps", None) if scheduler is not None else None
+        timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is None:
             return  # a bare transformer: its planned calls
         index = getattr(scheduler, "step_index", None)
@@ -516,21 +516,20 @@ class DualCacheEngine:
         """A call's CFG branch: the pipeline's ``cache_context`` name, else the order of calls within one step
         (Flux img2img's true CFG, Wan's video-to-video and others call the denoiser once per branch without one)."""
         name = getattr(self._local, "context", None)
-        if name is None and not gen.unsplit:
-            clock = self._step_clock(den, gen, args, kwargs)
-            if clock is not None:
-                if clock != gen.clock:
-                    gen.clock, gen.calls_at_clock = clock, 0
-                if gen.calls_at_clock >= MAX_BRANCHES:
-                    # no CFG has this many branches: the clock does not advance (a loop that never steps the
-                    # scheduler); stop splitting rather than keep a cache per call
-                    logger.warning("dual cache: %d denoiser calls at one step of %s: caching them as one branch",
-                                   gen.calls_at_clock + 1, type(gen.scheduler).__name__)
-                    gen.unsplit = True
-                    return None, batch
-                name = f"call{gen.calls_at_clock}"
-                gen.calls_at_clock += 1
-        return name, batch
+        clock = None if name is not None or gen.unsplit else self._step_clock(den, gen, args, kwargs)
+        if clock is None:
+            return name, batch
+        if clock != gen.clock:
+            gen.clock, gen.calls_at_clock = clock, 0
+        if gen.calls_at_clock >= MAX_BRANCHES:
+            # no CFG has this many branches: the clock does not advance (a loop that never steps the scheduler);
+            # stop splitting rather than keep a cache per call
+            logger.warning("dual cache: %d denoiser calls at one step of %s: caching them as one branch",
+                           gen.calls_at_clock + 1, type(gen.scheduler).__name__)
+            gen.unsplit = True
+            return None, batch
+        gen.calls_at_clock += 1
+        return f"call{gen.calls_at_clock - 1}", batch
 
     @staticmethod
     def _step_clock(den: Denoiser, gen: Generation, args: tuple, kwargs: dict) -> Any:
@@ -853,7 +852,7 @@ class DualCacheEngine:
         state.prefetched.clear()  # copies this step did not use (its plan changed its mind)
         plan = call.plan
         step = call.branch.step + 1
-        if plan is None or step >= plan.num_steps:
+        if step >= plan.num_steps:
             return
         step_plan = plan.steps[step]
         if step_plan.is_full:
