@@ -13,10 +13,25 @@ import numpy as np
 import pytest
 import torch
 from conftest import engine_dit_pipeline, engine_pixart_pipeline
-from diffusers import DDIMScheduler, FluxImg2ImgPipeline, FluxKontextPipeline, WanVideoToVideoPipeline
+from diffusers import (
+    CogView4ControlPipeline,
+    CogView4Transformer2DModel,
+    CogVideoXVideoToVideoPipeline,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxKontextPipeline,
+    WanVideoToVideoPipeline,
+)
 from family_harness import run
 from PIL import Image
-from test_family_flux import tiny_flux_pipeline
+from test_family_cogvideox import _CALL as COGVIDEOX_CALL
+from test_family_cogvideox import tiny_cogvideox_pipeline
+from test_family_cogview4 import TEXT_DIM, TEXT_LEN
+from test_family_flux import tiny_flux_pipeline, tiny_flux_vae
 from test_family_wan import CASES as WAN
 
 from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
@@ -115,6 +130,86 @@ def test_true_cfg_without_a_cache_context_keeps_the_branches_apart(flux_img2img,
     finally:
         disable_dual_cache(pipe)
     assert len(stats) == 2
+    for branch in stats.values():
+        assert len(branch.step_kinds) == 6 and branch.flops_speedup == pytest.approx(2, rel=0.01)
+
+
+def test_a_cogvideox_video_to_video_run_is_planned_from_the_timestep():
+    """CogVideoX's DDIM scheduler keeps no step_index: its video-to-video run (given latents, so no VAE is needed)
+    is located by the second call's timestep and spends the budget over the 12 of 20 steps it runs."""
+    pipe = CogVideoXVideoToVideoPipeline.from_pipe(tiny_cogvideox_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {k: v for k, v in COGVIDEOX_CALL.items() if k != "num_frames"}
+    latents = torch.randn(1, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    enable_dual_cache(pipe, budget=3)
+    try:
+        pipe(**kwargs, latents=latents, num_inference_steps=20, strength=0.6, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+        stats = get_engine(pipe).last_stats
+    finally:
+        disable_dual_cache(pipe)
+    assert sorted(stats) == ["cond_uncond/2/0"]  # CFG batched in one call (batch 2)
+    for branch in stats.values():
+        assert len(branch.step_kinds) == 12 and branch.flops_speedup == pytest.approx(3, rel=0.01)
+
+
+def _flux_inpaint(flux_img2img):
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    return FluxInpaintPipeline.from_pipe(flux_img2img), dict(FLUX_IMG2IMG, mask_image=mask, strength=1.0)
+
+
+def _flux_controlnet(flux_img2img):
+    torch.manual_seed(1)
+    controlnet = FluxControlNetModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+    ).eval()
+    kwargs = {k: v for k, v in FLUX_IMG2IMG.items() if k != "image"}
+    return FluxControlNetPipeline.from_pipe(flux_img2img, controlnet=controlnet), dict(
+        kwargs, control_image=FLUX_IMG2IMG["image"])
+
+
+def _cogview4_control(_):
+    torch.manual_seed(0)
+    transformer = CogView4Transformer2DModel(  # 8 input channels: the latents and the control image's
+        patch_size=2, in_channels=8, out_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=TEXT_DIM, time_embed_dim=8, condition_dim=4, sample_size=16, rope_axes_dim=(4, 4),
+    ).eval()
+    pipe = CogView4ControlPipeline(
+        tokenizer=None, text_encoder=None, vae=tiny_flux_vae(), transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(base_shift=0.25, max_shift=0.75, base_image_seq_len=256))
+    text = torch.Generator().manual_seed(1)
+    return pipe, dict(prompt_embeds=torch.randn(1, TEXT_LEN, TEXT_DIM, generator=text),
+                      negative_prompt_embeds=torch.randn(1, TEXT_LEN, TEXT_DIM, generator=text), height=16, width=16,
+                      guidance_scale=5.0, control_image=torch.rand(1, 3, 16, 16, generator=text))
+
+
+@pytest.mark.parametrize("build", [_flux_inpaint, _flux_controlnet, _cogview4_control],
+                         ids=["flux-inpaint", "flux-controlnet", "cogview4-control"])
+def test_more_pipelines_calling_each_branch_without_a_cache_context(flux_img2img, build):
+    """Flux inpaint and ControlNet with true CFG, and CogView4 Control, call the denoiser for cond and uncond in turn
+    without a cache_context: one branch each, ``interval=1`` exactly stock, ``budget=2`` 2x in each branch."""
+    pipe, kwargs = build(flux_img2img)
+    pipe.set_progress_bar_config(disable=True)
+    if "guidance_scale" in kwargs and "prompt_embeds" not in kwargs:
+        kwargs.update(negative_prompt="blurry", true_cfg_scale=2.0)
+
+    def generate() -> np.ndarray:
+        torch.manual_seed(0)  # the VAE samples the control / masked image's latents from the global generator
+        return pipe(**kwargs, num_inference_steps=6, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    stock = generate()
+    enable_dual_cache(pipe, interval=1)
+    try:
+        torch.testing.assert_close(generate(), stock, atol=1e-6, rtol=0)
+        enable_dual_cache(pipe, budget=2)
+        generate()
+        stats = get_engine(pipe).last_stats
+    finally:
+        disable_dual_cache(pipe)
+    assert sorted(key.split("/")[0] for key in stats) == ["call0", "call1"]
     for branch in stats.values():
         assert len(branch.step_kinds) == 6 and branch.flops_speedup == pytest.approx(2, rel=0.01)
 
