@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import engine_dit_pipeline, engine_pixart_pipeline
 from diffusers import (
+    CogVideoXVideoToVideoPipeline,
     CogView4ControlPipeline,
     CogView4Transformer2DModel,
-    CogVideoXVideoToVideoPipeline,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxControlNetModel,
