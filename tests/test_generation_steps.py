@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import engine_dit_pipeline, engine_pixart_pipeline
 from diffusers import (
+    AutoencoderKLHunyuanVideo,
     CogVideoXVideoToVideoPipeline,
     CogView4ControlPipeline,
     CogView4Transformer2DModel,
@@ -24,6 +25,8 @@ from diffusers import (
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
     FluxKontextPipeline,
+    HunyuanVideoImageToVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     WanVideoToVideoPipeline,
 )
 from family_harness import run
@@ -32,6 +35,10 @@ from test_family_cogvideox import _CALL as COGVIDEOX_CALL
 from test_family_cogvideox import tiny_cogvideox_pipeline
 from test_family_cogview4 import TEXT_DIM, TEXT_LEN
 from test_family_flux import tiny_flux_pipeline, tiny_flux_vae
+from test_family_hunyuan_video import _NEG as HUNYUAN_NEG
+from test_family_hunyuan_video import _POS as HUNYUAN_POS
+from test_family_hunyuan_video import POOLED_DIM as HUNYUAN_POOLED_DIM
+from test_family_hunyuan_video import TEXT_DIM as HUNYUAN_TEXT_DIM
 from test_family_wan import CASES as WAN
 
 from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
@@ -185,20 +192,45 @@ def _cogview4_control(_):
                       guidance_scale=5.0, control_image=torch.rand(1, 3, 16, 16, generator=text))
 
 
-@pytest.mark.parametrize("build", [_flux_inpaint, _flux_controlnet, _cogview4_control],
-                         ids=["flux-inpaint", "flux-controlnet", "cogview4-control"])
+def _hunyuan_video_i2v(_):
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=3, num_single_layers=3,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=HUNYUAN_TEXT_DIM,
+        pooled_projection_dim=HUNYUAN_POOLED_DIM, rope_axes_dim=(2, 4, 4), image_condition_type="token_replace",
+    ).eval()
+    vae = AutoencoderKLHunyuanVideo(  # 8x spatial, 4x temporal: 64 x 64 x 5 frames -> 8 x 8 x 2 latents
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4, mid_block_add_attention=False,
+    ).eval()
+    pipe = HunyuanVideoImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=vae, text_encoder_2=None, tokenizer_2=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), image_processor=None)
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    return pipe, dict(image=Image.fromarray(pixels), height=64, width=64, num_frames=5, guidance_scale=1.0,
+                      true_cfg_scale=4.0, prompt_embeds=HUNYUAN_POS["embeds"],
+                      pooled_prompt_embeds=HUNYUAN_POS["pooled"], prompt_attention_mask=HUNYUAN_POS["mask"],
+                      negative_prompt_embeds=HUNYUAN_NEG["embeds"],
+                      negative_pooled_prompt_embeds=HUNYUAN_NEG["pooled"],
+                      negative_prompt_attention_mask=HUNYUAN_NEG["mask"])
+
+
+@pytest.mark.parametrize("build", [_flux_inpaint, _flux_controlnet, _cogview4_control, _hunyuan_video_i2v],
+                         ids=["flux-inpaint", "flux-controlnet", "cogview4-control", "hunyuan-video-i2v"])
 def test_more_pipelines_calling_each_branch_without_a_cache_context(flux_img2img, build):
-    """Flux inpaint and ControlNet with true CFG, and CogView4 Control, call the denoiser for cond and uncond in turn
-    without a cache_context: one branch each, ``interval=1`` exactly stock, ``budget=2`` 2x in each branch."""
+    """Flux inpaint and ControlNet with true CFG, CogView4 Control and HunyuanVideo image-to-video with true CFG
+    call the denoiser for cond and uncond in turn without a cache_context: one branch each, ``interval=1`` exactly
+    stock, ``budget=2`` 2x in each branch."""
     pipe, kwargs = build(flux_img2img)
     pipe.set_progress_bar_config(disable=True)
-    if "guidance_scale" in kwargs and "prompt_embeds" not in kwargs:
+    if "prompt_embeds" not in kwargs:
         kwargs.update(negative_prompt="blurry", true_cfg_scale=2.0)
 
     def generate() -> np.ndarray:
         torch.manual_seed(0)  # the VAE samples the control / masked image's latents from the global generator
-        return pipe(**kwargs, num_inference_steps=6, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images
+        out = pipe(**kwargs, num_inference_steps=6, output_type="latent", generator=torch.Generator().manual_seed(0))
+        return out.frames if hasattr(out, "frames") else out.images
 
     stock = generate()
     enable_dual_cache(pipe, interval=1)
