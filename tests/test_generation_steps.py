@@ -102,9 +102,16 @@ def test_a_video_to_video_run_without_a_begin_index_is_planned_from_the_schedule
     pipe.set_progress_bar_config(disable=True)
     kwargs = {k: v for k, v in case.call_kwargs.items() if k != "num_frames"}
     video = [Image.fromarray(np.full((128, 128, 3), 40 * i, dtype=np.uint8)) for i in range(5)]
+
+    def generate() -> torch.Tensor:
+        return pipe(video=video, **kwargs, num_inference_steps=10, strength=0.6, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).frames
+
+    stock = generate()
+    enable_dual_cache(pipe, interval=1)
+    torch.testing.assert_close(generate(), stock, atol=1e-6, rtol=0)
     enable_dual_cache(pipe, budget=3)
-    pipe(video=video, **kwargs, num_inference_steps=10, strength=0.6, output_type="latent",
-         generator=torch.Generator().manual_seed(0))
+    generate()
     stats = get_engine(pipe).last_stats
     assert sorted(key.split("/")[0] for key in stats) == ["call0", "call1"]  # cond and uncond
     for branch in stats.values():
