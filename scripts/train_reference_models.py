@@ -324,7 +324,7 @@ def train_dit(args: argparse.Namespace) -> None:
         attention_head_dim=HEAD_DIM,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        num_layers=NUM_LAYERS,
+        num_layers=args.dit_layers,
         sample_size=LATENT_SIZE,
         patch_size=2,
         num_embeds_ada_norm=DIT_NULL_CLASS,  # DiTPipeline uses class id 1000 as the unconditional class
@@ -343,10 +343,9 @@ def train_dit(args: argparse.Namespace) -> None:
     scheduler = DDIMScheduler(**BETA_KWARGS, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     pipe = DiTPipeline(transformer=ema.half(), vae=vae, scheduler=scheduler)
     pipe.register_to_config(id2label={str(i): word for i, word in enumerate(digits.DIGIT_WORDS)})
-    pipe.save_pretrained(DIT_DIGITS_DIR, safe_serialization=True)
-    print(
-        f"[dit] final loss {loss:.4f}  wall {wall:.0f}s  saved {DIT_DIGITS_DIR} ({dir_size_mb(DIT_DIGITS_DIR):.2f} MB)"
-    )
+    out = Path(args.dit_out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    print(f"[dit] final loss {loss:.4f}  wall {wall:.0f}s  saved {out} ({dir_size_mb(out):.2f} MB)")
 
 
 def build_text_encoder(vocab_size: int):  # -> T5EncoderModel
@@ -610,6 +609,10 @@ def main() -> None:
     parser.add_argument("--dit-guidance", type=float, default=4.0, help="verify: CFG scale for the DiT grid")
     parser.add_argument("--pixart-guidance", type=float, default=4.0, help="verify: PixArt CFG scale")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--dit-layers", type=int, default=NUM_LAYERS,
+                        help="dit: transformer blocks (another depth: a model the cache rules were not tuned on)")
+    parser.add_argument("--dit-out", default=str(DIT_DIGITS_DIR),
+                        help="dit: where to save the pipeline (default: the shipped asset)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
