@@ -47,6 +47,7 @@ from dualcache_diffusers.engine import MAX_BRANCHES
 
 FLUX_IMG2IMG = dict(prompt="a red car", image=torch.ones(1, 3, 16, 16) * 0.3, height=16, width=16,
                     max_sequence_length=8, guidance_scale=3.5)
+FLUX_TRUE_CFG = dict(negative_prompt="blurry", true_cfg_scale=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_true_cfg_without_a_cache_context_keeps_the_branches_apart(flux_img2img,
         kwargs = dict(_auto_resize=False, max_area=16 * 16)  # keep the tiny 16 x 16 size
     else:
         pipe, kwargs = flux_img2img, dict(strength=1.0)
-    kwargs.update(negative_prompt="blurry", true_cfg_scale=2.0)
+    kwargs.update(FLUX_TRUE_CFG)
 
     def generate() -> np.ndarray:
         return pipe(**FLUX_IMG2IMG, num_inference_steps=6, output_type="np", **kwargs,
@@ -176,7 +177,8 @@ def test_a_cogvideox_video_to_video_run_is_planned_from_the_timestep():
 def _flux_inpaint(flux_img2img):
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., 4:12, 4:12] = 1
-    return FluxInpaintPipeline.from_pipe(flux_img2img), dict(FLUX_IMG2IMG, mask_image=mask, strength=1.0)
+    return FluxInpaintPipeline.from_pipe(flux_img2img), dict(FLUX_IMG2IMG, **FLUX_TRUE_CFG, mask_image=mask,
+                                                                     strength=1.0)
 
 
 def _flux_controlnet(flux_img2img):
@@ -187,7 +189,7 @@ def _flux_controlnet(flux_img2img):
     ).eval()
     kwargs = {k: v for k, v in FLUX_IMG2IMG.items() if k != "image"}
     return FluxControlNetPipeline.from_pipe(flux_img2img, controlnet=controlnet), dict(
-        kwargs, control_image=FLUX_IMG2IMG["image"])
+        kwargs, **FLUX_TRUE_CFG, control_image=FLUX_IMG2IMG["image"])
 
 
 def _cogview4_control(_):
@@ -237,8 +239,6 @@ def test_more_pipelines_calling_each_branch_without_a_cache_context(flux_img2img
     stock, ``budget=2`` 2x in each branch."""
     pipe, kwargs = build(flux_img2img)
     pipe.set_progress_bar_config(disable=True)
-    if "prompt_embeds" not in kwargs:
-        kwargs.update(negative_prompt="blurry", true_cfg_scale=2.0)
 
     def generate() -> np.ndarray:
         torch.manual_seed(0)  # the VAE samples the control / masked image's latents from the global generator
