@@ -71,13 +71,21 @@ def table(settings: list[tuple[str, Path]], label: str) -> tuple[list[str], list
     return lines, verdicts
 
 
+def setting(text: str) -> tuple[str, Path]:
+    """NAME=DIRECTORY, the directory holding a results.csv."""
+    name, sep, directory = text.partition("=")
+    if not sep or not name or not (Path(directory) / "results.csv").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=DIRECTORY with a results.csv in DIRECTORY")
+    return name, Path(directory)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("settings", nargs="+", help="NAME=DIRECTORY of a `dualcache bench --match-flops` run")
+    parser.add_argument("settings", nargs="+", type=setting,
+                        help="NAME=DIRECTORY of a `dualcache bench --match-flops` run")
     parser.add_argument("--label", default="model", help="the first column's header")
     args = parser.parse_args()
-    settings = [(s.split("=", 1)[0], Path(s.split("=", 1)[1])) for s in args.settings]
-    lines, verdicts = table(settings, args.label)
+    lines, verdicts = table(args.settings, args.label)
     print("\n".join(lines))
     print()
     print("\n".join(verdicts))
