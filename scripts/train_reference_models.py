@@ -247,8 +247,9 @@ def train_diffusion(
     prediction_type: str = "epsilon",
     on_step: Callable[[int, list[torch.nn.Module]], None] | None = None,
 ) -> tuple[list[torch.nn.Module], float, float]:
-    """DDPM training with min-SNR(5) weighting and EMA, predicting the noise (``prediction_type="epsilon"``)
-    or the velocity (``"v_prediction"``; the same weights then put more weight on high noise levels).
+    """Diffusion training with EMA. ``prediction_type="epsilon"`` or ``"v_prediction"``: DDPM noise levels with
+    min-SNR(5) weighting, predicting the noise or the velocity (the same weights then put more weight on high noise
+    levels). ``"flow_prediction"``: rectified flow as SD3, Sana and Wan train it (``flow_matching_batch``).
 
     ``predict(noisy_latents, timesteps, batch_index)`` runs the model on the given rows of the dataset;
     ``on_step(steps_done, ema_modules)``, if given, is called after every optimizer step (e.g. to save checkpoints).
@@ -271,13 +272,19 @@ def train_diffusion(
     for step in (bar := tqdm(range(steps), desc=name)):
         idx = torch.randint(len(mean), (bs,), generator=gen)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
-        t = torch.randint(TRAIN_TIMESTEPS, (bs,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        noisy = noise_sched.add_noise(z0, noise, t)
+        if prediction_type == "flow_prediction":
+            noise = torch.randn(z0.shape, generator=gen)
+            noisy, t, target = flow_matching_batch(z0, noise, gen)
+            weight = torch.ones(len(t))
+        else:  # draws in the order that made the shipped models
+            t = torch.randint(TRAIN_TIMESTEPS, (bs,), generator=gen)
+            noise = torch.randn(z0.shape, generator=gen)
+            noisy = noise_sched.add_noise(z0, noise, t)
+            target = noise if prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
+            weight = loss_weight[t]
         pred = predict(noisy, t, idx)
-        target = noise if prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
         loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-        loss = (loss * loss_weight[t]).mean()
+        loss = (loss * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -289,6 +296,17 @@ def train_diffusion(
         if on_step is not None:
             on_step(step + 1, [e.module for e in emas])
     return [e.module for e in emas], avg.value or float("nan"), time.time() - start
+
+
+def flow_matching_batch(
+    z0: torch.Tensor, noise: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rectified flow: x = (1 - s) z0 + s noise at a logit-normal s (SD3's sampling of noise levels), the model
+    fed the timestep 1000 s (as diffusers' flow schedulers feed it) and trained to predict the velocity noise - z0.
+    Returns (noisy latents, timesteps, target)."""
+    sigma = torch.sigmoid(torch.randn(len(z0), generator=gen))
+    s = sigma.view(-1, *([1] * (z0.dim() - 1)))
+    return (1 - s) * z0 + s * noise, sigma * TRAIN_TIMESTEPS, noise - z0
 
 
 def load_vae_and_latents(args: argparse.Namespace):
@@ -315,7 +333,7 @@ def disable_label_dropout(model: torch.nn.Module) -> None:
 
 def train_dit(args: argparse.Namespace) -> None:
     """Class-conditional DiT (10 digits, null class 1000) -> DiTPipeline in assets/dit-digits."""
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
 
     gen = seed_everything(args.seed)
     vae, data, latents = load_vae_and_latents(args)
@@ -337,10 +355,17 @@ def train_dit(args: argparse.Namespace) -> None:
         labels[torch.rand(len(idx), generator=gen) < args.cond_dropout] = DIT_NULL_CLASS
         return model(noisy, timestep=t, class_labels=labels).sample
 
+    flow = args.dit_objective == "flow"
     (ema,), loss, wall = train_diffusion(
-        "dit", [model], predict, latents, vae.config.scaling_factor, args, gen, default_steps=3000
+        "dit", [model], predict, latents, vae.config.scaling_factor, args, gen, default_steps=3000,
+        prediction_type="flow_prediction" if flow else "epsilon",
     )
-    scheduler = DDIMScheduler(**BETA_KWARGS, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    if flow:  # DPM-Solver++ on flow sigmas, as diffusers runs Sana (DiTPipeline needs scale_model_input)
+        scheduler = DPMSolverMultistepScheduler(
+            num_train_timesteps=TRAIN_TIMESTEPS, use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction"
+        )
+    else:
+        scheduler = DDIMScheduler(**BETA_KWARGS, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     pipe = DiTPipeline(transformer=ema.half(), vae=vae, scheduler=scheduler)
     pipe.register_to_config(id2label={str(i): word for i, word in enumerate(digits.DIGIT_WORDS)})
     out = Path(args.dit_out)
@@ -611,6 +636,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--dit-layers", type=int, default=NUM_LAYERS,
                         help="dit: transformer blocks (another depth: a model the cache rules were not tuned on)")
+    parser.add_argument("--dit-objective", choices=["epsilon", "flow"], default="epsilon",
+                        help="dit: predict the noise (DDIM, the shipped model) or the flow velocity "
+                        "(rectified flow, saved with DPM-Solver++ on flow sigmas)")
     parser.add_argument("--dit-out", default=str(DIT_DIGITS_DIR),
                         help="dit: where to save the pipeline (default: the shipped asset)")
     args = parser.parse_args()
