@@ -162,3 +162,30 @@ def test_frechet_distance_full_covariance_closed_form():
     base = rng.normal(size=(100_000, 2)) @ chol.T
     shift = np.array([1.5, -2.0])
     assert digits.frechet_distance(base, base + shift) == pytest.approx((shift**2).sum(), abs=1e-6)
+
+
+def test_flow_objective_of_the_training_script_is_the_one_diffusers_flow_schedulers_invert():
+    """`train_reference_models.py --dit-objective flow` trains on what DPM-Solver++ with flow sigmas decodes:
+    at the noise level s of the timestep 1000 s, the clean latents are the noisy ones minus s times the target."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    path = Path(__file__).parents[1] / "scripts" / "train_reference_models.py"
+    spec = importlib.util.spec_from_file_location("train_reference_models", path)
+    train = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train
+    spec.loader.exec_module(train)
+
+    z0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    noisy, timesteps, target = train.flow_matching_batch(z0, noise, torch.Generator().manual_seed(0))
+    scheduler = DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=1.0, prediction_type="flow_prediction")
+    scheduler.set_timesteps(20)
+    for row in range(2):
+        scheduler._step_index = 3
+        scheduler.sigmas[3] = timesteps[row] / scheduler.config.num_train_timesteps
+        x0 = scheduler.convert_model_output(target[row : row + 1], sample=noisy[row : row + 1])
+        torch.testing.assert_close(x0, z0[row : row + 1], atol=1e-5, rtol=1e-5)
+    assert ((timesteps > 0) & (timesteps < 1000)).all() and timesteps[0] != timesteps[1]
