@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -157,14 +155,9 @@ def test_cache_device_cpu_on_cuda_keeps_pinned_host_copies_and_the_outputs():
 
 def test_the_meta_device_cache_accounting_of_benchmarks_cache_memory_matches_a_real_run():
     """benchmarks/cache_memory.py builds models on meta: its byte count equals the same model's real one."""
-    import importlib.util
-    from pathlib import Path
+    from repo_files import load_repo_file
 
-    path = Path(__file__).parents[1] / "benchmarks" / "cache_memory.py"
-    spec = importlib.util.spec_from_file_location("cache_memory_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_repo_file("benchmarks/cache_memory.py", "cache_memory_benchmark")
     config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16, text_dim=16,
                   freq_dim=32, ffn_dim=32, num_layers=2, patch_size=(1, 2, 2), cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads")

@@ -167,17 +167,10 @@ def test_frechet_distance_full_covariance_closed_form():
 def test_flow_objective_of_the_training_script_is_the_one_diffusers_flow_schedulers_invert():
     """`train_reference_models.py --dit-objective flow` trains on what DPM-Solver++ with flow sigmas decodes:
     at the noise level s of the timestep 1000 s, the clean latents are the noisy ones minus s times the target."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from diffusers import DPMSolverMultistepScheduler
+    from repo_files import load_repo_file
 
-    path = Path(__file__).parents[1] / "scripts" / "train_reference_models.py"
-    spec = importlib.util.spec_from_file_location("train_reference_models", path)
-    train = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = train
-    spec.loader.exec_module(train)
+    train = load_repo_file("scripts/train_reference_models.py", "train_reference_models")
 
     z0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     noisy, timesteps, target = train.flow_matching_batch(z0, noise, torch.Generator().manual_seed(0))
