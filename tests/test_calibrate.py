@@ -10,7 +10,7 @@ import pytest
 
 from dualcache_diffusers import cli
 from dualcache_diffusers.budget import default_schedule
-from dualcache_diffusers.calibrate import _candidate, significantly_better
+from dualcache_diffusers.calibrate import _candidate, _candidates, search_size, significantly_better
 from dualcache_diffusers.plan import CachePlan
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread (conftest)
@@ -81,6 +81,77 @@ def test_a_knob_that_moves_the_grid_brings_the_rules_tail_for_the_new_grid():
     assert _candidate(schedule, "full_steps", 6, 20).full_steps == 6
     assert _candidate(schedule, "order", 2, 20).tail == 1  # other knobs leave the grid as it is
     assert _candidate(schedule, "tail", None, 20).tail is None  # and the tail knob sets it
+
+
+def test_a_knob_that_moves_the_grid_is_tried_with_every_tail():
+    schedule = default_schedule(20, 9)
+    tails = (None, 0, 1, 2)
+    tried = _candidates(schedule, "warmup", 2, 20, tails)
+    assert tried[0] == _candidate(schedule, "warmup", 2, 20)  # the rule's tail for the new grid first
+    assert all(s.warmup == 2 for s in tried) and {s.tail for s in tried} >= {0, 1, 2}
+    assert len({s.tail for s in tried}) == len(tried)  # no schedule twice
+    assert _candidates(schedule, "order", 2, 20, tails) == [_candidate(schedule, "order", 2, 20)]
+
+
+def _search_with_scores(monkeypatch, space, score_of):
+    """Run :func:`calibrate` on a uniform toy cost model, scoring each candidate plan by ``score_of(its schedule)``
+    (the default rule scores 30 dB on each of 6 images); returns the plan and the progress updates counted."""
+    from dualcache_diffusers import calibrate as calibration
+    from dualcache_diffusers.budget import CostModel, budget_schedule
+    from dualcache_diffusers.plan import PlanLayout
+
+    layout = PlanLayout.uniform_layout(2, ("attn1", "ff"))
+    reference = np.zeros((6, 4, 4, 3))
+    spread = np.linspace(-0.5, 0.5, 6)
+
+    class Workload:
+        steps, seeds, conditions, guidance_scale = 20, (1,), (0,), None
+
+        def generate(self):
+            return reference
+
+        def __len__(self):
+            return len(reference)
+
+    class Progress:
+        updates = 0
+
+        def update(self, n=1):
+            Progress.updates += n
+
+        def set_postfix_str(self, text):
+            pass
+
+    cost = CostModel.uniform(layout)
+    monkeypatch.setattr(calibration, "default_run", lambda pipe, workload, budget: (
+        cost, budget_schedule(workload.steps, layout, budget, cost), reference))
+    monkeypatch.setattr(calibration, "image_scores", lambda images, ref: 30.0 + spread)
+    monkeypatch.setattr(calibration, "score_plan", lambda pipe, workload, plan, ref: score_of(
+        plan.metadata["schedule"]) + spread)
+    monkeypatch.setattr(calibration, "_with_learned_forecast", lambda pipe, workload, best, ref: best.plan)
+    monkeypatch.setattr("dualcache_diffusers.adapters.find_adapter", lambda model: type("A", (), {
+        "layout": staticmethod(lambda m: layout)})())
+    pipe = type("Pipe", (), {"transformer": None})()
+    plan = calibration.calibrate(pipe, Workload(), 2.2, progress=Progress(), space=space)
+    return plan, Progress.updates
+
+
+def test_calibration_finds_leading_steps_that_win_only_with_another_tail(monkeypatch):
+    """Two leading full steps that lose with the rule's tail and win with the last step full: a search moving one
+    knob at a time from the default (tail first, then leading steps) reaches the pair only because a knob that moves
+    the grid is tried with every tail."""
+    space = {"tail": (None, 0, 1), "warmup": (1, 2)}
+
+    def score(schedule):
+        if schedule["warmup"] == 2:
+            return 33.0 if schedule["tail"] == 0 else 28.0
+        return 29.0 if schedule["tail"] == 0 else 30.0
+
+    plan, updates = _search_with_scores(monkeypatch, space, score)
+    assert plan.metadata["calibration"]["schedule"]["warmup"] == 2
+    assert plan.metadata["calibration"]["schedule"]["tail"] == 0
+    assert plan.metadata["calibration"]["psnr"] == pytest.approx(33.0)
+    assert updates <= search_size(space)  # the progress bar is long enough
 
 
 def test_calibration_keeps_the_default_plan_when_no_candidate_wins_significantly(monkeypatch):

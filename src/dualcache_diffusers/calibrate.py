@@ -8,7 +8,8 @@
    rest are spread, whether they gather at both ends of the run and how many forecast steps follow
    the last, forecast order, how the recomputed
    tokens are spread over steps and layers,
-   whether the other steps skip the block stack), one knob at a time from the default rule; every
+   whether the other steps skip the block stack), one knob at a time from the default rule (a knob that
+   moves the grid together with each tail); every
    candidate gets the fresh ratio that brings its FLOPs to the budget's (never above them) and is
    scored by PSNR against the reference; it replaces the best plan so far only where its gain, paired
    image by image, is significant (:func:`significantly_better`);
@@ -17,7 +18,7 @@
 4. return the best plan; its metadata records the budget, the predicted FLOPs ratio, the scores
    and the search.
 
-Calibrating on 20 images takes 10 s to 2 min on one CPU core for the shipped models (11 s for the DiT at 3x);
+Calibrating on 20 images takes 10 s to 2 min on one CPU core for the shipped models (24 s for the DiT at budget 3);
 candidates that give a plan already scored are not generated again. The seeds should differ from the ones a plan is
 evaluated on (``dualcache bench`` does so).
 """
@@ -48,19 +49,23 @@ logger = logging.getLogger(__name__)
 #: the values tried for each knob (coordinate search from the default rule, in this order)
 SEARCH_SPACE: dict[str, Sequence[Any]] = {
     "full_steps": (0, -1, -2, 1),  # offsets from the most full steps the budget affords
+    # leading full steps before the spacing: the search moves one knob at a time, so its order matters, and a rough
+    # start is what the default rule cannot see (docs/methods.md). On the shipped DiT at 2x, spacing first (warp 1.5)
+    # left two leading steps no significant gain; from the even grid they gain 2 dB (calibration images, 2026-11-24).
+    "warmup": (1, 2, 3, 4),
     "warp": (1.0, 1.5, 2.0, 2.5),
     "ends": (0.0, 0.3, 0.6),  # full steps denser at both ends of the run
-    "tail": (None, 1),  # forecast steps after the last full step (None: the even grid's)
+    "tail": (None, 0, 1, 2),  # forecast steps after the last full step (None: the even grid's)
     "short_first": (True, False),  # the grid's first gap its shortest
-    "warmup": (1, 2, 3, 4),
     "order": (1, 2),
     "ratio_schedule": ("constant", "pixart"),
     "skip": (False, True),
 }
 #: passes of the coordinate search at most (it stops after a pass that changed nothing)
 SEARCH_PASSES = 2
-#: knobs that move the grid of full steps: changing one re-derives the rule's tail for the new grid (principle 2
-#: of :mod:`.budget`), as the default rule would, before the ``tail`` knob itself is searched
+#: knobs that move the grid of full steps: each value is tried with the rule's tail for the new grid (principle 2
+#: of :mod:`.budget`), as the default rule would, and with every explicit ``tail``: where the last full step falls
+#: depends on the grid, so a search moving one knob at a time could not reach a better grid that needs another tail
 GRID_KNOBS = ("full_steps", "warmup", "warp")
 #: standard errors by which a candidate's mean PSNR gain over the best plan so far, paired image by image, must
 #: exceed zero for it to replace that plan (the one-standard-error rule of model selection). Picking the best of
@@ -154,6 +159,15 @@ def _candidate(schedule: Schedule, knob: str, value: Any, steps: int) -> Schedul
     return moved
 
 
+def _candidates(schedule: Schedule, knob: str, value: Any, steps: int, tails: Sequence[int | None]) -> list[Schedule]:
+    """The schedules to try for ``knob = value``: :func:`_candidate`, and for a knob that moves the grid the same
+    grid with each explicit tail too (:data:`GRID_KNOBS`)."""
+    moved = _candidate(schedule, knob, value, steps)
+    if knob not in GRID_KNOBS:
+        return [moved]
+    return [moved] + [replace(moved, tail=tail) for tail in tails if tail is not None and tail != moved.tail]
+
+
 def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
               space: dict[str, Sequence[Any]] | None = None) -> CachePlan:
     """The best budget schedule found for ``pipe`` on ``workload`` (a :class:`bench.Workload`)."""
@@ -179,24 +193,24 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
             for value in values:
                 if knob == "full_steps":
                     value = max(1, min(steps, k0 + int(value)))
-                schedule = _candidate(best.schedule, knob, value, steps)
-                if schedule in tried:
-                    continue
-                fitted = fit_ratio(steps, layout, schedule, budget, cost)
-                progress.update(1)
-                tried.add(schedule)
-                if fitted is None or _plan_key(fitted[0]) in scored:
-                    continue
-                plan = fitted[0]
-                scored.add(_plan_key(plan))
-                scores = score_plan(pipe, workload, plan, reference)
-                z = gain_z(scores, best.scores)
-                taken = z > SIGNIFICANCE
-                log.append({"schedule": schedule.describe(), "psnr": round(float(scores.mean()), 3),
-                            "gain_z": round(z, 2), "taken": taken})
-                if taken:
-                    best = Candidate(schedule, plan, scores, cost.ratio(plan))
-                progress.set_postfix_str(f"best {best.psnr:.2f} dB")
+                for schedule in _candidates(best.schedule, knob, value, steps, space.get("tail", ())):
+                    if schedule in tried:
+                        continue
+                    tried.add(schedule)
+                    fitted = fit_ratio(steps, layout, schedule, budget, cost)
+                    progress.update(1)
+                    if fitted is None or _plan_key(fitted[0]) in scored:
+                        continue
+                    plan = fitted[0]
+                    scored.add(_plan_key(plan))
+                    scores = score_plan(pipe, workload, plan, reference)
+                    z = gain_z(scores, best.scores)
+                    taken = z > SIGNIFICANCE
+                    log.append({"schedule": schedule.describe(), "psnr": round(float(scores.mean()), 3),
+                                "gain_z": round(z, 2), "taken": taken})
+                    if taken:
+                        best = Candidate(schedule, plan, scores, cost.ratio(plan))
+                    progress.set_postfix_str(f"best {best.psnr:.2f} dB")
         if best.schedule == start:
             break
     plan = _with_learned_forecast(pipe, workload, best, reference)
@@ -239,8 +253,12 @@ def _with_learned_forecast(pipe: Any, workload: Any, best: Candidate, reference:
 
 
 def search_size(space: dict[str, Sequence[Any]] | None = None) -> int:
-    """Progress-bar length: the reference + default run, and at most one fit per knob value and pass."""
-    return 1 + SEARCH_PASSES * sum(len(v) for v in (SEARCH_SPACE if space is None else space).values())
+    """Progress-bar length: the reference + default run, and at most one fit per candidate and pass (a grid knob's
+    value is tried with each explicit tail too: :func:`_candidates`)."""
+    space = SEARCH_SPACE if space is None else space
+    tails = 1 + sum(tail is not None for tail in space.get("tail", ()))
+    per_pass = sum(len(values) * (tails if knob in GRID_KNOBS else 1) for knob, values in space.items())
+    return 1 + SEARCH_PASSES * per_pass
 
 
 class _NoProgress:
