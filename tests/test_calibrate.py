@@ -93,19 +93,18 @@ def test_a_knob_that_moves_the_grid_is_tried_with_every_tail():
     assert _candidates(schedule, "order", 2, 20, tails) == [_candidate(schedule, "order", 2, 20)]
 
 
-def _search_with_scores(monkeypatch, space, score_of):
-    """Run :func:`calibrate` on a uniform toy cost model, scoring each candidate plan by ``score_of(its schedule)``
-    (the default rule scores 30 dB on each of 6 images); returns the plan and the progress updates counted."""
+def _search(monkeypatch, space, default_scores, scores_of, steps=20, budget=2.2):
+    """Run :func:`calibrate` on a uniform toy cost model: the default rule's plan scores ``default_scores`` (one
+    PSNR per calibration image), a candidate ``scores_of(its schedule)``; returns the plan and the progress updates."""
     from dualcache_diffusers import calibrate as calibration
     from dualcache_diffusers.budget import CostModel, budget_schedule
     from dualcache_diffusers.plan import PlanLayout
 
     layout = PlanLayout.uniform_layout(2, ("attn1", "ff"))
-    reference = np.zeros((6, 4, 4, 3))
-    spread = np.linspace(-0.5, 0.5, 6)
+    reference = np.zeros((len(default_scores), 4, 4, 3))
 
     class Workload:
-        steps, seeds, conditions, guidance_scale = 20, (1,), (0,), None
+        seeds, conditions, guidance_scale = (1,), (0,), None
 
         def generate(self):
             return reference
@@ -122,17 +121,19 @@ def _search_with_scores(monkeypatch, space, score_of):
         def set_postfix_str(self, text):
             pass
 
+    workload = Workload()
+    workload.steps = steps
     cost = CostModel.uniform(layout)
     monkeypatch.setattr(calibration, "default_run", lambda pipe, workload, budget: (
         cost, budget_schedule(workload.steps, layout, budget, cost), reference))
-    monkeypatch.setattr(calibration, "image_scores", lambda images, ref: 30.0 + spread)
-    monkeypatch.setattr(calibration, "score_plan", lambda pipe, workload, plan, ref: score_of(
-        plan.metadata["schedule"]) + spread)
+    monkeypatch.setattr(calibration, "image_scores", lambda images, ref: default_scores)
+    monkeypatch.setattr(calibration, "score_plan", lambda pipe, workload, plan, ref: scores_of(
+        plan.metadata["schedule"]))
     monkeypatch.setattr(calibration, "_with_learned_forecast", lambda pipe, workload, best, ref: best.plan)
     monkeypatch.setattr("dualcache_diffusers.adapters.find_adapter", lambda model: type("A", (), {
         "layout": staticmethod(lambda m: layout)})())
     pipe = type("Pipe", (), {"transformer": None})()
-    plan = calibration.calibrate(pipe, Workload(), 2.2, progress=Progress(), space=space)
+    plan = calibration.calibrate(pipe, workload, budget, progress=Progress(), space=space)
     return plan, Progress.updates
 
 
@@ -147,7 +148,8 @@ def test_calibration_finds_leading_steps_that_win_only_with_another_tail(monkeyp
             return 33.0 if schedule["tail"] == 0 else 28.0
         return 29.0 if schedule["tail"] == 0 else 30.0
 
-    plan, updates = _search_with_scores(monkeypatch, space, score)
+    spread = np.linspace(-0.5, 0.5, 6)  # images of different difficulty
+    plan, updates = _search(monkeypatch, space, 30.0 + spread, lambda schedule: score(schedule) + spread)
     assert plan.metadata["calibration"]["schedule"]["warmup"] == 2
     assert plan.metadata["calibration"]["schedule"]["tail"] == 0
     assert plan.metadata["calibration"]["psnr"] == pytest.approx(33.0)
@@ -157,34 +159,9 @@ def test_calibration_finds_leading_steps_that_win_only_with_another_tail(monkeyp
 def test_calibration_keeps_the_default_plan_when_no_candidate_wins_significantly(monkeypatch):
     """A search whose candidates all score a higher mean than the default rule on the calibration images, each
     carried by one image, returns the default rule's plan."""
-    from dualcache_diffusers import calibrate as calibration
-    from dualcache_diffusers.budget import CostModel, budget_schedule
-    from dualcache_diffusers.plan import PlanLayout
-
-    layout = PlanLayout.uniform_layout(2, ("attn1", "ff"))
-    reference = np.zeros((6, 4, 4, 3))
-    default_scores = np.full(6, 30.0)
     lucky = np.array([36.0, 29.5, 29.5, 29.5, 29.5, 29.5])  # mean 30.58
-
-    class Workload:
-        steps, seeds, conditions, guidance_scale = 10, (1,), (0,), None
-
-        def generate(self):
-            return reference
-
-        def __len__(self):
-            return len(reference)
-
-    cost = CostModel.uniform(layout)
-    monkeypatch.setattr(calibration, "default_run", lambda pipe, workload, budget: (
-        cost, budget_schedule(workload.steps, layout, budget, cost), reference))
-    monkeypatch.setattr(calibration, "image_scores", lambda images, ref: default_scores)
-    monkeypatch.setattr(calibration, "score_plan", lambda pipe, workload, plan, ref: lucky)
-    monkeypatch.setattr(calibration, "_with_learned_forecast", lambda pipe, workload, best, ref: best.plan)
-    monkeypatch.setattr("dualcache_diffusers.adapters.find_adapter", lambda model: type("A", (), {
-        "layout": staticmethod(lambda m: layout)})())
-    pipe = type("Pipe", (), {"transformer": None})()
-    plan = calibration.calibrate(pipe, Workload(), 2.5, space={"warmup": (1, 2), "order": (1, 2)})
+    plan, _ = _search(monkeypatch, {"warmup": (1, 2), "order": (1, 2)}, np.full(6, 30.0), lambda schedule: lucky,
+                      steps=10, budget=2.5)
     info = plan.metadata["calibration"]
     assert info["psnr"] == info["default_rule_psnr"] == 30.0
     assert [entry.get("taken") for entry in info["search"][1:]] == [False] * (len(info["search"]) - 1)
