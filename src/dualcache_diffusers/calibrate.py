@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -159,6 +159,13 @@ def _candidate(schedule: Schedule, knob: str, value: Any, steps: int) -> Schedul
     return moved
 
 
+def _knob_values(space: dict[str, Sequence[Any]], k0: int, steps: int) -> Iterator[tuple[str, Any]]:
+    """Each (knob, value) of one pass, in order; ``full_steps`` offsets become step counts around ``k0``."""
+    for knob, values in space.items():
+        for value in values:
+            yield knob, (max(1, min(steps, k0 + int(value))) if knob == "full_steps" else value)
+
+
 def _candidates(schedule: Schedule, knob: str, value: Any, steps: int, tails: Sequence[int | None]) -> list[Schedule]:
     """The schedules to try for ``knob = value``: :func:`_candidate`, and for a knob that moves the grid the same
     grid with each explicit tail too (:data:`GRID_KNOBS`)."""
@@ -189,28 +196,25 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
     log = [{"schedule": best.schedule.describe(), "psnr": round(best.psnr, 3), "rule": "default"}]
     for _ in range(SEARCH_PASSES):  # coordinate search; a knob's best value can change once another moved
         start = best.schedule
-        for knob, values in space.items():
-            for value in values:
-                if knob == "full_steps":
-                    value = max(1, min(steps, k0 + int(value)))
-                for schedule in _candidates(best.schedule, knob, value, steps, space.get("tail", ())):
-                    if schedule in tried:
-                        continue
-                    tried.add(schedule)
-                    fitted = fit_ratio(steps, layout, schedule, budget, cost)
-                    progress.update(1)
-                    if fitted is None or _plan_key(fitted[0]) in scored:
-                        continue
-                    plan = fitted[0]
-                    scored.add(_plan_key(plan))
-                    scores = score_plan(pipe, workload, plan, reference)
-                    z = gain_z(scores, best.scores)
-                    taken = z > SIGNIFICANCE
-                    log.append({"schedule": schedule.describe(), "psnr": round(float(scores.mean()), 3),
-                                "gain_z": round(z, 2), "taken": taken})
-                    if taken:
-                        best = Candidate(schedule, plan, scores, cost.ratio(plan))
-                    progress.set_postfix_str(f"best {best.psnr:.2f} dB")
+        for knob, value in _knob_values(space, k0, steps):
+            for schedule in _candidates(best.schedule, knob, value, steps, space.get("tail", ())):
+                if schedule in tried:
+                    continue
+                tried.add(schedule)
+                fitted = fit_ratio(steps, layout, schedule, budget, cost)
+                progress.update(1)
+                if fitted is None or _plan_key(fitted[0]) in scored:
+                    continue
+                plan = fitted[0]
+                scored.add(_plan_key(plan))
+                scores = score_plan(pipe, workload, plan, reference)
+                z = gain_z(scores, best.scores)
+                taken = z > SIGNIFICANCE
+                log.append({"schedule": schedule.describe(), "psnr": round(float(scores.mean()), 3),
+                            "gain_z": round(z, 2), "taken": taken})
+                if taken:
+                    best = Candidate(schedule, plan, scores, cost.ratio(plan))
+                progress.set_postfix_str(f"best {best.psnr:.2f} dB")
         if best.schedule == start:
             break
     plan = _with_learned_forecast(pipe, workload, best, reference)
