@@ -1,4 +1,4 @@
-"""How many standard errors a calibration candidate's gain must clear (``calibrate.SIGNIFICANCE``), judged on
+"""How many standard errors a calibration candidate's gain must clear (``calibrate(significance=...)``), judged on
 held-out images: calibrate as the benchmark does (seeds 2000-2001), once per threshold, and score each plan and the
 default rule on other seeds (3000 .. 3000 + N - 1 x the conditions), which neither the search nor the benchmark's
 evaluation (seeds 0-9) uses.
@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import calibration_images
 import torch
 
-from dualcache_diffusers import calibrate, metrics
-from dualcache_diffusers.api import disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.bench import Workload, calibration_workload, default_conditions, load_pipeline
+from dualcache_diffusers.calibrate import calibrate
 
 
 def main() -> None:
@@ -39,21 +39,13 @@ def main() -> None:
     seeds = [3000 + i for i in range(args.seeds)]
     held_out = dataclasses.replace(benchmark, seeds=seeds, batch_size=len(seeds) * len(benchmark.conditions))
     reference = held_out.generate()
-
-    def held_out_psnr(**options: object) -> float:
-        enable_dual_cache(pipe, **options)
-        try:
-            return float(metrics.fidelity(held_out.generate(), reference)["psnr"])
-        finally:
-            disable_dual_cache(pipe)
-
     for budget in args.budgets:
-        default = held_out_psnr(budget=budget)
+        default = calibration_images.cached_psnr(pipe, held_out, reference, budget=budget)
         gains = []
         for threshold in args.thresholds:
-            calibrate.SIGNIFICANCE = threshold  # read by the search at each candidate
-            plan = calibrate.calibrate(pipe, search, budget)
-            gains.append(f"threshold {threshold:g}: {held_out_psnr(plan=plan) - default:+.2f}")
+            plan = calibrate(pipe, search, budget, significance=threshold)
+            gain = calibration_images.cached_psnr(pipe, held_out, reference, plan=plan) - default
+            gains.append(f"threshold {threshold:g}: {gain:+.2f}")
         print(args.model, budget, f"default {default:.2f}", *gains, sep=" | ", flush=True)
 
 

@@ -176,8 +176,9 @@ def _candidates(schedule: Schedule, knob: str, value: Any, steps: int, tails: Se
 
 
 def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
-              space: dict[str, Sequence[Any]] | None = None) -> CachePlan:
-    """The best budget schedule found for ``pipe`` on ``workload`` (a :class:`bench.Workload`)."""
+              space: dict[str, Sequence[Any]] | None = None, significance: float = SIGNIFICANCE) -> CachePlan:
+    """The best budget schedule found for ``pipe`` on ``workload`` (a :class:`bench.Workload`); a candidate replaces
+    the best so far where its paired gain exceeds ``significance`` standard errors (:data:`SIGNIFICANCE`)."""
     budget = check_budget(budget)
     space = dict(SEARCH_SPACE if space is None else space)
     progress = progress or _NoProgress()
@@ -209,7 +210,7 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
                 scored.add(_plan_key(plan))
                 scores = score_plan(pipe, workload, plan, reference)
                 z = gain_z(scores, best.scores)
-                taken = z > SIGNIFICANCE
+                taken = z > significance
                 log.append({"schedule": schedule.describe(), "psnr": round(float(scores.mean()), 3),
                             "gain_z": round(z, 2), "taken": taken})
                 if taken:
