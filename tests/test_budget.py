@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import engine_dit_pipeline, generate
 from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.api import get_engine
 from dualcache_diffusers.budget import (
+    DEFAULT_FIRST_GAP_WEIGHT,
     CostModel,
     Schedule,
     budget_schedule,
@@ -53,6 +55,26 @@ def test_the_partial_steps_recompute_more_tokens_early_in_the_run_and_in_early_l
     assert first[0][mlp] > last[0][mlp] > 0  # earlier steps recompute more
     assert first[0][mlp] > first[-1][mlp]  # earlier layers recompute more
     assert plan.metadata["schedule"]["ratio_schedule"] == "pixart"
+
+
+@pytest.mark.parametrize("budget", [2.0, 3.0])
+def test_the_steps_before_the_second_full_step_recompute_the_first_gap_weight_times_the_fraction(budget):
+    # they reuse step 0 (order 0), the weakest forecast of the run (principle 3)
+    cost = CostModel.uniform(LAYOUT, tokens=64)
+    plan = budget_schedule(20, LAYOUT, budget, cost)
+    schedule = Schedule(**plan.metadata["schedule"])
+    assert schedule.first_gap_weight == DEFAULT_FIRST_GAP_WEIGHT > 1
+    unweighted = schedule_plan(20, LAYOUT, replace(schedule, first_gap_weight=1.0))
+    second_full = [i for i, s in enumerate(plan.steps) if s.is_full][1]
+    assert second_full > 1  # the run has a first gap
+    mlp = LAYOUT.modules.index("ff")
+    for i, (weighted, plain) in enumerate(zip(plan.steps, unweighted.steps, strict=True)):
+        if i < second_full and not weighted.is_full:
+            assert [row[mlp] for row in weighted.fractions] == pytest.approx(
+                [min(1.0, DEFAULT_FIRST_GAP_WEIGHT * row[mlp]) for row in plain.fractions])
+            assert 0 < plain.fractions[0][mlp] < weighted.fractions[0][mlp]
+        else:
+            assert weighted.fractions == plain.fractions
 
 
 def test_more_budget_means_fewer_full_steps():

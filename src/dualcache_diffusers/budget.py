@@ -37,7 +37,11 @@ small set of principles, none fitted to a model (docs/methods.md, "Budget-driven
    schedule (``ratio_schedule="pixart"``: more tokens at early steps and in early layers, step factor 1.9 - 1.8
    s/N, layers 1.6 -> 0.4, MLP 1.6, cross-attention 0.6), scaled to fill the budget; against a constant
    fraction it was at least as good in 14 of 16 (setting, budget) rows on calibration images of four settings,
-   up to +1.4 dB, and lost 0.01 and 0.04 dB in the other two (docs/methods.md). Where not even that is
+   up to +1.4 dB, and lost 0.01 and 0.04 dB in the other two (docs/methods.md). **The first gap first**: the
+   steps before the second full step reuse step 0 (the forecast has one point: order 0), an error first order in
+   the gap where every later forecast step's is second order, so they recompute ten times the fraction of the
+   rest (``first_gap_weight``; on calibration images of seven settings +0.4 dB on average over 33 rows, up to
+   +1.9 dB, and down by at most 0.55 dB: docs/methods.md). Where not even that is
    affordable the step skips the block stack and forecasts its output.
 
 The cost of each step comes from the engine's own FLOPs accounting of the model (the costs it
@@ -61,6 +65,7 @@ from .plan import (
     RATIO_SCHEDULES,
     CachePlan,
     PlanLayout,
+    RatioFn,
     StepPlan,
     num_fresh_tokens,
     plan_from_kinds,
@@ -180,7 +185,9 @@ class Schedule:
     instead of running the blocks with forecast outputs; ends: how much denser the full steps are near
     both ends of the run than in its middle (0 = not; see :func:`full_step_positions`); tail: how many
     forecast steps follow the last full step (None: what the even grid leaves; see :func:`short_tail`);
-    short_first: the grid's first gap is its shortest (see :func:`short_first_gap`).
+    short_first: the grid's first gap is its shortest (see :func:`short_first_gap`); first_gap_weight: how many
+    times the fresh ratio the steps before the second full step recompute (they reuse step 0, order 0; see
+    :func:`schedule_plan`).
     """
 
     full_steps: int
@@ -193,12 +200,14 @@ class Schedule:
     ends: float = 0.0
     tail: int | None = None
     short_first: bool = False
+    first_gap_weight: float = 1.0
 
     def describe(self) -> str:
         ratio = "-" if self.fresh_ratio is None else f"{self.fresh_ratio:.3f}"
         tail = ("" if self.tail is None else f" tail={self.tail}") + (" short-first" if self.short_first else "")
+        first = f" first-gap x{self.first_gap_weight:g}" if self.first_gap_weight != 1 else ""
         return (f"K={self.full_steps} warmup={self.warmup} warp={self.warp:g} ends={self.ends:g}{tail} "
-                f"order={self.order} ratio={ratio} ({self.ratio_schedule}){' skip' if self.skip else ''}")
+                f"order={self.order} ratio={ratio} ({self.ratio_schedule}{first}){' skip' if self.skip else ''}")
 
 
 def full_step_positions(num_steps: int, full_steps: int, warmup: int, warp: float, ends: float = 0.0,
@@ -264,11 +273,29 @@ def schedule_plan(num_steps: int, layout: PlanLayout, schedule: Schedule, fresh_
     other = AGGRESSIVE if schedule.skip else CONSERVATIVE
     kinds = [FULL if i in full else other for i in range(num_steps)]
     ratio = schedule.fresh_ratio if schedule.fresh_ratio is not None else fresh_ratio
-    plan = plan_from_kinds(kinds, layout, ratio_fn=RATIO_SCHEDULES[schedule.ratio_schedule](ratio),
+    ratio_fn = _first_gap_weighted(schedule.ratio_schedule, ratio, schedule.first_gap_weight,
+                                   second_full=sorted(full)[1] if len(full) > 1 else num_steps)
+    plan = plan_from_kinds(kinds, layout, ratio_fn=ratio_fn,
                            aggressive="skip", interval=max(1, round(num_steps / max(1, len(full)))),
                            method="duca", forecast_order=schedule.order, metadata=dict(metadata or {}))
     plan.metadata.setdefault("schedule", {**schedule.__dict__, "fresh_ratio": ratio})
     return plan
+
+
+def _first_gap_weighted(ratio_schedule: str, ratio: float, weight: float, second_full: int) -> RatioFn:
+    """``ratio_schedule`` at ``ratio``, and at ``weight`` times it for the steps before ``second_full``: with one
+    leading full step those reuse step 0 (the forecast has one point, order 0), so their error is first order in
+    the gap while every later forecast step extrapolates at order 1 (principle 3)."""
+    rest, first = RATIO_SCHEDULES[ratio_schedule](ratio), RATIO_SCHEDULES[ratio_schedule](ratio * weight)
+    if weight == 1:
+        return rest
+
+    def weighted(step: int, num_steps: int, block: int, num_blocks: int, role: str) -> float:
+        if step < second_full:
+            return min(1.0, first(step, num_steps, block, num_blocks, role))
+        return rest(step, num_steps, block, num_blocks, role)
+
+    return weighted
 
 
 def affordable_full_steps(num_steps: int, budget: float, cost: CostModel, layout: PlanLayout, order: int = 1) -> int:
@@ -322,6 +349,10 @@ def _top_up(low: CachePlan, high: CachePlan, budget: float, cost: CostModel) -> 
 #: how the default rule spreads the recomputed tokens over steps and layers: DuCa's published decreasing schedule
 #: (principle 3 in the module docstring)
 DEFAULT_RATIO_SCHEDULE = "pixart"
+#: how many times the fresh ratio the default rule's first gap recomputes (it reuses step 0, order 0; principle 3).
+#: 10, not more: a larger weight leaves the later steps almost no tokens and lost up to 1 dB where the budget leaves
+#: many (docs/methods.md, "The first gap")
+DEFAULT_FIRST_GAP_WEIGHT = 10.0
 
 
 def largest_gap(positions: Sequence[int], num_steps: int) -> int:
@@ -346,10 +377,11 @@ def short_tail(num_steps: int, full_steps: int, warmup: int = 1, warp: float = 1
 def default_schedule(num_steps: int, full_steps: int, order: int = 1, warp: float = 1.0) -> Schedule:
     """The default rule's knobs for ``full_steps`` full steps of ``num_steps`` (its fresh ratio left to
     :func:`fit_ratio`): one leading full step, the rest evenly spaced with the shortest gap first, one forecast step
-    after the last full step where that lengthens no gap (principle 2), DuCa's decreasing token schedule
-    (principle 3)."""
+    after the last full step where that lengthens no gap (principle 2), DuCa's decreasing token schedule with the
+    first gap weighted (principle 3)."""
     return Schedule(full_steps, warmup=1, warp=warp, order=order, ratio_schedule=DEFAULT_RATIO_SCHEDULE,
-                    tail=short_tail(num_steps, full_steps, 1, warp), short_first=True)
+                    tail=short_tail(num_steps, full_steps, 1, warp), short_first=True,
+                    first_gap_weight=DEFAULT_FIRST_GAP_WEIGHT)
 
 
 def budget_schedule(num_steps: int, layout: PlanLayout, budget: float, cost: CostModel, order: int = 1,

@@ -7,7 +7,7 @@
 2. search the knobs of :class:`~.budget.Schedule` (number of full steps, leading full steps, how the
    rest are spread, whether they gather at both ends of the run and how many forecast steps follow
    the last, forecast order, how the recomputed
-   tokens are spread over steps and layers,
+   tokens are spread over steps and layers and how many go to the first gap,
    whether the other steps skip the block stack), one knob at a time from the default rule (a knob that
    moves the grid together with each tail); every
    candidate gets the fresh ratio that brings its FLOPs to the budget's (never above them) and is
@@ -59,6 +59,7 @@ SEARCH_SPACE: dict[str, Sequence[Any]] = {
     "short_first": (True, False),  # the grid's first gap its shortest
     "order": (1, 2),
     "ratio_schedule": ("constant", "pixart"),
+    "first_gap_weight": (1.0, 10.0, 100.0),  # tokens of the first gap (order 0) against the rest's
     "skip": (False, True),
 }
 #: passes of the coordinate search at most (it stops after a pass that changed nothing)
