@@ -40,9 +40,9 @@ small set of principles, none fitted to a model (docs/methods.md, "Budget-driven
    up to +1.4 dB, and lost 0.01 and 0.04 dB in the other two (docs/methods.md). **The first gap first**: the
    steps before the second full step reuse step 0 (the forecast has one point: order 0), an error first order in
    the gap where every later forecast step's is second order, so they recompute ten times the fraction of the
-   rest (``first_gap_weight``; on calibration images of seven settings +0.4 dB on average over 33 rows, up to
-   +1.9 dB, and down by at most 0.55 dB: docs/methods.md). Where not even that is
-   affordable the step skips the block stack and forecasts its output.
+   rest (``first_gap_weight``; on calibration images of the seven settings it was chosen on +0.4 dB on average
+   over 33 rows, from -0.55 to +1.9 dB; +0.05 dB on two models it was not chosen on: docs/methods.md). Where not
+   even that is affordable the step skips the block stack and forecasts its output.
 
 The cost of each step comes from the engine's own FLOPs accounting of the model (the costs it
 records at its first call), so the plan reaches the budget as the engine counts it. :class:`Schedule`
