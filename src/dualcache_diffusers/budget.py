@@ -286,9 +286,10 @@ def _first_gap_weighted(ratio_schedule: str, ratio: float, weight: float, second
     """``ratio_schedule`` at ``ratio``, and at ``weight`` times it for the steps before ``second_full``: with one
     leading full step those reuse step 0 (the forecast has one point, order 0), so their error is first order in
     the gap while every later forecast step extrapolates at order 1 (principle 3)."""
-    rest, first = RATIO_SCHEDULES[ratio_schedule](ratio), RATIO_SCHEDULES[ratio_schedule](ratio * weight)
+    rest = RATIO_SCHEDULES[ratio_schedule](ratio)
     if weight == 1:
         return rest
+    first = RATIO_SCHEDULES[ratio_schedule](ratio * weight)
 
     def weighted(step: int, num_steps: int, block: int, num_blocks: int, role: str) -> float:
         if step < second_full:
