@@ -18,9 +18,9 @@
 4. return the best plan; its metadata records the budget, the predicted FLOPs ratio, the scores
    and the search.
 
-Calibrating on 20 images takes 10 s to 2 min on one CPU core for the shipped models (33 s for the DiT at budget 3, 27 s at budget 2);
-candidates that give a plan already scored are not generated again. The seeds should differ from the ones a plan is
-evaluated on (``dualcache bench`` does so).
+Calibrating on 20 images takes 10 s to 2 min on one CPU core for the shipped models (33 s for the DiT at budget 3,
+27 s at budget 2); candidates that give a plan already scored are not generated again. The seeds should differ
+from the ones a plan is evaluated on (``dualcache bench`` does so).
 """
 
 from __future__ import annotations
