@@ -231,8 +231,9 @@ class _FakeCalibrator(Calibrator):
 
     def __init__(self, curve, float_iterations=12):
         self.curve, self.calls = curve, []
-        defaults = inspect.signature(Calibrator.__init__).parameters
-        self.tolerance, self.precision = math.log1p(0.03), math.log1p(defaults["precision"].default)
+        defaults = inspect.signature(Calibrator.__init__).parameters  # the real search's tolerances
+        self.tolerance = math.log1p(defaults["tolerance"].default)
+        self.precision = math.log1p(defaults["precision"].default)
         self.float_iterations = float_iterations
         self.workload = type("W", (), {"steps": 20})()
 

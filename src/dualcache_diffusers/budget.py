@@ -268,13 +268,14 @@ def _distinct_steps(points: list[float], num_steps: int) -> list[int]:
 def schedule_plan(num_steps: int, layout: PlanLayout, schedule: Schedule, fresh_ratio: float = 0.0,
                   metadata: dict[str, Any] | None = None) -> CachePlan:
     """The plan of ``schedule`` (its fresh ratio, or ``fresh_ratio`` when the schedule leaves it open)."""
-    full = set(full_step_positions(num_steps, schedule.full_steps, schedule.warmup, schedule.warp, schedule.ends,
-                                   schedule.tail, schedule.short_first))
+    positions = full_step_positions(num_steps, schedule.full_steps, schedule.warmup, schedule.warp, schedule.ends,
+                                    schedule.tail, schedule.short_first)  # increasing
+    full = set(positions)
     other = AGGRESSIVE if schedule.skip else CONSERVATIVE
     kinds = [FULL if i in full else other for i in range(num_steps)]
     ratio = schedule.fresh_ratio if schedule.fresh_ratio is not None else fresh_ratio
     ratio_fn = _first_gap_weighted(schedule.ratio_schedule, ratio, schedule.first_gap_weight,
-                                   second_full=sorted(full)[1] if len(full) > 1 else num_steps)
+                                   second_full=positions[1] if len(positions) > 1 else num_steps)
     plan = plan_from_kinds(kinds, layout, ratio_fn=ratio_fn,
                            aggressive="skip", interval=max(1, round(num_steps / max(1, len(full)))),
                            method="duca", forecast_order=schedule.order, metadata=dict(metadata or {}))
