@@ -26,7 +26,8 @@ METHOD_ORDER = (
 STEP_PATTERN_LEGEND = (
     "step pattern: one letter per denoising step: F = full (every token computed), C = conservative "
     "(a fraction of the tokens recomputed, the rest from the cache), A = aggressive (the block stack skipped, "
-    "or every module's cached output reused), L = learned (a plan's per-module choice), R = reuse, "
+    "or every module's cached output reused), S = skipped call (the denoiser not run, its output forecast), "
+    "L = learned (a plan's per-module choice), R = reuse, "
     "? = another step kind, - = not recorded"
 )
 PLAN_SUMMARY_LEGEND = (

@@ -124,6 +124,8 @@ class CostModel:
         return self.model + self.blocks + sum(c.flops for c in self.calls)
 
     def step(self, step: StepPlan) -> float:
+        if step.skip_call:
+            return 0.0
         if step.skip_blocks:
             return self.model
         total = self.model + self.blocks

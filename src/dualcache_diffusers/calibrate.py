@@ -234,7 +234,7 @@ def calibrate(pipe: Any, workload: Any, budget: float, progress: Any = None,
 
 def _plan_key(plan: CachePlan) -> tuple:
     """What makes two plans run the same: every step's kind, fractions, stack skipping, forecast and cycle length."""
-    return tuple((step.kind, tuple(map(tuple, step.fractions)), step.skip_blocks, step.forecast_order,
+    return tuple((step.kind, tuple(map(tuple, step.fractions)), step.skip_blocks, step.skip_call, step.forecast_order,
                   step.forecast_weights, step.interval) for step in plan.steps)
 
 

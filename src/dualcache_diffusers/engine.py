@@ -33,11 +33,13 @@ import logging
 import threading
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.utils import BaseOutput
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import scheduler_watch
@@ -173,7 +175,7 @@ class Denoiser:
         """
         entry = self._actions.get(id(step_plan))
         if entry is None or entry[0] is not step_plan:
-            actions = tuple(tuple("reuse" if step_plan.skip_blocks else action_of(f).value for f in row)
+            actions = tuple(tuple("reuse" if step_plan.skips_blocks else action_of(f).value for f in row)
                             for row in step_plan.fractions)
             entry = self._actions[id(step_plan)] = (step_plan, actions)
         return entry[1]
@@ -200,6 +202,7 @@ class PlanSteps:
     history: int  # full computations to keep per output (0 = none)
     error_order: int  # order of the forecast whose error full steps measure (forecast-error selection)
     forecasts_stack: bool  # some step forecasts the skipped stack: keep its past outputs
+    keeps_output: bool  # some step skips the call: keep the denoiser's outputs at full steps
     scored: tuple[bool, ...]  # full steps whose token scores a later partial step reads
     unread: tuple[bool, ...]  # full steps whose outputs nothing later reads: run as stock, nothing stored
 
@@ -213,7 +216,7 @@ class PlanSteps:
             scored.append(step.is_full and needed)
             if step.is_full:
                 needed = False
-            if any(0.0 < f < 1.0 for row in step.fractions for f in row) and not step.skip_blocks:
+            if any(0.0 < f < 1.0 for row in step.fractions for f in row) and not step.skips_blocks:
                 needed = True
         scored.reverse()
         # unread: the next step is full too, nothing forecasts from stored computations, and (forecast-error
@@ -227,7 +230,7 @@ class PlanSteps:
             and not (history and i < last and later_cached[i + 1])
             and not (error_selection and i < last and scored[i + 1])
             for i, step in enumerate(steps))
-        return cls(history, plan.max_forecast_order, plan.forecasts_stack, tuple(scored), unread)
+        return cls(history, plan.max_forecast_order, plan.forecasts_stack, plan.skips_calls, tuple(scored), unread)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,6 +251,9 @@ class ModelState:
     # forecasting: (step, output) of the last full computations, oldest first
     history: dict[tuple[int, int, int], list[tuple[int, Any]]] = field(default_factory=dict)
     stack_history: list[tuple[int, Any]] = field(default_factory=list)
+    # skipped calls: (step, prediction) of the last full calls, and how to rebuild an output around a prediction
+    output_history: list[tuple[int, Any]] = field(default_factory=list)
+    output_template: Callable[[torch.Tensor], Any] | None = None
     # dual forecasting: per block, each partial module's per-token forecast error at the last full step
     forecast_errors: dict[int, torch.Tensor] = field(default_factory=dict)
     # re-anchoring: per module, the last partial step's (step, output) since its last full computation
@@ -258,8 +264,8 @@ class ModelState:
     def cache_bytes(self) -> int:
         values = [*self.module_cache.values(), self.stack_cache, *self.scores.values(), *self.staleness.values(),
                   *self.forecast_errors.values()]
-        values += [v for entries in [*self.history.values(), self.stack_history, self.anchors.values()]
-                   for _, v in entries]
+        values += [v for entries in [*self.history.values(), self.stack_history, self.output_history,
+                                     self.anchors.values()] for _, v in entries]
         unique = {id(t): t for value in values for t in _tensors(value)}  # history shares the newest entry
         return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -267,8 +273,8 @@ class ModelState:
         """The part of :meth:`cache_bytes` kept only for forecasting: stored past computations that are
         not also the current cache entry (k extra copies per output at order k)."""
         cached = {id(t) for value in [*self.module_cache.values(), self.stack_cache] for t in _tensors(value)}
-        entries = [v for history in [*self.history.values(), self.stack_history, self.anchors.values()]
-                   for _, v in history]
+        entries = [v for history in [*self.history.values(), self.stack_history, self.output_history,
+                                     self.anchors.values()] for _, v in history]
         unique = {id(t): t for value in entries for t in _tensors(value) if id(t) not in cached}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -314,6 +320,7 @@ class Call:
     signature: tuple = ()  # what the call's FLOPs depend on (input shape and branch): key of its Costs
     error_order: int = 0  # order of the forecast whose error full steps measure (forecast-error selection)
     stack_history: bool = False  # the plan forecasts the skipped stack: keep its past outputs
+    keeps_output: bool = False  # the plan skips calls: keep the denoiser's outputs at full steps
     passthrough: bool = False  # a full step nothing later reads: blocks and modules run as stock, nothing stored
     offload: bool = False  # stored values are copies on another device (cache_device): load them back, prefetch
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
@@ -322,6 +329,7 @@ class Call:
     picks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (block, column) -> (B, k) rows
     weights: dict[tuple[int, int, int], ForecastWeights] = field(default_factory=dict)  # forecast weights
     stack_weights: ForecastWeights | None = None
+    output_weights: ForecastWeights | None = None  # a skipped call's forecast of the denoiser's output
     error_weights: dict[tuple[int, int, int], ForecastWeights] = field(default_factory=dict)  # error forecasts
     # What the hooks did, turned into statistics, caches and forecast history after the call (end_call).
     # Written to these fresh containers rather than the state's, so that a compiled model guards on
@@ -576,6 +584,9 @@ class DualCacheEngine:
             # the last block never ran in this branch (SD3's skip-layer guidance can skip it): reuse every
             # module instead of skipping the stack, since there is no stack output to stand in
             step_plan = dataclasses.replace(step_plan, skip_blocks=False, kind="reuse")
+        if step_plan.skip_call and (not state.output_history or costs is None):
+            # no full call of this branch stored its output (a denoiser joining mid-generation): run this one
+            step_plan = plan.steps[0]
         state.primed = True
         facts = den.steps_of(plan, self.selection in ERROR_SELECTIONS)
         # plan-derived flags hold for the plan's own step; a denoiser priming mid-generation records and stores
@@ -583,6 +594,7 @@ class DualCacheEngine:
         passthrough = primed and costs is not None and facts.unread[branch.step]
         call = Call(den, branch, state, step_plan, plan=plan, recording=recording, counting=costs is None,
                     history=facts.history, error_order=facts.error_order, stack_history=facts.forecasts_stack,
+                    keeps_output=facts.keeps_output,
                     signature=signature, passthrough=passthrough, actions=den.actions(step_plan),
                     offload=self.storage.offloads_from(latents.device))
         state.costs = costs if costs is not None else Costs()
@@ -591,7 +603,7 @@ class DualCacheEngine:
         if step_plan.is_full:
             state.staleness.clear()
             state.forecast_errors.clear()
-        if not call.counting:
+        if not call.counting and not step_plan.skip_call:  # a skipped call costs nothing
             state.stats.flops += costs.model
             if not step_plan.skip_blocks:
                 state.stats.flops += sum(costs.blocks.values())
@@ -643,6 +655,8 @@ class DualCacheEngine:
             if w is not None:
                 call.weights[key] = w
         call.stack_weights = weights(state.stack_history)
+        if call.step_plan.skip_call:
+            call.output_weights = weights(state.output_history)
 
     def _error_weights(self, call: Call, device: torch.device) -> None:
         """At a full step measuring forecast errors: the Lagrange weights (order ``call.error_order``) of the
@@ -659,9 +673,12 @@ class DualCacheEngine:
                 call.error_weights[key] = memo[steps]
 
     @torch.compiler.disable
-    def end_call(self, call: Call, signature: tuple) -> None:
+    def end_call(self, call: Call, signature: tuple, output: Any = None) -> None:
         self._local.call = None
         den, state = call.denoiser, call.state
+        if call.keeps_output and call.step_plan.is_full:
+            prediction, state.output_template = _split_output(output)  # a copy: the pipeline owns what it got
+            _remember(state.output_history, call.branch.step, prediction.clone(), max(call.history, 1))
         if call.counting:
             den.costs[signature] = state.costs
             state.stats.flops += state.costs.per_call
@@ -820,6 +837,16 @@ class DualCacheEngine:
             return None
         return combine([self._load(call, v, device) for _, v in history[-weights.count:]], weights)
 
+    def forecast_call(self, call: Call) -> Any:
+        """A skipped call's output: the forecast of the denoiser's prediction (the last full call's, copied, at
+        order 0 or while one is stored) in the layout of the last full call's output."""
+        state, weights = call.state, call.output_weights
+        if weights is not None:  # kept on the model's device, never offloaded (one prediction per full call)
+            prediction = combine([v for _, v in state.output_history[-weights.count:]], weights)
+        else:  # a copy, as the stored one must stay as it was
+            prediction = state.output_history[-1][1].clone()
+        return state.output_template(prediction)
+
     # ---- cache storage (cache_device) ---------------------------------------------------------------
     def _load(self, call: Call, stored: Any, device: torch.device) -> Any:
         """A stored value on the model's device. Without offloading (``call.offload`` False, decided in
@@ -855,7 +882,7 @@ class DualCacheEngine:
         if step >= plan.num_steps:
             return
         step_plan = plan.steps[step]
-        if step_plan.is_full:
+        if step_plan.is_full or step_plan.skip_call:
             return
         if step_plan.skip_blocks:
             for stored in self._stored_needs(state, step_plan, None):
@@ -1121,7 +1148,9 @@ class DenoiserHook(ModelHook):
         # included; those read only the step's actions, the chosen rows and tensors (see Call).
         try:
             call = self.engine.begin_call(self.d_index, args, kwargs)
-            if call.counting:  # the FLOPs recorder is a dispatch mode: this one call runs eagerly
+            if call.step_plan.skip_call:
+                output = self.engine.forecast_call(call)
+            elif call.counting:  # the FLOPs recorder is a dispatch mode: this one call runs eagerly
                 with _FlopRecorder(self.engine):
                     output = torch.compiler.disable(self.fn_ref.original_forward)(*args, **kwargs)
             else:
@@ -1130,7 +1159,7 @@ class DenoiserHook(ModelHook):
             self.engine._local.call = None
             self.engine.reset()  # an interrupted generation leaves nothing half-done behind
             raise
-        self.engine.end_call(call, call.signature)
+        self.engine.end_call(call, call.signature, output)
         return output
 
 
@@ -1313,6 +1342,20 @@ def _anchored(state: ModelState, key: tuple) -> Any:
     history = state.history.get(key, ())
     anchor = state.anchors.get(key)
     return history if anchor is None else [*history, anchor]
+
+
+def _split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """A denoiser's output as its prediction (the first value: every diffusers transformer returns it first)
+    and a function that puts another prediction in its place, the other values kept."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda prediction: prediction
+    if isinstance(output, BaseOutput):
+        first, *_ = output.keys()
+        return output[first], lambda prediction: dataclasses.replace(output, **{first: prediction})
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0], lambda prediction: type(output)((prediction, *output[1:]))
+    raise TypeError(f"dual cache: cannot skip calls of a denoiser whose output is a {type(output).__name__} "
+                    "(expected a tensor, a tuple starting with one or a diffusers output class)")
 
 
 def _remember(history: list[tuple[int, Any]], step: int, value: Any, keep: int) -> None:

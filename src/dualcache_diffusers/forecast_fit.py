@@ -105,7 +105,7 @@ def _stored_at(plan: CachePlan, out: _Output, step: int, reanchor: bool) -> str 
     s = plan.steps[step]
     if out.column is None:
         return "full" if s.is_full else None
-    if s.skip_blocks:
+    if s.skips_blocks:
         return None
     action = action_of(s.fractions[out.block][out.column])
     if action is Action.COMPUTE or (action is Action.PARTIAL and not out.can_partial):
@@ -119,8 +119,8 @@ def _forecast_at(plan: CachePlan, out: _Output, step: int) -> bool:
     if not s.forecast_order:
         return False
     if out.column is None:
-        return s.skip_blocks
-    if s.skip_blocks:
+        return s.skip_blocks and not s.skip_call
+    if s.skips_blocks:
         return False
     action = action_of(s.fractions[out.block][out.column])
     return action is Action.REUSE or (action is Action.PARTIAL and out.can_partial)

@@ -4,6 +4,7 @@ A plan is plain data. For each step it holds
 
 * ``kind``: a label for people ("full", "conservative", "aggressive", "reuse", "learned", ...),
 * ``skip_blocks``: replace the whole block stack by the cached final hidden state,
+* ``skip_call``: do not run the denoiser at all; its output is forecast from its outputs at full steps,
 * ``fractions[block][module]``: the fraction of tokens the module recomputes —
   ``1.0`` compute every token, ``0.0`` reuse the cached output, anything in between is a
   *partial* step that recomputes that fraction of tokens (chosen by the token scorer).
@@ -26,8 +27,9 @@ from typing import Any
 from .plan_schema import MAX_FORECAST_ORDER, MAX_FORECAST_WEIGHT, loads_plan_json, validate_plan_dict
 
 #: 2 added block_modules / block_names (models whose blocks differ); 3 added steps[].forecast_weights
-#: (learned linear forecasts); 1 and 2 still load, and a plan is written with the lowest version it needs
-PLAN_FORMAT_VERSION = 3
+#: (learned linear forecasts); 4 added steps[].skip_call; older versions still load, and a plan is written with
+#: the lowest version it needs
+PLAN_FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,9 @@ class StepPlan:
     #: oldest first, used instead of the Lagrange weights of ``forecast_order`` (which stays the fallback
     #: while fewer are stored); see :mod:`.forecast_fit`
     forecast_weights: tuple[float, ...] | None = None
+    #: skip the whole denoiser call: its output is the forecast (``forecast_order``; 0 = the last full call's
+    #: output) of its outputs at full steps, and the call costs nothing (no embedding, block or final layer)
+    skip_call: bool = False
 
     def __post_init__(self) -> None:
         if self.forecast_weights is not None:
@@ -159,10 +164,15 @@ class StepPlan:
 
     @property
     def is_full(self) -> bool:
-        return not self.skip_blocks and all(f >= 1.0 for row in self.fractions for f in row)
+        return not self.skip_blocks and not self.skip_call and all(f >= 1.0 for row in self.fractions for f in row)
+
+    @property
+    def skips_blocks(self) -> bool:
+        """No block runs at this step (the stack or the whole call is skipped)."""
+        return self.skip_blocks or self.skip_call
 
     def action(self, block: int, module: int) -> Action:
-        if self.skip_blocks:
+        if self.skips_blocks:
             return Action.REUSE
         return action_of(self.fractions[block][module])
 
@@ -209,7 +219,12 @@ class CachePlan:
     @property
     def forecasts_stack(self) -> bool:
         """Whether some step forecasts the skipped block stack (else its past outputs need not be kept)."""
-        return any(step.skip_blocks and step.forecast_order for step in self.steps)
+        return any(step.skip_blocks and not step.skip_call and step.forecast_order for step in self.steps)
+
+    @property
+    def skips_calls(self) -> bool:
+        """Whether some step skips the denoiser call (so its outputs at full steps are kept)."""
+        return any(step.skip_call for step in self.steps)
 
     def present(self, block: int, module: int) -> bool:
         """Whether block ``block`` has the plan's module column ``module``."""
@@ -275,7 +290,7 @@ class CachePlan:
                     if not self.present(b, m):
                         continue
                     total += w
-                    done += 0.0 if step.skip_blocks else w * f
+                    done += 0.0 if step.skips_blocks else w * f
         return done / total if total else 1.0
 
     def placed(self, start: int, total: int) -> CachePlan:
@@ -313,7 +328,7 @@ class CachePlan:
             # learned forecast weights belong to the step spacing they were fitted for: dropped here
             steps.append(
                 StepPlan(src.kind, [list(row) for row in src.fractions], src.skip_blocks, src.interval,
-                         src.forecast_order)
+                         src.forecast_order, skip_call=src.skip_call)
             )
         metadata = dict(self.metadata)
         metadata["resampled"] = {"from_steps": old, "to_steps": num_steps, "rule": "nearest-normalized-time"}
@@ -328,8 +343,7 @@ class CachePlan:
     # ---- text ----------------------------------------------------------------------------
     def summary(self) -> str:
         counts = Counter(self.kinds())
-        symbols = {"full": "F", "conservative": "C", "aggressive": "A", "reuse": "R", "learned": "L"}
-        pattern = "".join(symbols.get(k, "?") if not s.skip_blocks else "A" for k, s in zip(self.kinds(), self.steps))
+        pattern = self.pattern()
         lines = [
             f"CachePlan[{self.method}]: {self.num_steps} steps x {self.describe_layout()}",
             f"  step pattern : {pattern}",
@@ -337,7 +351,9 @@ class CachePlan:
             f"  compute done : {self.compute_fraction():.1%} of block-module work (unweighted)",
         ]
         for i, step in enumerate(self.steps):
-            if step.skip_blocks:
+            if step.skip_call:
+                desc = "skip the denoiser call (its output forecast from the full calls')"
+            elif step.skip_blocks:
                 desc = "skip block stack (reuse cached output of the last block)"
             else:
                 per_module = []
@@ -349,6 +365,12 @@ class CachePlan:
                 desc = " ".join(per_module)
             lines.append(f"  step {i:3d} {step.kind:<12s} {desc}")
         return "\n".join(lines)
+
+    def pattern(self) -> str:
+        """One letter per step: F full, C conservative, A aggressive (the stack skipped), S the call skipped,
+        R reuse, L learned, ? another kind."""
+        symbols = {"full": "F", "conservative": "C", "aggressive": "A", "reuse": "R", "learned": "L"}
+        return "".join("S" if s.skip_call else "A" if s.skip_blocks else symbols.get(s.kind, "?") for s in self.steps)
 
     def __str__(self) -> str:
         return self.summary()
@@ -364,7 +386,7 @@ class CachePlan:
         return {
             "format": "dualcache-plan",
             # the lowest version that holds the plan, so older readers keep reading what they can
-            "version": 3 if learned else (2 if layout else 1),
+            "version": 4 if self.skips_calls else 3 if learned else (2 if layout else 1),
             "method": self.method,
             "num_steps": self.num_steps,
             "num_blocks": self.num_blocks,
@@ -379,6 +401,7 @@ class CachePlan:
                     "fractions": [[round(float(f), 6) for f in row] for row in s.fractions],
                     **({"forecast_order": s.forecast_order} if s.forecast_order else {}),
                     **({"forecast_weights": list(s.forecast_weights)} if s.forecast_weights is not None else {}),
+                    **({"skip_call": True} if s.skip_call else {}),
                 }
                 for s in self.steps
             ],
@@ -401,6 +424,7 @@ class CachePlan:
                 interval=s.get("interval", 1),
                 forecast_order=s.get("forecast_order", 0),
                 forecast_weights=s.get("forecast_weights"),
+                skip_call=s.get("skip_call", False),
             )
             for s in data["steps"]
         ]

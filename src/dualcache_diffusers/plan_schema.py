@@ -2,7 +2,7 @@
 
 A plan file is JSON::
 
-    {"format": "dualcache-plan", "version": 1 | 2 | 3, "method": str,
+    {"format": "dualcache-plan", "version": 1 | 2 | 3 | 4, "method": str,
      "num_steps": int >= 1, "num_blocks": int >= 1,
      "modules": [str, ...]                      (non-empty, unique),
      "metadata": {...}                          (optional, any JSON object),
@@ -11,6 +11,8 @@ A plan file is JSON::
      "block_names": [str x num_blocks]          (optional, version 2),
      "steps": [{"kind": str,
                 "skip_blocks": bool              (optional, default false),
+                "skip_call": bool                (optional, version 4, default false: the denoiser is not run,
+                                                 its output forecast from its full calls'),
                 "interval": int >= 1             (optional, default 1),
                 "forecast_order": int in [0, 4]  (optional, default 0),
                 "forecast_weights": [number x 2..5] (optional, version 3: learned forecast weights of the last
@@ -31,13 +33,14 @@ import math
 from typing import Any
 
 PLAN_FORMAT = "dualcache-plan"
-SUPPORTED_VERSIONS = (1, 2, 3)
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 TOP_LEVEL_KEYS = frozenset(
     {"format", "version", "method", "num_steps", "num_blocks", "modules", "metadata", "block_modules",
      "block_names", "steps"}
 )
 REQUIRED_KEYS = ("format", "version", "method", "num_steps", "num_blocks", "modules", "steps")
-STEP_KEYS = frozenset({"kind", "skip_blocks", "interval", "fractions", "forecast_order", "forecast_weights"})
+STEP_KEYS = frozenset({"kind", "skip_blocks", "skip_call", "interval", "fractions", "forecast_order",
+                       "forecast_weights"})
 VERSION_2_KEYS = ("block_modules", "block_names")
 VERSION_3_STEP_KEYS = ("forecast_weights",)
 
@@ -241,9 +244,10 @@ def validate_plan_dict(data: Any, source: str = "<dict>") -> None:
     for i, step in enumerate(steps):
         _validate_step(err, f"steps[{i}]", step, num_blocks, len(modules), version)
     first = steps[0]
-    if first.get("skip_blocks", False) or any(f < 1 for row in first["fractions"] for f in row):
+    if (first.get("skip_blocks", False) or first.get("skip_call", False)
+            or any(f < 1 for row in first["fractions"] for f in row)):
         raise err.value("steps[0]", "the first step of a plan must be a full step (every fraction 1, "
-                                    "skip_blocks false): the caches start empty")
+                                    "skip_blocks and skip_call false): the caches start empty")
 
 
 def _validate_step(err: _PlanError, path: str, step: Any, num_blocks: int, num_modules: int, version: int) -> None:
@@ -258,6 +262,11 @@ def _validate_step(err: _PlanError, path: str, step: Any, num_blocks: int, num_m
     _str(err, f"{path}.kind", step["kind"])
     if "skip_blocks" in step and not isinstance(step["skip_blocks"], bool):
         raise err.type(f"{path}.skip_blocks", step["skip_blocks"], "true or false")
+    if "skip_call" in step:
+        if not isinstance(step["skip_call"], bool):
+            raise err.type(f"{path}.skip_call", step["skip_call"], "true or false")
+        if version < 4:
+            raise err.value(f"{path}.skip_call", f"needs plan format version 4 (the file says version {version})")
     if "interval" in step:
         _int(err, f"{path}.interval", step["interval"], 1, MAX_INTERVAL)
     if "forecast_order" in step:

@@ -64,6 +64,8 @@ class PlanCost:
         return self.overhead_model + self.overhead_blocks + sum(map(sum, self.full))
 
     def step_flops(self, step: StepPlan) -> int:
+        if step.skip_call:
+            return 0
         if step.skip_blocks:
             return self.overhead_model
         total = self.overhead_model + self.overhead_blocks

@@ -24,7 +24,7 @@ def plot_plan(plan: CachePlan, path: str | Path, title: str | None = None) -> Pa
     for s, step in enumerate(plan.steps):
         for b, row in enumerate(step.fractions):
             for m, f in enumerate(row):
-                data[m, s, b] = 0.0 if step.skip_blocks else f
+                data[m, s, b] = 0.0 if step.skips_blocks else f
     cols = len(plan.modules)
     fig, axes = plt.subplots(1, cols, figsize=(2.2 + 1.8 * cols + 0.12 * plan.num_blocks * cols,
                                               1.5 + 0.18 * plan.num_steps), squeeze=False)
@@ -39,8 +39,9 @@ def plot_plan(plan: CachePlan, path: str | Path, title: str | None = None) -> Pa
         if m == 0:
             ax.set_ylabel("step")
         for s, step in enumerate(plan.steps):
-            if step.skip_blocks:
-                ax.text(plan.num_blocks / 2 - 0.5, s, "skip", ha="center", va="center", color="white", fontsize=7)
+            if step.skips_blocks:
+                label = "skip call" if step.skip_call else "skip"
+                ax.text(plan.num_blocks / 2 - 0.5, s, label, ha="center", va="center", color="white", fontsize=7)
     fig.colorbar(image, ax=axes[0, :].tolist(), label="fraction computed")
     fig.suptitle(title or f"{plan.method}: {plan.compute_fraction():.0%} of module work", fontsize=10)
     path = Path(path)

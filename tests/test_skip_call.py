@@ -1,0 +1,103 @@
+"""Steps that skip the whole denoiser call: the output is forecast from the full calls' outputs, at no cost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import engine_dit_pipeline, engine_pixart_pipeline, generate
+
+from dualcache_diffusers import CachePlan, cache_stats, disable_dual_cache, enable_dual_cache
+from dualcache_diffusers.adapters import find_adapter
+from dualcache_diffusers.budget import CostModel
+from dualcache_diffusers.engine import _split_output
+from dualcache_diffusers.forecast import lagrange_weights
+from dualcache_diffusers.plan import StepPlan, full_plan
+
+STEPS, FULL = 10, (0, 3, 6, 8)
+
+
+def skip_call_plan(pipe, order: int) -> CachePlan:
+    """Full calls at FULL, every other call skipped and forecast at ``order``."""
+    plan = full_plan(STEPS, find_adapter(pipe.transformer).layout(pipe.transformer))
+    for i, step in enumerate(plan.steps):
+        if i not in FULL:
+            plan.steps[i] = StepPlan("skip", [[0.0] * len(row) for row in step.fractions], skip_call=True,
+                                     forecast_order=order)
+    return plan
+
+
+def record_outputs(pipe) -> tuple[list[torch.Tensor], torch.utils.hooks.RemovableHandle]:
+    """The prediction of every denoiser call, as the pipeline receives it (hooks of the call itself)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        seen.append((output[0] if isinstance(output, tuple) else output.sample).clone())
+
+    return seen, pipe.transformer.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("make", [engine_dit_pipeline, engine_pixart_pipeline])  # output class / tuple
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_a_skipped_call_returns_the_lagrange_forecast_of_the_full_calls(make, order):
+    pipe = make(num_layers=2)
+    enable_dual_cache(pipe, plan=skip_call_plan(pipe, order))
+    seen, handle = record_outputs(pipe)
+    try:
+        generate(pipe, steps=STEPS)
+    finally:
+        handle.remove()
+    assert len(seen) == STEPS
+    for step in range(STEPS):
+        if step in FULL:
+            continue
+        done = [s for s in FULL if s < step][-(order + 1):]
+        expected = sum(w * seen[s] for w, s in zip(lagrange_weights(done, step), done))
+        torch.testing.assert_close(seen[step], expected)
+    # not plain reuse where the order asks for more (a sign or offset error would not match either)
+    assert order == 0 or not torch.allclose(seen[4], seen[3])
+
+
+def test_skipped_calls_cost_nothing_and_show_as_their_own_step_kind():
+    pipe = engine_dit_pipeline(num_layers=2)
+    plan = skip_call_plan(pipe, 1)
+    assert plan.pattern() == "FSSFSSFSFS"
+    layout = find_adapter(pipe.transformer).layout(pipe.transformer)
+    assert CostModel.uniform(layout).ratio(plan) == pytest.approx(STEPS / len(FULL))
+    enable_dual_cache(pipe, plan=plan)
+    generate(pipe, steps=STEPS)
+    stats = cache_stats(pipe)
+    assert stats.flops_speedup == pytest.approx(STEPS / len(FULL))
+    assert stats.step_kinds.count("skip") == STEPS - len(FULL)
+    assert stats.history_bytes > 0  # the last full calls' predictions are kept for the forecast
+    disable_dual_cache(pipe)
+
+
+def test_a_plan_with_skipped_calls_round_trips_as_format_4_and_older_formats_refuse_them():
+    pipe = engine_dit_pipeline(num_layers=2)
+    plan = skip_call_plan(pipe, 1)
+    data = json.loads(plan.to_json())
+    assert data["version"] == 4 and data["steps"][1]["skip_call"] is True and "skip_call" not in data["steps"][0]
+    again = CachePlan.from_json(plan.to_json())
+    assert [s.skip_call for s in again.steps] == [s.skip_call for s in plan.steps]
+    assert again.resample(20).skips_calls
+
+    older = dict(data, version=3)
+    with pytest.raises(ValueError, match=r"steps\[1\]\.skip_call.*version 4"):
+        CachePlan.from_dict(older)
+    wrong = json.loads(plan.to_json())
+    wrong["steps"][1]["skip_call"] = "true"
+    with pytest.raises(TypeError, match=r"steps\[1\]\.skip_call"):
+        CachePlan.from_dict(wrong)
+    first = json.loads(plan.to_json())
+    first["steps"][0]["skip_call"] = True
+    with pytest.raises(ValueError, match="first step"):
+        CachePlan.from_dict(first)
+
+
+def test_an_output_without_a_leading_prediction_is_refused_by_name():
+    tensor = torch.ones(1)
+    assert _split_output((tensor, "extra"))[1](tensor * 2)[1] == "extra"
+    with pytest.raises(TypeError, match=r"cannot skip calls.*dict"):
+        _split_output({"sample": tensor})
