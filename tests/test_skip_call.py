@@ -10,9 +10,11 @@ from conftest import engine_dit_pipeline, engine_pixart_pipeline, generate
 
 from dualcache_diffusers import CachePlan, cache_stats, disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.adapters import find_adapter
+from dualcache_diffusers.api import get_engine
 from dualcache_diffusers.budget import CostModel
 from dualcache_diffusers.engine import _split_output
 from dualcache_diffusers.forecast import lagrange_weights
+from dualcache_diffusers.forecast_fit import fit_forecast_weights
 from dualcache_diffusers.plan import StepPlan, full_plan
 
 STEPS, FULL = 10, (0, 3, 6, 8)
@@ -70,8 +72,29 @@ def test_skipped_calls_cost_nothing_and_show_as_their_own_step_kind():
     stats = cache_stats(pipe)
     assert stats.flops_speedup == pytest.approx(STEPS / len(FULL))
     assert stats.step_kinds.count("skip") == STEPS - len(FULL)
-    assert stats.history_bytes > 0  # the last full calls' predictions are kept for the forecast
     disable_dual_cache(pipe)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_only_the_predictions_are_kept_for_skipped_calls(order):
+    pipe = engine_dit_pipeline(num_layers=2)
+    enable_dual_cache(pipe, plan=skip_call_plan(pipe, order))
+    seen, handle = record_outputs(pipe)
+    try:
+        generate(pipe, steps=STEPS)
+    finally:
+        handle.remove()
+    prediction = seen[0].numel() * seen[0].element_size()
+    # order + 1 copies of the prediction, no module history (skipped calls read no module cache)
+    assert cache_stats(pipe).history_bytes == (order + 1) * prediction
+    engine = get_engine(pipe)
+    assert engine.denoisers[0].steps_of(engine.denoisers[0].plan(STEPS), False).unread[3]  # F at 3, next run F at 6
+
+
+def test_learned_forecasts_refuse_plans_that_skip_calls():
+    pipe = engine_dit_pipeline(num_layers=2)
+    with pytest.raises(ValueError, match="skip_call"):
+        fit_forecast_weights(pipe, skip_call_plan(pipe, 1), seeds=[0])
 
 
 def test_a_plan_with_skipped_calls_round_trips_as_format_4_and_older_formats_refuse_them():

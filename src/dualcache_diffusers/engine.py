@@ -202,7 +202,7 @@ class PlanSteps:
     history: int  # full computations to keep per output (0 = none)
     error_order: int  # order of the forecast whose error full steps measure (forecast-error selection)
     forecasts_stack: bool  # some step forecasts the skipped stack: keep its past outputs
-    keeps_output: bool  # some step skips the call: keep the denoiser's outputs at full steps
+    output_history: int  # full calls whose prediction to keep for skipped calls (0 = none)
     scored: tuple[bool, ...]  # full steps whose token scores a later partial step reads
     unread: tuple[bool, ...]  # full steps whose outputs nothing later reads: run as stock, nothing stored
 
@@ -219,18 +219,22 @@ class PlanSteps:
             if any(0.0 < f < 1.0 for row in step.fractions for f in row) and not step.skips_blocks:
                 needed = True
         scored.reverse()
-        # unread: the next step is full too, nothing forecasts from stored computations, and (forecast-error
-        # selection) the next step does not measure its error against what this one would store
-        later_cached = [not step.is_full for step in steps]
+        # unread: the next step that runs the denoiser (skipped calls read no cache) is full too, nothing
+        # forecasts from stored computations, and (forecast-error selection) the next step does not measure its
+        # error against what this one would store
+        runs = [i for i, step in enumerate(steps) if not step.skip_call]
+        next_run = dict(zip(runs, [*runs[1:], None]))
+        later_cached = [not step.is_full and not step.skip_call for step in steps]
         for i in range(len(steps) - 2, -1, -1):
             later_cached[i] = later_cached[i] or later_cached[i + 1]
         last = len(steps) - 1
         unread = tuple(
-            step.is_full and (i == last or steps[i + 1].is_full)
+            step.is_full and (next_run[i] is None or steps[next_run[i]].is_full)
             and not (history and i < last and later_cached[i + 1])
             and not (error_selection and i < last and scored[i + 1])
             for i, step in enumerate(steps))
-        return cls(history, plan.max_forecast_order, plan.forecasts_stack, plan.skips_calls, tuple(scored), unread)
+        return cls(history, plan.max_forecast_order, plan.forecasts_stack, plan.output_history_length,
+                   tuple(scored), unread)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,7 +324,7 @@ class Call:
     signature: tuple = ()  # what the call's FLOPs depend on (input shape and branch): key of its Costs
     error_order: int = 0  # order of the forecast whose error full steps measure (forecast-error selection)
     stack_history: bool = False  # the plan forecasts the skipped stack: keep its past outputs
-    keeps_output: bool = False  # the plan skips calls: keep the denoiser's outputs at full steps
+    output_history: int = 0  # full calls whose prediction to keep for skipped calls (0 = none)
     passthrough: bool = False  # a full step nothing later reads: blocks and modules run as stock, nothing stored
     offload: bool = False  # stored values are copies on another device (cache_device): load them back, prefetch
     selections: dict[tuple[int, Any], torch.Tensor] = field(default_factory=dict)
@@ -594,7 +598,7 @@ class DualCacheEngine:
         passthrough = primed and costs is not None and facts.unread[branch.step]
         call = Call(den, branch, state, step_plan, plan=plan, recording=recording, counting=costs is None,
                     history=facts.history, error_order=facts.error_order, stack_history=facts.forecasts_stack,
-                    keeps_output=facts.keeps_output,
+                    output_history=facts.output_history,
                     signature=signature, passthrough=passthrough, actions=den.actions(step_plan),
                     offload=self.storage.offloads_from(latents.device))
         state.costs = costs if costs is not None else Costs()
@@ -676,9 +680,9 @@ class DualCacheEngine:
     def end_call(self, call: Call, signature: tuple, output: Any = None) -> None:
         self._local.call = None
         den, state = call.denoiser, call.state
-        if call.keeps_output and call.step_plan.is_full:
+        if call.output_history and call.step_plan.is_full:
             prediction, state.output_template = _split_output(output)  # a copy: the pipeline owns what it got
-            _remember(state.output_history, call.branch.step, prediction.clone(), max(call.history, 1))
+            _remember(state.output_history, call.branch.step, prediction.clone(), call.output_history)
         if call.counting:
             den.costs[signature] = state.costs
             state.stats.flops += state.costs.per_call
@@ -692,7 +696,7 @@ class DualCacheEngine:
         for (_, column, _), (rows, _) in state.costs.rows.items():
             state.stats.tokens_total[den.layout.modules[column]] += rows
         state.stats.cache_bytes = max(state.stats.cache_bytes, state.cache_bytes())
-        if call.history:
+        if call.history or call.output_history:
             state.stats.history_bytes = max(state.stats.history_bytes, state.history_bytes())
         if call.offload:
             self._prefetch_next_step(call, signature[2])
@@ -1349,11 +1353,13 @@ def _split_output(output: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], A
     and a function that puts another prediction in its place, the other values kept."""
     if isinstance(output, torch.Tensor):
         return output, lambda prediction: prediction
-    if isinstance(output, BaseOutput):
+    if isinstance(output, BaseOutput):  # the rebuild keeps the other values, not the prediction
         first, *_ = output.keys()
-        return output[first], lambda prediction: dataclasses.replace(output, **{first: prediction})
+        kind, rest = type(output), {key: value for key, value in output.items() if key != first}
+        return output[first], lambda prediction: kind(**{first: prediction, **rest})
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0], lambda prediction: type(output)((prediction, *output[1:]))
+        kind, rest = type(output), tuple(output[1:])
+        return output[0], lambda prediction: kind((prediction, *rest))
     raise TypeError(f"dual cache: cannot skip calls of a denoiser whose output is a {type(output).__name__} "
                     "(expected a tensor, a tuple starting with one or a diffusers output class)")
 

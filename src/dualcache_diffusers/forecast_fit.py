@@ -276,6 +276,9 @@ def _check_fit_args(plan: Any, seeds: Any, history: Any, ridge: Any, reanchor: A
     """Per step, the number of stored computations its forecast weighs (0: it does not forecast)."""
     if not isinstance(plan, CachePlan):
         raise TypeError(f"plan must be a CachePlan, got {type(plan).__name__}")
+    if plan.skips_calls:
+        raise ValueError("plan skips denoiser calls (skip_call steps): fit_forecast_weights fits the forecasts of "
+                         "cached module outputs, not of the denoiser's output; fit a plan without skip_call steps")
     if not plan.max_forecast_order:
         raise ValueError("plan forecasts at no step (every forecast_order is 0): there are no forecast weights to "
                          "fit; build it with forecast_order >= 1")

@@ -209,12 +209,18 @@ class CachePlan:
 
     @property
     def max_forecast_order(self) -> int:
-        return max(step.forecast_order for step in self.steps)
+        """The highest order a step forecasts cached outputs at (skipped calls forecast none)."""
+        return max((step.forecast_order for step in self.steps if not step.skip_call), default=0)
 
     @property
     def history_length(self) -> int:
-        """Full computations to keep per cached output (0: the plan never forecasts)."""
-        return max(step.history_length for step in self.steps)
+        """Full computations to keep per cached output (0: the plan never forecasts one)."""
+        return max((step.history_length for step in self.steps if not step.skip_call), default=0)
+
+    @property
+    def output_history_length(self) -> int:
+        """Full calls whose prediction to keep for the skipped calls (0: the plan skips none)."""
+        return max((step.forecast_order + 1 for step in self.steps if step.skip_call), default=0)
 
     @property
     def forecasts_stack(self) -> bool:
