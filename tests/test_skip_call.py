@@ -30,26 +30,28 @@ def skip_call_plan(pipe, order: int) -> CachePlan:
     return plan
 
 
-def record_outputs(pipe) -> tuple[list[torch.Tensor], torch.utils.hooks.RemovableHandle]:
-    """The prediction of every denoiser call, as the pipeline receives it (hooks of the call itself)."""
+def generate_recorded(pipe, order: int) -> list[torch.Tensor]:
+    """Generate with :func:`skip_call_plan`; the prediction of every denoiser call, as the pipeline receives it
+    (a hook on the call itself)."""
     seen: list[torch.Tensor] = []
 
     def hook(module, args, output):
         seen.append((output[0] if isinstance(output, tuple) else output.sample).clone())
 
-    return seen, pipe.transformer.register_forward_hook(hook)
+    enable_dual_cache(pipe, plan=skip_call_plan(pipe, order))
+    handle = pipe.transformer.register_forward_hook(hook)
+    try:
+        generate(pipe, steps=STEPS)
+    finally:
+        handle.remove()
+    return seen
 
 
 @pytest.mark.parametrize("make", [engine_dit_pipeline, engine_pixart_pipeline])  # output class / tuple
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_a_skipped_call_returns_the_lagrange_forecast_of_the_full_calls(make, order):
     pipe = make(num_layers=2)
-    enable_dual_cache(pipe, plan=skip_call_plan(pipe, order))
-    seen, handle = record_outputs(pipe)
-    try:
-        generate(pipe, steps=STEPS)
-    finally:
-        handle.remove()
+    seen = generate_recorded(pipe, order)
     assert len(seen) == STEPS
     for step in range(STEPS):
         if step in FULL:
@@ -78,12 +80,7 @@ def test_skipped_calls_cost_nothing_and_show_as_their_own_step_kind():
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_only_the_predictions_are_kept_for_skipped_calls(order):
     pipe = engine_dit_pipeline(num_layers=2)
-    enable_dual_cache(pipe, plan=skip_call_plan(pipe, order))
-    seen, handle = record_outputs(pipe)
-    try:
-        generate(pipe, steps=STEPS)
-    finally:
-        handle.remove()
+    seen = generate_recorded(pipe, order)
     prediction = seen[0].numel() * seen[0].element_size()
     # order + 1 copies of the prediction, no module history (skipped calls read no module cache)
     assert cache_stats(pipe).history_bytes == (order + 1) * prediction
