@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import numpy as np
-import torch
+import calibration_images
 from diffusers import DPMSolverMultistepScheduler
 
-from dualcache_diffusers import CachePlan, disable_dual_cache, enable_dual_cache, metrics
+from dualcache_diffusers import CachePlan
 from dualcache_diffusers.adapters import find_adapter
 from dualcache_diffusers.bench import Workload, default_conditions, load_pipeline
 from dualcache_diffusers.budget import Schedule, schedule_plan, short_tail
@@ -39,22 +38,6 @@ def rule_grid_plan(n: int, layout: PlanLayout, k: int, order: int, other: str) -
         plan.steps = [dataclasses.replace(s, skip_blocks=False, skip_call=True, kind="skip") if s.skip_blocks else s
                       for s in plan.steps]
     return plan
-
-
-def generate(workload: Workload, **options) -> np.ndarray:
-    """The workload's images, with ``enable_dual_cache(pipe, **options)`` where options are given."""
-    if options:
-        enable_dual_cache(workload.pipe, **options)
-    try:
-        with torch.inference_mode():
-            return workload.generate()
-    finally:
-        if options:
-            disable_dual_cache(workload.pipe)
-
-
-def mean_psnr(images: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.minimum(metrics.psnr(images, reference), metrics.PSNR_CAP_DB).mean())
 
 
 def main() -> None:
@@ -83,20 +66,19 @@ def main() -> None:
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     workload = Workload(pipe, args.steps, seeds, default_conditions(pipe, 10), guidance_scale=args.guidance)
-    reference = generate(workload)
+    reference = workload.generate()
     layout = find_adapter(pipe.transformer).layout(pipe.transformer)
     n = args.steps
     for k, budget in ([(int(n / b + 1e-9), b) for b in args.budgets] if args.budgets
                       else [(k, n / k) for k in args.full_steps]):
-        scores = []
-        for order in args.orders:
-            images = generate(workload, plan=rule_grid_plan(n, layout, k, order, "call"))
-            scores.append(f"call order {order}: {mean_psnr(images, reference):.2f}")
-        for other in ("stack", "modules") if args.engine else ():
-            images = generate(workload, plan=rule_grid_plan(n, layout, k, 1, other))
-            scores.append(f"{other} order 1: {mean_psnr(images, reference):.2f}")
-        images = generate(workload, budget=budget)
-        scores.append(f"default rule at budget {budget:.3f}: {mean_psnr(images, reference):.2f}")
+        def psnr(**options) -> float:
+            return calibration_images.cached_psnr(pipe, workload, reference, **options)
+
+        scores = [f"call order {order}: {psnr(plan=rule_grid_plan(n, layout, k, order, 'call')):.2f}"
+                  for order in args.orders]
+        scores += [f"{other} order 1: {psnr(plan=rule_grid_plan(n, layout, k, 1, other)):.2f}"
+                   for other in (("stack", "modules") if args.engine else ())]
+        scores.append(f"default rule at budget {budget:.3f}: {psnr(budget=budget):.2f}")
         full = [i for i, s in enumerate(rule_grid_plan(n, layout, k, 1, "call").steps) if s.is_full]
         print(f"{args.model} {type(pipe.scheduler).__name__} K={k} full {full}: " + ", ".join(scores), flush=True)
 
