@@ -13,16 +13,21 @@ from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cac
 from dualcache_diffusers.api import get_engine
 from dualcache_diffusers.budget import (
     DEFAULT_FIRST_GAP_WEIGHT,
+    DEFAULT_MAX_SKIPPED_SHARE,
+    FLOW_MAX_SKIPPED_SHARE,
     CostModel,
     Schedule,
+    affordable_full_steps,
     budget_schedule,
     check_budget,
     fit_ratio,
     full_step_positions,
     largest_gap,
+    samples_flow,
     schedule_plan,
     short_first_gap,
     short_tail,
+    skipped_call_steps,
 )
 from dualcache_diffusers.plan import PlanLayout
 from dualcache_diffusers.stats import count_flops
@@ -302,7 +307,71 @@ def test_a_second_expert_spends_the_budget_over_the_steps_it_runs():
         joined = 12 - len(stats.step_kinds)
         assert joined > 0 and stats.step_kinds[0] == "full"
         assert stats.flops_speedup == pytest.approx(2.5, rel=0.01)
-    # budget plans are keyed by (steps, costs, window): the second expert's start later
-    plans = [plan for (_, _, (first, _)), plan in get_engine(pipe).denoisers[1].plans.items() if first]
+    # budget plans are keyed by (steps, costs, window, flow): the second expert's start later
+    plans = [plan for (_, _, (first, _), _), plan in get_engine(pipe).denoisers[1].plans.items() if first]
     assert plans and all(plan.metadata["first_step"] == 12 - len(stats.step_kinds) for plan in plans)
+    disable_dual_cache(pipe)
+
+
+@pytest.mark.parametrize(("budget", "flow"), [(2.8, False), (3.2, False), (2.857, True), (4.9, True)])
+def test_the_rule_skips_the_fewest_calls_that_buy_the_full_steps_the_budget_affords(budget, flow):
+    """Principle 4: floor(N / b) full steps where the rule's forecast steps alone afford fewer, paid for by skipping
+    the calls nearest their last full step (outside the first gap), no more than the share allows."""
+    steps, cost = 20, CostModel.uniform(LAYOUT, tokens=64)
+    plan = budget_schedule(steps, LAYOUT, budget, cost, flow=flow)
+    full = [i for i, s in enumerate(plan.steps) if s.is_full]
+    skipped = [i for i, s in enumerate(plan.steps) if s.skip_call]
+    assert affordable_full_steps(steps, budget, cost, LAYOUT) < len(full) == int(steps / budget)
+    assert budget <= cost.ratio(plan) <= budget * 1.03
+    share = FLOW_MAX_SKIPPED_SHARE if flow else DEFAULT_MAX_SKIPPED_SHARE
+    assert 0 < len(skipped) <= share * (steps - len(full))
+    assert skipped == sorted(skipped_call_steps(full, steps, len(skipped)))
+    # one call fewer skipped misses the budget even recomputing no token
+    schedule = Schedule(**{**plan.metadata["schedule"], "skipped_calls": len(skipped) - 1, "fresh_ratio": 0.0})
+    assert cost.ratio(schedule_plan(steps, LAYOUT, schedule)) < budget
+    assert all(s.forecast_order == 1 and not any(map(any, s.fractions)) for s in plan.steps if s.skip_call)
+
+
+def test_skipped_calls_are_the_nearest_to_their_full_step_and_leave_the_first_gap_last():
+    full = [0, 3, 7, 11, 15, 19]
+    assert skipped_call_steps(full, 20, 4) == [4, 8, 12, 16]
+    assert skipped_call_steps(full, 20, 9) == [4, 8, 12, 16, 5, 9, 13, 17, 6]
+    assert skipped_call_steps(full, 20, 20)[-2:] == [1, 2]  # the first gap reuses step 0: its calls go last
+
+
+@pytest.mark.parametrize("budget", [2.857, 3.3, 4.9])
+def test_a_noise_predicting_model_skips_at_most_half_the_calls_and_a_flow_model_more(budget):
+    cost = CostModel.uniform(LAYOUT, tokens=64)
+    noise = budget_schedule(20, LAYOUT, budget, cost)
+    flow = budget_schedule(20, LAYOUT, budget, cost, flow=True)
+    assert not noise.skips_calls  # these budgets need more than half of the forecast steps skipped
+    assert flow.skips_calls and sum(s.is_full for s in flow.steps) > sum(s.is_full for s in noise.steps)
+    assert budget_schedule(20, LAYOUT, budget, cost, skip_calls=False, flow=True).pattern() == noise.pattern()
+
+
+def test_which_schedulers_sample_a_flow():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    assert samples_flow(FlowMatchEulerDiscreteScheduler())
+    assert samples_flow(DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True))
+    assert not samples_flow(DPMSolverMultistepScheduler())
+    assert not samples_flow(DDIMScheduler(prediction_type="v_prediction"))
+    assert not samples_flow(None)
+
+
+def test_a_budget_plan_that_skips_calls_runs_them_skipped_from_the_first_generation():
+    """The plan is made from the costs the first call records, so that call keeps its prediction: without it the
+    first skipped call found nothing to forecast from and ran in full (2.50x for 2.857 on the DiT)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = engine_dit_pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, prediction_type="flow_prediction",
+                                                             use_flow_sigmas=True)
+    enable_dual_cache(pipe, budget=20 / 7)
+    generate(pipe, steps=20)
+    stats = cache_stats(pipe)
+    plan = next(iter(get_engine(pipe).denoisers[0].plans.values()))
+    assert plan.skips_calls
+    assert stats.flops_speedup == pytest.approx(plan.metadata["budget"]["predicted"], rel=1e-3)
+    assert stats.step_kinds.count("full") == sum(s.is_full for s in plan.steps)
     disable_dual_cache(pipe)

@@ -43,6 +43,18 @@ small set of principles, none fitted to a model (docs/methods.md, "Budget-driven
    rest (``first_gap_weight``; on calibration images of the seven settings it was chosen on +0.4 dB on average
    over 33 rows, from -0.55 to +1.9 dB; +0.05 dB on two models it was not chosen on: docs/methods.md). Where not
    even that is affordable the step skips the block stack and forecasts its output.
+4. **One more full step, paid for by skipped calls.** A forecast step still runs the model outside its cached
+   modules (about 2% of a full step on the DiT), so K full steps of N reach at most N / (K + 0.02 (N - K)), never
+   N / K, and where the budget falls just short of that the rule loses a full step: the quality falls off a cliff.
+   A step that skips the whole denoiser call costs nothing (its output is the order-k forecast of the full calls'
+   outputs, :class:`~.plan.StepPlan` ``skip_call``), so the rule takes floor(N / b) full steps wherever the fewest
+   skipped calls that pay for them (:func:`with_skipped_calls`; the steps nearest their last full step first,
+   :func:`skipped_call_steps`) are at most half of the other steps, so that most of them still run the blocks and
+   recompute tokens; with a scheduler that samples a flow-matching velocity (:func:`samples_flow`) any share. On
+   calibration images of six settings, at every benchmark budget where it applies, the share separated gains from
+   losses on the noise-predicting models (every row up to 0.6 gained, +0.1 to +5.1 dB; all eight losses, -0.6 to
+   -6.3 dB, needed 0.75 or more), and the two flow models gained at every share (+1.9 to +6.8 dB); the settings
+   it was not chosen on are checked by the benchmark: docs/methods.md, "Skipped calls".
 
 The cost of each step comes from the engine's own FLOPs accounting of the model (the costs it
 records at its first call), so the plan reaches the budget as the engine counts it. :class:`Schedule`
@@ -189,7 +201,8 @@ class Schedule:
     forecast steps follow the last full step (None: what the even grid leaves; see :func:`short_tail`);
     short_first: the grid's first gap is its shortest (see :func:`short_first_gap`); first_gap_weight: how many
     times the fresh ratio the steps before the second full step recompute (they reuse step 0, order 0; see
-    :func:`schedule_plan`).
+    :func:`schedule_plan`); skipped_calls: how many of the other steps skip the whole denoiser call instead, their
+    output forecast from the full calls' outputs at ``order`` (they cost nothing; see :func:`skipped_call_steps`).
     """
 
     full_steps: int
@@ -203,13 +216,16 @@ class Schedule:
     tail: int | None = None
     short_first: bool = False
     first_gap_weight: float = 1.0
+    skipped_calls: int = 0
 
     def describe(self) -> str:
         ratio = "-" if self.fresh_ratio is None else f"{self.fresh_ratio:.3f}"
         tail = ("" if self.tail is None else f" tail={self.tail}") + (" short-first" if self.short_first else "")
         first = f" first-gap x{self.first_gap_weight:g}" if self.first_gap_weight != 1 else ""
+        calls = f" skipped-calls={self.skipped_calls}" if self.skipped_calls else ""
         return (f"K={self.full_steps} warmup={self.warmup} warp={self.warp:g} ends={self.ends:g}{tail} "
-                f"order={self.order} ratio={ratio} ({self.ratio_schedule}{first}){' skip' if self.skip else ''}")
+                f"order={self.order} ratio={ratio} ({self.ratio_schedule}{first}){' skip' if self.skip else ''}"
+                f"{calls}")
 
 
 def full_step_positions(num_steps: int, full_steps: int, warmup: int, warp: float, ends: float = 0.0,
@@ -281,8 +297,26 @@ def schedule_plan(num_steps: int, layout: PlanLayout, schedule: Schedule, fresh_
     plan = plan_from_kinds(kinds, layout, ratio_fn=ratio_fn,
                            aggressive="skip", interval=max(1, round(num_steps / max(1, len(full)))),
                            method="duca", forecast_order=schedule.order, metadata=dict(metadata or {}))
+    for i in skipped_call_steps(positions, num_steps, schedule.skipped_calls):
+        step = plan.steps[i]
+        plan.steps[i] = replace(step, kind=AGGRESSIVE, skip_blocks=False, skip_call=True,
+                                fractions=[[0.0] * len(row) for row in step.fractions])
     plan.metadata.setdefault("schedule", {**schedule.__dict__, "fresh_ratio": ratio})
     return plan
+
+
+def skipped_call_steps(positions: Sequence[int], num_steps: int, count: int) -> list[int]:
+    """The ``count`` steps between the full steps at ``positions`` (increasing) whose calls are skipped: the
+    nearest to their last full step first (an extrapolation's error grows with its distance), earlier steps before
+    later ones, the first gap's steps last (with one point behind them they reuse step 0, order 0)."""
+    full = set(positions)
+    second = positions[1] if len(positions) > 1 else num_steps
+
+    def priority(step: int) -> tuple[bool, int, int]:
+        last_full = max(p for p in positions if p < step)
+        return step < second, step - last_full, step
+
+    return sorted((i for i in range(num_steps) if i not in full), key=priority)[:max(0, count)]
 
 
 def _first_gap_weighted(ratio_schedule: str, ratio: float, weight: float, second_full: int) -> RatioFn:
@@ -357,6 +391,21 @@ DEFAULT_RATIO_SCHEDULE = "pixart"
 #: 10, not more: a larger weight leaves the later steps almost no tokens and lost up to 1 dB where the budget leaves
 #: many (docs/methods.md, "The first gap")
 DEFAULT_FIRST_GAP_WEIGHT = 10.0
+#: whether the default rule pays for the full steps the budget affords by skipping denoiser calls (principle 4)
+DEFAULT_SKIP_CALLS = True
+#: the most of the steps between full steps whose calls the default rule skips to afford one more full step: half,
+#: so that most of them still run the blocks (principle 4; docs/methods.md, "Skipped calls")
+DEFAULT_MAX_SKIPPED_SHARE = 0.5
+#: the same for a scheduler that samples a flow-matching velocity, whose forecasts held over every share measured
+FLOW_MAX_SKIPPED_SHARE = 1.0
+
+
+def samples_flow(scheduler: Any) -> bool:
+    """Whether ``scheduler`` integrates a flow-matching velocity (diffusers' FlowMatch* schedulers, or any with
+    ``prediction_type="flow_prediction"``, as DPM-Solver++ and UniPC run Sana and Wan), not a noise or sample
+    prediction."""
+    config = getattr(scheduler, "config", None) or {}
+    return config.get("prediction_type") == "flow_prediction" or type(scheduler).__name__.startswith("FlowMatch")
 
 
 def largest_gap(positions: Sequence[int], num_steps: int) -> int:
@@ -388,15 +437,37 @@ def default_schedule(num_steps: int, full_steps: int, order: int = 1, warp: floa
                     first_gap_weight=DEFAULT_FIRST_GAP_WEIGHT)
 
 
+def with_skipped_calls(num_steps: int, layout: PlanLayout, budget: float, cost: CostModel, order: int = 1,
+                       warp: float = 1.0, max_share: float | None = None) -> Schedule | None:
+    """The default schedule with floor(num_steps / budget) full steps, the most a budget affords, paid for by skipping
+    the fewest denoiser calls that bring it within the budget (:func:`skipped_call_steps`); None where that takes
+    more than ``max_share`` of the other steps (default :data:`DEFAULT_MAX_SKIPPED_SHARE`)."""
+    max_share = DEFAULT_MAX_SKIPPED_SHARE if max_share is None else max_share
+    full_steps = max(1, math.floor(num_steps / budget + 1e-9))
+    base = default_schedule(num_steps, full_steps, order, warp)
+    for count in range(math.floor(max_share * (num_steps - full_steps) + 1e-9) + 1):
+        schedule = replace(base, skipped_calls=count, fresh_ratio=0.0)
+        if cost.ratio(schedule_plan(num_steps, layout, schedule)) >= budget * (1 - 1e-9):
+            return replace(schedule, fresh_ratio=None)
+    return None
+
+
 def budget_schedule(num_steps: int, layout: PlanLayout, budget: float, cost: CostModel, order: int = 1,
-                    warp: float = 1.0) -> CachePlan:
+                    warp: float = 1.0, skip_calls: bool | None = None, flow: bool = False) -> CachePlan:
     """The default budget rule (module docstring): as many full steps as fit, evenly spaced from step 0 (shortest
     gap first, ending one step before the last where no gap grows: :func:`default_schedule`), the rest forecast at
     ``order`` with DuCa's decreasing token schedule, scaled to fill what the budget leaves."""
     budget = check_budget(budget)
+    skip_calls = DEFAULT_SKIP_CALLS if skip_calls is None else skip_calls
     base = default_schedule(num_steps, affordable_full_steps(num_steps, budget, cost, layout, order), order, warp)
-    for skip in (False, True):
-        fitted = fit_ratio(num_steps, layout, replace(base, skip=skip), budget, cost)
+    candidates = [replace(base, skip=False), replace(base, skip=True)]
+    if skip_calls:
+        share = FLOW_MAX_SKIPPED_SHARE if flow else DEFAULT_MAX_SKIPPED_SHARE
+        paid = with_skipped_calls(num_steps, layout, budget, cost, order, warp, share)
+        if paid is not None and paid.full_steps > base.full_steps:
+            candidates.insert(0, paid)
+    for candidate in candidates:
+        fitted = fit_ratio(num_steps, layout, candidate, budget, cost)
         if fitted is not None:
             plan, ratio = fitted
             break

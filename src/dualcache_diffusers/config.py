@@ -243,14 +243,17 @@ class DualCacheConfig:
         check_override_names(overrides)
         return dataclasses.replace(self, **overrides)
 
-    def build_plan(self, num_steps: int, layout: PlanLayout, cost: CostModel | None = None) -> CachePlan:
+    def build_plan(self, num_steps: int, layout: PlanLayout, cost: CostModel | None = None,
+                   flow: bool = False) -> CachePlan:
         """The plan for one generation of ``num_steps`` denoiser calls of a model of ``layout``.
 
         With a ``budget``, ``cost`` (the model's FLOPs per step, :class:`budget.CostModel`) sizes the
-        schedule; without one a rough uniform cost model is used."""
+        schedule; without one a rough uniform cost model is used; ``flow``: the scheduler samples a
+        flow-matching velocity (the rule may skip more calls: :func:`budget.budget_schedule`)."""
         if self.budget is not None and self.plan is None:
             order = self.forecast_order or 1
-            plan = budget_schedule(num_steps, layout, self.budget, cost or CostModel.uniform(layout), order=order)
+            plan = budget_schedule(num_steps, layout, self.budget, cost or CostModel.uniform(layout), order=order,
+                                   flow=flow)
             plan.metadata["config"] = self.to_dict()
             return plan
         if self.plan is not None:

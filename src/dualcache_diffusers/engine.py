@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import scheduler_watch
 from .adapters import ModelAdapter
 from .adapters.base import BlockInfo, ModuleSpec, resolve
-from .budget import CostModel
+from .budget import CostModel, samples_flow
 from .cache_storage import CacheStorage
 from .config import DualCacheConfig
 from .forecast import ForecastWeights, combine, lagrange_weights
@@ -140,16 +140,18 @@ class Denoiser:
                     self.value_modules[info.index] = (value, attn, info.spec.value_text_rows)
 
     def plan(self, num_steps: int, costs: Costs | None = None, image_rows: Any = None,
-             window: tuple[int, int] | None = None) -> CachePlan:
+             window: tuple[int, int] | None = None, flow: bool = False) -> CachePlan:
         """The plan of a generation of ``num_steps`` calls; a budget's plan of a denoiser that runs only the steps
-        ``window`` = (first, stop) of it (Wan 2.2's experts) spends the budget over those steps."""
+        ``window`` = (first, stop) of it (Wan 2.2's experts) spends the budget over those steps; ``flow``: the
+        scheduler samples a flow-matching velocity (:func:`.budget.samples_flow`, which the budget rule reads)."""
         if self.config.budget is not None and self.config.plan is None:
-            return self._budget_plan(num_steps, costs, image_rows, window or (0, num_steps))
+            return self._budget_plan(num_steps, costs, image_rows, window or (0, num_steps), flow)
         if num_steps not in self.plans:
             self.plans[num_steps] = self.config.build_plan(num_steps, self.layout)
         return self.plans[num_steps]
 
-    def _budget_plan(self, num_steps: int, costs: Costs | None, image_rows: Any, window: tuple[int, int]) -> CachePlan:
+    def _budget_plan(self, num_steps: int, costs: Costs | None, image_rows: Any, window: tuple[int, int],
+                     flow: bool) -> CachePlan:
         """A budget's plan needs the model's costs, recorded at its first (full) call: until they are known
         the plan is full steps that keep the forecast history (only its first step is used)."""
         if costs is None:
@@ -160,11 +162,12 @@ class Denoiser:
             for step in plan.steps:
                 step.forecast_order = self.config.forecast_order or 1
             return plan
-        key = (num_steps, id(costs), window)
+        key = (num_steps, id(costs), window, flow)
         if key not in self.plans:
             start, stop = window
             cost = self.cost_models[key] = CostModel.from_engine(costs, self.modules, image_rows)
-            self.plans[key] = self.config.build_plan(stop - start, self.layout, cost).placed(start, num_steps)
+            plan = self.config.build_plan(stop - start, self.layout, cost, flow=flow)
+            self.plans[key] = plan.placed(start, num_steps)
         return self.plans[key]
 
     def actions(self, step_plan: StepPlan) -> tuple[tuple[str, ...], ...]:
@@ -581,7 +584,8 @@ class DualCacheEngine:
         signature = (tuple(latents.shape), latents.dtype, latents.device, key)
         costs = den.costs.get(signature)
         window = gen.windows.get(d_index, (state.first_step, branch.plan_steps))
-        plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch), window)
+        plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch), window,
+                        samples_flow(gen.scheduler))
         primed = state.primed
         step_plan = plan.steps[branch.step] if primed else plan.steps[0]  # nothing cached yet: full
         if step_plan.skip_blocks and state.stack_cache is None:
@@ -596,9 +600,15 @@ class DualCacheEngine:
         # plan-derived flags hold for the plan's own step; a denoiser priming mid-generation records and stores
         recording = step_plan.is_full and (not primed or facts.scored[branch.step])
         passthrough = primed and costs is not None and facts.unread[branch.step]
+        output_history = facts.output_history
+        if costs is None and den.config.budget is not None:
+            # a budget's plan is made from the costs this call records: keep its prediction in case the plan skips calls
+            output_history = max(output_history, plan.max_forecast_order + 1)
+        elif not output_history:
+            state.output_history.clear()
         call = Call(den, branch, state, step_plan, plan=plan, recording=recording, counting=costs is None,
                     history=facts.history, error_order=facts.error_order, stack_history=facts.forecasts_stack,
-                    output_history=facts.output_history,
+                    output_history=output_history,
                     signature=signature, passthrough=passthrough, actions=den.actions(step_plan),
                     offload=self.storage.offloads_from(latents.device))
         state.costs = costs if costs is not None else Costs()
