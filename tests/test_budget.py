@@ -374,4 +374,6 @@ def test_a_budget_plan_that_skips_calls_runs_them_skipped_from_the_first_generat
     assert plan.skips_calls
     assert stats.flops_speedup == pytest.approx(plan.metadata["budget"]["predicted"], rel=1e-3)
     assert stats.step_kinds.count("full") == sum(s.is_full for s in plan.steps)
+    # recorded as their own kind, so step patterns (bench, demo, Space: first letters) show them as S
+    assert "".join(kind[0].upper() for kind in stats.step_kinds) == plan.pattern()
     disable_dual_cache(pipe)

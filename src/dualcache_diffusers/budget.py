@@ -75,6 +75,7 @@ from .plan import (
     CONSERVATIVE,
     FULL,
     RATIO_SCHEDULES,
+    SKIPPED_CALL,
     CachePlan,
     PlanLayout,
     RatioFn,
@@ -299,7 +300,7 @@ def schedule_plan(num_steps: int, layout: PlanLayout, schedule: Schedule, fresh_
                            method="duca", forecast_order=schedule.order, metadata=dict(metadata or {}))
     for i in skipped_call_steps(positions, num_steps, schedule.skipped_calls):
         step = plan.steps[i]
-        plan.steps[i] = replace(step, kind=AGGRESSIVE, skip_blocks=False, skip_call=True,
+        plan.steps[i] = replace(step, kind=SKIPPED_CALL, skip_blocks=False, skip_call=True,
                                 fractions=[[0.0] * len(row) for row in step.fractions])
     plan.metadata.setdefault("schedule", {**schedule.__dict__, "fresh_ratio": ratio})
     return plan

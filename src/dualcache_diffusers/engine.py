@@ -50,7 +50,7 @@ from .cache_storage import CacheStorage
 from .config import DualCacheConfig
 from .forecast import ForecastWeights, combine, lagrange_weights
 from .partial_attention import joint_flops, rotary_partial_attention
-from .plan import CachePlan, PlanLayout, StepPlan, action_of, full_plan, num_fresh_tokens
+from .plan import SKIPPED_CALL, CachePlan, PlanLayout, StepPlan, action_of, full_plan, num_fresh_tokens
 from .selection import (
     ERROR_SELECTIONS,
     attention_score,
@@ -612,7 +612,7 @@ class DualCacheEngine:
                     signature=signature, passthrough=passthrough, actions=den.actions(step_plan),
                     offload=self.storage.offloads_from(latents.device))
         state.costs = costs if costs is not None else Costs()
-        state.stats.step_kinds.append(step_plan.kind)
+        state.stats.step_kinds.append(SKIPPED_CALL if step_plan.skip_call else step_plan.kind)
         state.stats.num_calls += 1
         if step_plan.is_full:
             state.staleness.clear()

@@ -542,6 +542,8 @@ RATIO_SCHEDULES: dict[str, Callable[[float], RatioFn]] = {
 # Step schedules: which kind of step each denoiser call is
 # ---------------------------------------------------------------------------------------------
 FULL, CONSERVATIVE, AGGRESSIVE = "full", "conservative", "aggressive"
+#: the kind a step that skips the denoiser call is recorded as (``cache_stats(...).step_kinds``; ``S`` in patterns)
+SKIPPED_CALL = "skip"
 
 
 def cycle_step_kinds(num_steps: int, interval: int, pattern: str, first_full: int = 1) -> list[str]:
