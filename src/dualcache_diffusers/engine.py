@@ -310,6 +310,10 @@ class Generation:
     unsplit: bool = False  # the step clock did not advance: calls are no longer told apart by order
     measured: bool = False  # the steps it runs were read from the scheduler (at a branch's second call)
     windows: dict[int, tuple[int, int]] = field(default_factory=dict)  # denoiser -> (first, stop) of its steps
+    flow: bool = field(init=False)  # the scheduler samples a flow-matching velocity (the budget rule reads it)
+
+    def __post_init__(self) -> None:
+        self.flow = samples_flow(self.scheduler)  # once per generation, not at every call
 
 
 @dataclass
@@ -584,8 +588,7 @@ class DualCacheEngine:
         signature = (tuple(latents.shape), latents.dtype, latents.device, key)
         costs = den.costs.get(signature)
         window = gen.windows.get(d_index, (state.first_step, branch.plan_steps))
-        plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch), window,
-                        samples_flow(gen.scheduler))
+        plan = den.plan(branch.plan_steps, costs, functools.partial(_image_rows_of, branch), window, gen.flow)
         primed = state.primed
         step_plan = plan.steps[branch.step] if primed else plan.steps[0]  # nothing cached yet: full
         if step_plan.skip_blocks and state.stack_cache is None:
