@@ -230,7 +230,7 @@ class CachePlan:
     @property
     def skips_calls(self) -> bool:
         """Whether some step skips the denoiser call (so its outputs at full steps are kept)."""
-        return any(step.skip_call for step in self.steps)
+        return self.output_history_length > 0
 
     def present(self, block: int, module: int) -> bool:
         """Whether block ``block`` has the plan's module column ``module``."""
