@@ -292,16 +292,14 @@ def schedule_plan(num_steps: int, layout: PlanLayout, schedule: Schedule, fresh_
     full = set(positions)
     other = AGGRESSIVE if schedule.skip else CONSERVATIVE
     kinds = [FULL if i in full else other for i in range(num_steps)]
+    for i in skipped_call_steps(positions, num_steps, schedule.skipped_calls):
+        kinds[i] = SKIPPED_CALL
     ratio = schedule.fresh_ratio if schedule.fresh_ratio is not None else fresh_ratio
     ratio_fn = _first_gap_weighted(schedule.ratio_schedule, ratio, schedule.first_gap_weight,
                                    second_full=positions[1] if len(positions) > 1 else num_steps)
     plan = plan_from_kinds(kinds, layout, ratio_fn=ratio_fn,
                            aggressive="skip", interval=max(1, round(num_steps / max(1, len(full)))),
                            method="duca", forecast_order=schedule.order, metadata=dict(metadata or {}))
-    for i in skipped_call_steps(positions, num_steps, schedule.skipped_calls):
-        step = plan.steps[i]
-        plan.steps[i] = replace(step, kind=SKIPPED_CALL, skip_blocks=False, skip_call=True,
-                                fractions=[[0.0] * len(row) for row in step.fractions])
     plan.metadata.setdefault("schedule", {**schedule.__dict__, "fresh_ratio": ratio})
     return plan
 

@@ -631,7 +631,7 @@ def plan_from_kinds(
 
     conservative: each module does what :func:`conservative_fraction` says with the fraction
     ``ratio_fn(step, steps, block, blocks, role)``; aggressive: ``"skip"`` the block stack or
-    ``"reuse"`` every module's cached output.
+    ``"reuse"`` every module's cached output; :data:`SKIPPED_CALL`: skip the whole denoiser call.
     """
     num_steps, modules, num_blocks = len(kinds), layout.modules, layout.num_blocks
     steps = []
@@ -655,8 +655,11 @@ def plan_from_kinds(
                 for b in range(num_blocks)
             ]
             steps.append(StepPlan(CONSERVATIVE, rows, interval=interval, forecast_order=forecast_order))
+        elif kind == SKIPPED_CALL:
+            steps.append(StepPlan(SKIPPED_CALL, _rows(num_blocks, len(modules), 0.0), interval=interval,
+                                  forecast_order=forecast_order, skip_call=True))
         else:
-            raise ValueError(f"unknown step kind {kind!r}; allowed: full, conservative, aggressive")
+            raise ValueError(f"unknown step kind {kind!r}; allowed: full, conservative, aggressive, {SKIPPED_CALL}")
     return CachePlan(
         num_steps, num_blocks, modules, steps, method=method, metadata=dict(metadata or {}),
         block_modules=layout.block_modules, block_names=layout.block_names or None,
