@@ -38,6 +38,12 @@ def ours_at(rows: list[dict[str, str]], ratio: float) -> dict[str, str]:
     return min(ours, key=lambda r: abs(float(r["flops_ratio"]) - ratio))
 
 
+def needs_match(ours: dict[str, str], theirs: dict[str, str]) -> bool:
+    """Whether a baseline's row landed more than 3% from the same budget's `duca-budget` row, so that it is compared
+    with the one `--match-flops` ran nearest its FLOPs (:func:`ours_at`) instead."""
+    return abs(float(theirs["flops_ratio"]) / float(ours["flops_ratio"]) - 1) > MATCH_TOLERANCE
+
+
 def table(settings: list[tuple[str, Path]], label: str) -> tuple[list[str], list[str]]:
     lines, verdicts = [HEADER.format(label=label)], []
     for name, directory in settings:
@@ -55,7 +61,7 @@ def table(settings: list[tuple[str, Path]], label: str) -> tuple[list[str], list
                     continue
                 ratio = float(theirs["flops_ratio"])
                 text, pair = cell(theirs), ours
-                if method != "calibrated" and abs(ratio / float(ours["flops_ratio"]) - 1) > MATCH_TOLERANCE:
+                if method != "calibrated" and needs_match(ours, theirs):
                     pair = ours_at(rows, ratio)
                     text += f" / ours {cell(pair)}"
                 cells.append(text)

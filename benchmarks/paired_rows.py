@@ -33,9 +33,8 @@ def paired_rows(rows: list[dict[str, str]], budget: float, against: str) -> tupl
     if against not in at or "duca-budget" not in at:
         raise SystemExit(f"error: no {against!r} and 'duca-budget' rows at budget {budget:g} in these results")
     theirs, ours = at[against], at["duca-budget"]
-    ratio = float(theirs["flops_ratio"])
-    if abs(ratio / float(ours["flops_ratio"]) - 1) > budget_table.MATCH_TOLERANCE:
-        ours = budget_table.ours_at(rows, ratio)
+    if budget_table.needs_match(ours, theirs):
+        ours = budget_table.ours_at(rows, float(theirs["flops_ratio"]))
     return ours, theirs
 
 
