@@ -75,7 +75,9 @@ METHODS = {
     "duca-reuse": dict(config="duca", aggressive="reuse"),
     "duca-error": dict(config="duca", selection="forecast_error", forecast_reanchor=True),  # dual forecasting
     "budget-2": dict(budget=2),  # the default rule, as `enable_dual_cache(pipe, budget=2)`
+    "budget-2.5": dict(budget=2.5),
     "budget-3": dict(budget=3),
+    "budget-4": dict(budget=4),
 }
 
 
