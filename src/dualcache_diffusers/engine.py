@@ -72,7 +72,8 @@ HOOK_DENOISER = "dualcache_denoiser"
 HOOK_BLOCK = "dualcache_block"
 HOOK_MODULE = "dualcache_module"
 HOOK_RECORD = "dualcache_record"
-ALL_HOOKS = (HOOK_DENOISER, HOOK_BLOCK, HOOK_MODULE, HOOK_RECORD)
+HOOK_STAND_IN = "dualcache_stand_in"
+ALL_HOOKS = (HOOK_DENOISER, HOOK_BLOCK, HOOK_MODULE, HOOK_RECORD, HOOK_STAND_IN)
 #: name prefixes of diffusers' own cache hooks, which cannot share a model with this engine
 FOREIGN_CACHE_HOOKS = ("fbc_", "faster_cache", "mag_cache", "pyramid_attention_broadcast", "sea_cache",
                        "taylorseer_cache", "text_kv_cache")
@@ -125,6 +126,13 @@ class Denoiser:
             for info in self.infos
             for spec in info.modules
         ]
+        # norms whose output only one cached module reads (adapter.input_norms): skipped where it computes nothing
+        self.input_norms: list[tuple[torch.nn.Module, CachedModule]] = []
+        for _, cached in self.modules:
+            path = adapter.input_norms(self.infos[cached.block].block).get(cached.name)
+            norm = resolve(self.infos[cached.block].block, path) if path else None
+            if norm is not None:
+                self.input_norms.append((norm, cached))
         self.plans: dict[Any, CachePlan] = {}  # by step count; budget plans by (step count, costs, window)
         self.costs: dict[tuple, Costs] = {}
         self.cost_models: dict[tuple, CostModel] = {}  # what each budget plan was built from (read by calibrate)
@@ -399,6 +407,8 @@ class DualCacheEngine:
                 _registry(info.block).register_hook(BlockHook(self, info, info.index == last), HOOK_BLOCK)
             for module, cached in den.modules:
                 _registry(module).register_hook(ModuleHook(self, cached), HOOK_MODULE)
+            for norm, cached in den.input_norms:
+                _registry(norm).register_hook(InputNormHook(self, cached), HOOK_STAND_IN)
             self._attach_recorders(den)
 
     def _attach_recorders(self, den: Denoiser) -> None:
@@ -847,6 +857,18 @@ class DualCacheEngine:
             return cache if forecast is None else forecast
         return self._recompute_rows(call, cached, key, cache, forward, args, kwargs, forecast)
 
+    def run_input_norm(self, cached: CachedModule, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        """A norm whose output only ``cached`` reads: where that module's next call computes nothing (its output
+        forecast or reused whole, as :meth:`run_module` decides), one row of the norm's input, a view, so that the
+        norm and the block's modulation of its rows cost one row; otherwise the norm."""
+        call = self.current_call()
+        if call is None or call.passthrough or call.block != cached.block:
+            return forward(*args, **kwargs)
+        key = (cached.block, cached.column, call.block_calls.get(cached.column, 0))
+        if call.actions[cached.block][cached.column] == "reuse" and key in call.state.module_cache:
+            return _hidden(args, kwargs)[:, :1]
+        return forward(*args, **kwargs)
+
     def _forecast(self, call: Call, weights: ForecastWeights | None, history, device: torch.device) -> Any:
         """The step's forecast output from the weights chosen in begin_call (the plan's learned weights or
         Lagrange extrapolation), or None where the step reuses as is (or too little is stored)."""
@@ -1196,6 +1218,15 @@ class ModuleHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         return self.engine.run_module(self.cached, self.fn_ref.original_forward, args, kwargs)
+
+
+class InputNormHook(ModelHook):
+    def __init__(self, engine: DualCacheEngine, cached: CachedModule) -> None:
+        super().__init__()
+        self.engine, self.cached = engine, cached
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.engine.run_input_norm(self.cached, self.fn_ref.original_forward, args, kwargs)
 
 
 class ValueRecorder(ModelHook):

@@ -196,6 +196,15 @@ class ModelAdapter:
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         return [info.block for info in self.block_infos(model)]
 
+    def input_norms(self, block: torch.nn.Module) -> dict[str, str]:
+        """Cached module name -> dotted path, inside ``block``, of a norm whose output only that module reads.
+
+        Where the module computes nothing at a step (its output forecast or reused whole), the engine returns one
+        row of the norm's input instead of running it, so the norm and what the block does with its rows before
+        the module (adaLN modulation) cost one row: the block's output is the same. None declared here: every
+        norm runs."""
+        return {}
+
     def module_specs(self, model: torch.nn.Module) -> dict[str, ModuleSpec]:
         """One spec per module name (the first list's, where lists share a name), in plan column order.
 

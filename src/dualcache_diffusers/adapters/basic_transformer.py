@@ -17,6 +17,20 @@ BASIC_BLOCK_MODULES = (
 )
 
 
+#: by the block's ``norm_type``, the norm whose output only ``attn1`` / ``ff`` reads (BasicTransformerBlock.forward:
+#: DiT's adaLN-Zero modulates ``norm1.norm``'s rows for attn1 and ``norm3``'s for ff; PixArt's adaLN-single
+#: modulates ``norm1``'s for attn1 and ``norm2``'s for ff, and hands attn2 the unnormed rows)
+INPUT_NORMS = {
+    "ada_norm_zero": {"attn1": "norm1.norm", "ff": "norm3"},
+    "ada_norm_single": {"attn1": "norm1", "ff": "norm2"},
+}
+
+
 class BasicTransformerAdapter(ModelAdapter):
     model_classes = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
     block_lists = (BlockListSpec("transformer_blocks", BASIC_BLOCK_MODULES, value="attn1.to_v"),)
+
+    def input_norms(self, block):
+        if getattr(block, "_chunk_size", None) is not None:  # chunked feed-forward splits the rows ff gets
+            return {}
+        return INPUT_NORMS.get(getattr(block, "norm_type", None), {})

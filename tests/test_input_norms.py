@@ -1,0 +1,72 @@
+"""Norms whose output only a cached module reads (adapter.input_norms) are skipped where that module computes nothing.
+
+The block's output must not change: the skipped norm's rows only fed a module whose output the step forecasts or
+reuses whole. Compared bit for bit against the same plan with every norm running."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import generate
+
+from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
+from dualcache_diffusers.adapters.basic_transformer import BasicTransformerAdapter
+
+# the DuCa preset (aggressive steps forecast every module), a budget whose forecast steps recompute tokens of ff
+# but never of attn1, and a budget whose forecast steps recompute nothing
+SETTINGS = [dict(config="duca"), dict(budget=2.5), dict(budget=4)]
+
+
+def _layer_norm_rows(monkeypatch) -> list[int]:
+    """Rows normed by every nn.LayerNorm call from now on (the class's forward, wrapped before any hook binds it)."""
+    rows: list[int] = []
+    original = torch.nn.LayerNorm.forward
+
+    def counting(self, x):
+        rows.append(x.numel() // x.shape[-1])
+        return original(self, x)
+
+    monkeypatch.setattr(torch.nn.LayerNorm, "forward", counting)
+    return rows
+
+
+@pytest.mark.parametrize("options", SETTINGS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_skipping_input_norms_leaves_the_images_bit_for_bit_and_norms_fewer_rows(pipe, options, monkeypatch):
+    rows = _layer_norm_rows(monkeypatch)
+    enable_dual_cache(pipe, **options)
+    skipped = generate(pipe, steps=10)
+    pattern = "".join(k[0].upper() for k in cache_stats(pipe).step_kinds)
+    normed_skipping = sum(rows)
+    disable_dual_cache(pipe)
+
+    monkeypatch.setattr(BasicTransformerAdapter, "input_norms", lambda self, block: {})
+    rows.clear()
+    enable_dual_cache(pipe, **options)
+    every = generate(pipe, steps=10)
+    assert "".join(k[0].upper() for k in cache_stats(pipe).step_kinds) == pattern
+    normed_every = sum(rows)
+    disable_dual_cache(pipe)
+
+    np.testing.assert_array_equal(skipped, every)
+    assert pattern.count("F") < len(pattern)
+    assert normed_skipping < normed_every, (pattern, normed_skipping, normed_every)
+
+
+def test_declared_input_norms_resolve_to_layer_norms_of_every_block(pipe):
+    adapter = BasicTransformerAdapter()
+    for block in pipe.transformer.transformer_blocks:
+        norms = adapter.input_norms(block)
+        assert set(norms) == {"attn1", "ff"}
+        for path in norms.values():
+            module = block.get_submodule(path)
+            assert isinstance(module, torch.nn.LayerNorm), (path, type(module))
+
+
+def test_a_full_plan_runs_every_norm(dit_pipe, monkeypatch):
+    rows = _layer_norm_rows(monkeypatch)
+    enable_dual_cache(dit_pipe, interval=1)
+    generate(dit_pipe, steps=4)
+    cached = sum(rows)
+    disable_dual_cache(dit_pipe)
+    rows.clear()
+    generate(dit_pipe, steps=4)
+    assert cached == sum(rows) > 0
