@@ -72,8 +72,8 @@ HOOK_DENOISER = "dualcache_denoiser"
 HOOK_BLOCK = "dualcache_block"
 HOOK_MODULE = "dualcache_module"
 HOOK_RECORD = "dualcache_record"
-HOOK_STAND_IN = "dualcache_stand_in"
-ALL_HOOKS = (HOOK_DENOISER, HOOK_BLOCK, HOOK_MODULE, HOOK_RECORD, HOOK_STAND_IN)
+HOOK_INPUT_NORM = "dualcache_input_norm"
+ALL_HOOKS = (HOOK_DENOISER, HOOK_BLOCK, HOOK_MODULE, HOOK_RECORD, HOOK_INPUT_NORM)
 #: name prefixes of diffusers' own cache hooks, which cannot share a model with this engine
 FOREIGN_CACHE_HOOKS = ("fbc_", "faster_cache", "mag_cache", "pyramid_attention_broadcast", "sea_cache",
                        "taylorseer_cache", "text_kv_cache")
@@ -129,8 +129,9 @@ class Denoiser:
         # norms whose output only one cached module reads (adapter.input_norms): skipped where it computes nothing
         self.input_norms: list[tuple[torch.nn.Module, CachedModule]] = []
         for _, cached in self.modules:
-            path = adapter.input_norms(self.infos[cached.block].block).get(cached.name)
-            norm = resolve(self.infos[cached.block].block, path) if path else None
+            block = self.infos[cached.block].block
+            path = adapter.input_norms(block).get(cached.name)
+            norm = resolve(block, path) if path else None
             if norm is not None:
                 self.input_norms.append((norm, cached))
         self.plans: dict[Any, CachePlan] = {}  # by step count; budget plans by (step count, costs, window)
@@ -408,7 +409,7 @@ class DualCacheEngine:
             for module, cached in den.modules:
                 _registry(module).register_hook(ModuleHook(self, cached), HOOK_MODULE)
             for norm, cached in den.input_norms:
-                _registry(norm).register_hook(InputNormHook(self, cached), HOOK_STAND_IN)
+                _registry(norm).register_hook(InputNormHook(self, cached), HOOK_INPUT_NORM)
             self._attach_recorders(den)
 
     def _attach_recorders(self, den: Denoiser) -> None:

@@ -8,6 +8,8 @@ self-attention can be recomputed for selected queries against all keys and value
 
 from __future__ import annotations
 
+import torch
+
 from .base import BlockListSpec, ModelAdapter, ModuleSpec
 
 BASIC_BLOCK_MODULES = (
@@ -30,7 +32,7 @@ class BasicTransformerAdapter(ModelAdapter):
     model_classes = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
     block_lists = (BlockListSpec("transformer_blocks", BASIC_BLOCK_MODULES, value="attn1.to_v"),)
 
-    def input_norms(self, block):
+    def input_norms(self, block: torch.nn.Module) -> dict[str, str]:
         if getattr(block, "_chunk_size", None) is not None:  # chunked feed-forward splits the rows ff gets
             return {}
         return INPUT_NORMS.get(getattr(block, "norm_type", None), {})
