@@ -172,3 +172,42 @@ def check_partial_preset_flops(case: FamilyCase, preset: str = "duca") -> None:
         run(pipe, case)
     overrides = {preset: {**case.overrides.get(preset, {}), "self_attention": "partial"}}
     check_preset_cuts_flops(pipe, dataclasses.replace(case, overrides=overrides), preset, counter.get_total_flops())
+
+
+def check_unread_work_is_skipped(case: FamilyCase, options: dict[str, Any], monkeypatch: Any, steps: int = 10,
+                                 functions: tuple[str, ...] = ("layer_norm",)) -> None:
+    """The adapter's ``input_norms`` / ``sole_readers``: the images equal, bit for bit, those of the same plan with
+    both switched off (every norm runs, every forecast is computed), and each of ``functions`` (of
+    ``torch.nn.functional``) sees fewer elements."""
+    from torch.nn import functional
+
+    from dualcache_diffusers.engine import DualCacheEngine
+
+    seen = dict.fromkeys(functions, 0)
+    for name in functions:
+        original = getattr(functional, name)
+
+        def counting(x, *args, _name=name, _original=original, **kwargs):
+            seen[_name] += x.numel()
+            return _original(x, *args, **kwargs)
+
+        monkeypatch.setattr(functional, name, counting)
+
+    def generate() -> tuple[np.ndarray, str, dict[str, int]]:
+        pipe = case.build()
+        seen.update(dict.fromkeys(functions, 0))
+        enable_dual_cache(pipe, **options)
+        try:
+            images = run(pipe, case, steps)
+            pattern = "".join(kind[0].upper() for kind in cache_stats(pipe).step_kinds)
+        finally:
+            disable_dual_cache(pipe)
+        return images, pattern, dict(seen)
+
+    skipping, pattern, fewer = generate()
+    monkeypatch.setattr(DualCacheEngine, "_computes_nothing", staticmethod(lambda call, cached: False))
+    every, same_pattern, more = generate()
+    assert same_pattern == pattern and pattern.count("F") < len(pattern), (pattern, same_pattern)
+    np.testing.assert_array_equal(skipping, every)
+    for name in functions:
+        assert fewer[name] < more[name], (name, pattern, fewer[name], more[name])

@@ -1,12 +1,16 @@
-"""Norms whose output only a cached module reads (adapter.input_norms) are skipped where that module computes nothing.
+"""Work whose result nothing will read is skipped: norms whose output only cached modules read (adapter.input_norms)
+where none of them computes, and the forecast of a module whose sole reader computes nothing (sole_readers).
 
-The block's output must not change: the skipped norm's rows only fed a module whose output the step forecasts or
-reuses whole. Compared bit for bit against the same plan with every norm running."""
+The block's output must not change: the skipped rows only fed modules whose output the step forecasts or reuses
+whole. Compared bit for bit against the same plan with every norm running and every forecast computed."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import generate
+from family_harness import check_unread_work_is_skipped
+from test_family_chroma import CASE as CHROMA
+from test_family_flux import CASE as FLUX
 
 from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
 from dualcache_diffusers.adapters.basic_transformer import BasicTransformerAdapter
@@ -38,7 +42,7 @@ def test_skipping_input_norms_leaves_the_images_bit_for_bit_and_norms_fewer_rows
     normed_skipping = sum(rows)
     disable_dual_cache(pipe)
 
-    monkeypatch.setattr(BasicTransformerAdapter, "input_norms", lambda self, block: {})
+    monkeypatch.setattr(BasicTransformerAdapter, "input_norms", lambda self, block, spec: {})
     rows.clear()
     enable_dual_cache(pipe, **options)
     every = generate(pipe, steps=10)
@@ -54,7 +58,7 @@ def test_skipping_input_norms_leaves_the_images_bit_for_bit_and_norms_fewer_rows
 def test_declared_input_norms_resolve_to_layer_norms_of_every_block(pipe):
     adapter = BasicTransformerAdapter()
     for block in pipe.transformer.transformer_blocks:
-        norms = adapter.input_norms(block)
+        norms = adapter.input_norms(block, adapter.block_lists[0])
         assert set(norms) == {"attn1", "ff"}
         for path in norms.values():
             module = block.get_submodule(path)
@@ -70,3 +74,19 @@ def test_a_full_plan_runs_every_norm(dit_pipe, monkeypatch):
     rows.clear()
     generate(dit_pipe, steps=4)
     assert cached == sum(rows) > 0
+
+
+# the DuCa preset's aggressive steps skip the block stack and its conservative steps (like those of a budget on these
+# 64 tokens) recompute rows of proj_out, so only norms are skipped there; with aggressive steps that forecast every
+# module instead, proj_out reuses and its sole readers' forecasts are skipped too
+SKIPPING = [(dict(config="duca"), ("layer_norm",)), (dict(budget=4), ("layer_norm",)),
+            (dict(config="duca", aggressive="reuse"), ("layer_norm", "gelu"))]
+
+
+@pytest.mark.parametrize("options, functions", SKIPPING, ids=["duca", "budget=4", "duca-aggressive-reuse"])
+@pytest.mark.parametrize("case", [FLUX, CHROMA], ids=lambda case: case.name)
+def test_flux_like_blocks_skip_their_norms_and_the_single_blocks_unread_forecasts(case, options, functions,
+                                                                                  monkeypatch):
+    """Double blocks: the joint attention's two norms and each MLP's norm. Single blocks: the norm shared by
+    proj_mlp and attn, and their forecasts (and the MLP's activation) where proj_out, their sole reader, reuses."""
+    check_unread_work_is_skipped(case, options, monkeypatch, functions=functions)

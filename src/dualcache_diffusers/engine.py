@@ -126,14 +126,25 @@ class Denoiser:
             for info in self.infos
             for spec in info.modules
         ]
-        # norms whose output only one cached module reads (adapter.input_norms): skipped where it computes nothing
-        self.input_norms: list[tuple[torch.nn.Module, CachedModule]] = []
+        # norms whose output only cached modules read (adapter.input_norms): skipped where none of them computes
+        readers: dict[torch.nn.Module, list[CachedModule]] = {}
         for _, cached in self.modules:
-            block = self.infos[cached.block].block
-            path = adapter.input_norms(block).get(cached.name)
-            norm = resolve(block, path) if path else None
-            if norm is not None:
-                self.input_norms.append((norm, cached))
+            info = self.infos[cached.block]
+            paths = adapter.input_norms(info.block, info.spec).get(cached.name, ())
+            for path in (paths,) if isinstance(paths, str) else paths:
+                norm = resolve(info.block, path)
+                if norm is not None:
+                    readers.setdefault(norm, []).append(cached)
+        self.input_norms: list[tuple[torch.nn.Module, tuple[CachedModule, ...]]] = [
+            (norm, tuple(modules)) for norm, modules in readers.items()]
+        # cached module -> the cached module that alone reads its output (the block list's sole_readers)
+        by_name = {(cached.block, cached.name): cached for _, cached in self.modules}
+        self.sole_readers: dict[tuple[int, int], CachedModule] = {  # by (block, column)
+            (cached.block, cached.column): by_name[cached.block, reader]
+            for _, cached in self.modules
+            if (reader := self.infos[cached.block].spec.sole_readers.get(cached.name)) is not None
+            and (cached.block, reader) in by_name
+        }
         self.plans: dict[Any, CachePlan] = {}  # by step count; budget plans by (step count, costs, window)
         self.costs: dict[tuple, Costs] = {}
         self.cost_models: dict[tuple, CostModel] = {}  # what each budget plan was built from (read by calibrate)
@@ -407,9 +418,10 @@ class DualCacheEngine:
             for info in den.infos:
                 _registry(info.block).register_hook(BlockHook(self, info, info.index == last), HOOK_BLOCK)
             for module, cached in den.modules:
-                _registry(module).register_hook(ModuleHook(self, cached), HOOK_MODULE)
-            for norm, cached in den.input_norms:
-                _registry(norm).register_hook(InputNormHook(self, cached), HOOK_INPUT_NORM)
+                reader = den.sole_readers.get((cached.block, cached.column))
+                _registry(module).register_hook(ModuleHook(self, cached, reader), HOOK_MODULE)
+            for norm, readers in den.input_norms:
+                _registry(norm).register_hook(InputNormHook(self, readers), HOOK_INPUT_NORM)
             self._attach_recorders(den)
 
     def _attach_recorders(self, den: Denoiser) -> None:
@@ -835,7 +847,8 @@ class DualCacheEngine:
         return output
 
     # ---- cached modules ---------------------------------------------------------------------------
-    def run_module(self, cached: CachedModule, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    def run_module(self, cached: CachedModule, forward, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   reader: CachedModule | None = None):
         call = self.current_call()
         if call is None or call.passthrough or call.block != cached.block:
             return forward(*args, **kwargs)
@@ -847,6 +860,9 @@ class DualCacheEngine:
         if action == "compute":
             return self._compute(call, cached, key, forward, args, kwargs)
         cache = state.module_cache.get(key)
+        if action == "reuse" and cache is not None and reader is not None and self._computes_nothing(call, reader):
+            # only `reader` reads this output and it will not either: one row of zeros, no forecast
+            return _one_row_of_zeros(cache, _hidden(args, kwargs).device)
         partial = action == "partial" and cached.spec.can_partial and cached.call_kind(index) == "image"
         if cache is None or (action == "partial" and not partial):
             return self._compute(call, cached, key, forward, args, kwargs)
@@ -858,17 +874,23 @@ class DualCacheEngine:
             return cache if forecast is None else forecast
         return self._recompute_rows(call, cached, key, cache, forward, args, kwargs, forecast)
 
-    def run_input_norm(self, cached: CachedModule, forward, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        """A norm whose output only ``cached`` reads: where that module's next call computes nothing (its output
-        forecast or reused whole, as :meth:`run_module` decides), one row of the norm's input, a view, so that the
-        norm and the block's modulation of its rows cost one row; otherwise the norm."""
+    def run_input_norm(self, readers: tuple[CachedModule, ...], forward, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]):
+        """A norm whose output only the cached modules ``readers`` read: where none of their next calls computes
+        (each output forecast or reused whole, as :meth:`run_module` decides), one row of the norm's input, a view,
+        so that the norm and the block's modulation of its rows cost one row; otherwise the norm."""
         call = self.current_call()
-        if call is None or call.passthrough or call.block != cached.block:
+        if (call is None or call.passthrough or call.block != readers[0].block
+                or not all(self._computes_nothing(call, cached) for cached in readers)):
             return forward(*args, **kwargs)
+        return _hidden(args, kwargs)[:, :1]
+
+    @staticmethod
+    def _computes_nothing(call: Call, cached: CachedModule) -> bool:
+        """Whether the next call of ``cached`` in the current block returns a stored output forecast or reused
+        whole (the test :meth:`run_module` applies), so that nothing read only by it needs computing."""
         key = (cached.block, cached.column, call.block_calls.get(cached.column, 0))
-        if call.actions[cached.block][cached.column] == "reuse" and key in call.state.module_cache:
-            return _hidden(args, kwargs)[:, :1]
-        return forward(*args, **kwargs)
+        return call.actions[cached.block][cached.column] == "reuse" and key in call.state.module_cache
 
     def _forecast(self, call: Call, weights: ForecastWeights | None, history, device: torch.device) -> Any:
         """The step's forecast output from the weights chosen in begin_call (the plan's learned weights or
@@ -1213,21 +1235,21 @@ class BlockHook(ModelHook):
 
 
 class ModuleHook(ModelHook):
-    def __init__(self, engine: DualCacheEngine, cached: CachedModule) -> None:
+    def __init__(self, engine: DualCacheEngine, cached: CachedModule, reader: CachedModule | None = None) -> None:
         super().__init__()
-        self.engine, self.cached = engine, cached
+        self.engine, self.cached, self.reader = engine, cached, reader
 
     def new_forward(self, module, *args, **kwargs):
-        return self.engine.run_module(self.cached, self.fn_ref.original_forward, args, kwargs)
+        return self.engine.run_module(self.cached, self.fn_ref.original_forward, args, kwargs, self.reader)
 
 
 class InputNormHook(ModelHook):
-    def __init__(self, engine: DualCacheEngine, cached: CachedModule) -> None:
+    def __init__(self, engine: DualCacheEngine, readers: tuple[CachedModule, ...]) -> None:
         super().__init__()
-        self.engine, self.cached = engine, cached
+        self.engine, self.readers = engine, readers
 
     def new_forward(self, module, *args, **kwargs):
-        return self.engine.run_input_norm(self.cached, self.fn_ref.original_forward, args, kwargs)
+        return self.engine.run_input_norm(self.readers, self.fn_ref.original_forward, args, kwargs)
 
 
 class ValueRecorder(ModelHook):
@@ -1323,6 +1345,16 @@ def _kv_rows(hidden: torch.Tensor, args: tuple, kwargs: dict) -> int:
 
 def module_of(call: Call, cached: CachedModule) -> torch.nn.Module:
     return getattr(call.denoiser.infos[cached.block].block, cached.name)
+
+
+def _one_row_of_zeros(value: Any, device: torch.device) -> Any:
+    """Zeros shaped like the first row of ``value`` (a stored output: a tensor or a tuple of them / None), on
+    ``device``: what a module whose output nothing will read returns."""
+    if isinstance(value, torch.Tensor):
+        return torch.zeros((value.shape[0], 1, *value.shape[2:]), dtype=value.dtype, device=device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_one_row_of_zeros(v, device) for v in value)
+    return value
 
 
 def _clone(value: Any) -> Any:

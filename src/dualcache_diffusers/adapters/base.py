@@ -9,7 +9,8 @@ say it (how to read the token grid from a call's inputs).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -100,6 +101,13 @@ class BlockListSpec:
         value_text_rows: where text rows sit in that output.
         grid: which axes of the (frames, rows, cols) token grid a block's rows span: ``"all"``,
             ``"space"`` (frames folded into the batch), ``"time"`` (positions folded into the batch).
+        input_norms: cached module name -> dotted path(s), inside a block, of the norm(s) whose output only
+            cached modules read (through row-wise ops such as adaLN modulation); see
+            :meth:`ModelAdapter.input_norms`. A norm several modules read is skipped where none computes.
+        sole_readers: cached module name -> the cached module that alone reads its output (through row-wise
+            ops that accept one row, e.g. an activation or a concatenation along features): where the reader
+            computes nothing and the module would only forecast or reuse its output, it returns one row of
+            zeros instead, so neither the forecast nor those ops cost more than a row.
     """
 
     attr: str
@@ -109,6 +117,8 @@ class BlockListSpec:
     value: str | None = None
     value_text_rows: str = "none"
     grid: str = "all"
+    input_norms: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict, hash=False)
+    sole_readers: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.inputs not in ("h", "h,e") or self.outputs not in LAYOUTS:
@@ -196,14 +206,15 @@ class ModelAdapter:
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         return [info.block for info in self.block_infos(model)]
 
-    def input_norms(self, block: torch.nn.Module) -> dict[str, str]:
-        """Cached module name -> dotted path, inside ``block``, of a norm whose output only that module reads.
+    def input_norms(self, block: torch.nn.Module, spec: BlockListSpec) -> Mapping[str, str | tuple[str, ...]]:
+        """Cached module name -> dotted path(s), inside ``block``, of the norm(s) whose output only cached modules
+        read (a norm may feed several, e.g. a single-stream block's attention and MLP projection).
 
-        Where the module computes nothing at a step (its output forecast or reused whole), the engine returns one
-        row of the norm's input instead of running it, so the norm and what the block does with its rows before
-        the module (adaLN modulation) cost one row: the block's output is the same. None declared here: every
-        norm runs."""
-        return {}
+        Where none of a norm's readers computes at a step (each output forecast or reused whole), the engine returns
+        one row of the norm's input instead of running it, so the norm and what the block does with its rows before
+        the modules (adaLN modulation) cost one row: the block's output is the same. By default the block list's
+        declaration (``spec.input_norms``)."""
+        return spec.input_norms
 
     def module_specs(self, model: torch.nn.Module) -> dict[str, ModuleSpec]:
         """One spec per module name (the first list's, where lists share a name), in plan column order.

@@ -32,7 +32,7 @@ class BasicTransformerAdapter(ModelAdapter):
     model_classes = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
     block_lists = (BlockListSpec("transformer_blocks", BASIC_BLOCK_MODULES, value="attn1.to_v"),)
 
-    def input_norms(self, block: torch.nn.Module) -> dict[str, str]:
+    def input_norms(self, block: torch.nn.Module, spec: BlockListSpec) -> dict[str, str]:
         if getattr(block, "_chunk_size", None) is not None:  # chunked feed-forward splits the rows ff gets
             return {}
         return INPUT_NORMS.get(getattr(block, "norm_type", None), {})

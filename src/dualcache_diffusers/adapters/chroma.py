@@ -11,14 +11,24 @@ step without a `cache_context`, so the branches are told apart by the order of c
 from __future__ import annotations
 
 from .base import BlockListSpec
-from .flux import DOUBLE_MODULES, SINGLE_MODULES, FluxAdapter
+from .flux import (
+    DOUBLE_INPUT_NORMS,
+    DOUBLE_MODULES,
+    SINGLE_INPUT_NORMS,
+    SINGLE_MODULES,
+    SINGLE_SOLE_READERS,
+    FluxAdapter,
+)
 
 
 class ChromaAdapter(FluxAdapter):
     model_classes = {"ChromaTransformer2DModel": "chroma"}
+    # the norms and what reads them as in Flux's blocks (ChromaTransformerBlock / ChromaSingleTransformerBlock)
     block_lists = (
-        BlockListSpec("transformer_blocks", DOUBLE_MODULES, inputs="h,e", outputs="e,h", value="attn.to_v"),
-        BlockListSpec("single_transformer_blocks", SINGLE_MODULES, value="attn.to_v", value_text_rows="first"),
+        BlockListSpec("transformer_blocks", DOUBLE_MODULES, inputs="h,e", outputs="e,h", value="attn.to_v",
+                      input_norms=DOUBLE_INPUT_NORMS),
+        BlockListSpec("single_transformer_blocks", SINGLE_MODULES, value="attn.to_v", value_text_rows="first",
+                      input_norms=SINGLE_INPUT_NORMS, sole_readers=SINGLE_SOLE_READERS),
     )
     branches_by_timestep = True
     # presets: Flux's (Chroma is a FLUX.1-schnell derivative; nothing is published for Chroma itself)

@@ -61,12 +61,23 @@ def packed_token_grid(latents: torch.Tensor, img_ids: Any) -> tuple[int, int, in
     return 1, 1, tokens
 
 
+#: FluxTransformerBlock.forward: the joint attention reads both streams' ``norm1*`` rows (adaLN-modulated), each
+#: MLP its stream's ``norm2*`` rows
+DOUBLE_INPUT_NORMS = {"attn": ("norm1.norm", "norm1_context.norm"), "ff": "norm2", "ff_context": "norm2_context"}
+#: FluxSingleTransformerBlock.forward: ``norm``'s modulated rows feed ``proj_mlp`` and ``attn``; their outputs
+#: (the MLP's through its activation) are concatenated along features for ``proj_out`` alone
+SINGLE_INPUT_NORMS = {"proj_mlp": "norm.norm", "attn": "norm.norm"}
+SINGLE_SOLE_READERS = {"proj_mlp": "proj_out", "attn": "proj_out"}
+
+
 class FluxAdapter(ModelAdapter):
     model_classes = {"FluxTransformer2DModel": "flux"}
     block_lists = (
-        BlockListSpec("transformer_blocks", DOUBLE_MODULES, inputs="h,e", outputs="e,h", value="attn.to_v"),
+        BlockListSpec("transformer_blocks", DOUBLE_MODULES, inputs="h,e", outputs="e,h", value="attn.to_v",
+                      input_norms=DOUBLE_INPUT_NORMS),
         BlockListSpec("single_transformer_blocks", SINGLE_MODULES, inputs="h,e", outputs="e,h",
-                      value="attn.to_v", value_text_rows="first"),
+                      value="attn.to_v", value_text_rows="first", input_norms=SINGLE_INPUT_NORMS,
+                      sole_readers=SINGLE_SOLE_READERS),
     )
     # FLUX.1-dev settings of the authors' papers (RESEARCH.md): DuCa N=5 (FoCa table, 3.80x), ToCa5
     # (ToCa README, 3.14x), FORA N=3 (FoCa table, 2.82x). Fresh ratios: ours (not published for FLUX);
