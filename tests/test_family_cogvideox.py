@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-from family_harness import FamilyCase, check_family, check_partial_self_attention
+from family_harness import FamilyCase, check_family, check_partial_self_attention, check_unread_work_is_skipped
 from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 
@@ -51,3 +51,15 @@ def test_cogvideox_1_5_family_contract():
 def test_cogvideox_partial_joint_attention(case):
     """self_attention="partial": every text row plus the selected video rows, RoPE on the video rows only."""
     check_partial_self_attention(case.build(), case)
+
+
+# aggressive steps that forecast every module (instead of skipping the stack) and a budget's plan
+SKIPPING = [dict(config="duca", aggressive="reuse"), dict(budget=4)]
+
+
+@pytest.mark.parametrize("options", SKIPPING, ids=["duca-aggressive-reuse", "budget=4"])
+@pytest.mark.parametrize("case", [CASE, CASE_15], ids=["1.0", "1.5"])
+def test_cogvideox_skips_the_norms_of_reused_modules(case, options, monkeypatch):
+    """norm1.norm (video and text rows, for attn1 alone) and norm2.norm (for ff alone): one row of each stream where
+    the module reuses, the latents bit for bit those with every norm running."""
+    check_unread_work_is_skipped(case, options, monkeypatch, functions=("layer_norm",))

@@ -15,7 +15,7 @@ from diffusers import (
     WanVACEPipeline,
     WanVACETransformer3DModel,
 )
-from family_harness import FamilyCase, check_family, check_partial_self_attention, run
+from family_harness import FamilyCase, check_family, check_partial_self_attention, check_unread_work_is_skipped, run
 from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 from dualcache_diffusers import disable_dual_cache, enable_dual_cache
@@ -113,6 +113,19 @@ def test_wan_partial_self_attention(name):
     """attn1 (RoPE): selected queries against all keys and values, the rotary table sliced to them."""
     case = CASES[name]
     check_partial_self_attention(case.build(), case)
+
+
+# aggressive steps that forecast every module (instead of skipping the stack) and a budget's plan: where attn1, attn2
+# or ffn reuses, its norm (norm1, norm2, norm3: FP32LayerNorm, through F.layer_norm) is skipped
+SKIPPING = [dict(config="duca", aggressive="reuse"), dict(budget=4)]
+
+
+@pytest.mark.parametrize("options", SKIPPING, ids=["duca-aggressive-reuse", "budget=4"])
+@pytest.mark.parametrize("name", ["wan21", "wan22_ti2v", "wan_vace", "skyreels_v2"])
+def test_wan_skips_the_norms_of_reused_modules(name, options, monkeypatch):
+    """Each module's input norm, adaLN-modulated rows (per token under Wan 2.2 TI2V's expanded timesteps) read by
+    it alone: one row where it reuses, the latents bit for bit those with every norm running."""
+    check_unread_work_is_skipped(CASES[name], options, monkeypatch, functions=("layer_norm",))
 
 
 def test_wan22_a14b_caches_both_experts():

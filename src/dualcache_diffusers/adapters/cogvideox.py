@@ -31,6 +31,12 @@ COGVIDEOX_ROTARY = RotaryAttention("image_rotary_emb", apply_cogvideox_rotary, t
                                    text_rope=False)
 
 
+#: CogVideoXBlock.forward: ``norm1`` (CogVideoXLayerNormZero) runs its LayerNorm ``norm1.norm`` on the video and
+#: the text rows, modulated for `attn1` alone (its gates come from ``norm1.linear``, not the rows); ``norm2.norm``'s
+#: modulated rows, concatenated [text; video], feed `ff` alone. The residuals add to the unnormed rows
+COGVIDEOX_INPUT_NORMS = {"attn1": "norm1.norm", "ff": "norm2.norm"}
+
+
 class CogVideoXAdapter(ModelAdapter):
     model_classes = {"CogVideoXTransformer3DModel": "cogvideox"}
     block_lists = (
@@ -39,6 +45,7 @@ class CogVideoXAdapter(ModelAdapter):
             (ModuleSpec("attn1", "joint_attention", rotary=COGVIDEOX_ROTARY),
              ModuleSpec("ff", "mlp", text_rows="first")),
             inputs="h,e", outputs="h,e", value="attn1.to_v", value_text_rows="first",
+            input_norms=COGVIDEOX_INPUT_NORMS,
         ),
     )
     latent_layout = "BFCHW"  # the pipeline pads the latent frames to a multiple of patch_size_t

@@ -42,6 +42,11 @@ WAN_BLOCK_MODULES = (
     ModuleSpec("ffn", "mlp"),
 )
 
+#: WanTransformerBlock.forward (and SkyReelsV2TransformerBlock.forward, the same): each module reads its own norm's
+#: rows alone, adaLN-modulated for `attn1` (``norm1(h) * (1 + scale_msa) + shift_msa``) and `ffn` (``norm3``), as is
+#: for `attn2` (``norm2``, an Identity without ``cross_attn_norm``); the residuals add to the unnormed rows
+WAN_INPUT_NORMS = {"attn1": "norm1", "attn2": "norm2", "ffn": "norm3"}
+
 
 class WanAdapter(ModelAdapter):
     model_classes = {
@@ -49,7 +54,8 @@ class WanAdapter(ModelAdapter):
         "WanVACETransformer3DModel": "wan",
         "SkyReelsV2Transformer3DModel": "wan",
     }
-    block_lists = (BlockListSpec("blocks", WAN_BLOCK_MODULES, inputs="h,e", value="attn1.to_v"),)
+    block_lists = (BlockListSpec("blocks", WAN_BLOCK_MODULES, inputs="h,e", value="attn1.to_v",
+                                 input_norms=WAN_INPUT_NORMS),)
     timestep_arg = ("timestep", 1)
     # Wan 2.2 A14B: `transformer` (high noise) while t >= boundary_ratio x num_train_timesteps, then `transformer_2`
     expert_switch = ExpertSwitch("boundary_ratio", high="transformer", low="transformer_2")
