@@ -7,10 +7,11 @@ latents (no HunyuanImage VAE): everything the cache touches runs inside the tran
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanImagePipeline, HunyuanImageTransformer2DModel
 from diffusers.guiders import ClassifierFreeGuidance
-from family_harness import FamilyCase, check_family, check_partial_self_attention
+from family_harness import FamilyCase, check_family, check_partial_self_attention, check_unread_work_is_skipped
 
 TEXT_DIM, TEXT_2_DIM, TEXT_LEN, TEXT_2_LEN = 16, 8, 6, 4
 
@@ -60,3 +61,11 @@ def test_hunyuan_image_family_contract():
 def test_hunyuan_image_partial_joint_attention():
     """HunyuanImageAttnProcessor computes as HunyuanVideo's: the same partial joint attention applies."""
     check_partial_self_attention(CASE.build(), CASE)
+
+
+@pytest.mark.parametrize("options", [dict(config="duca", aggressive="reuse"), dict(budget=4)],
+                         ids=["duca-aggressive-reuse", "budget=4"])
+def test_hunyuan_image_skips_the_norms_of_reused_modules(options, monkeypatch):
+    """HunyuanVideo's declarations on the same blocks: one row through each norm whose readers reuse, the latents bit
+    for bit those with every norm running."""
+    check_unread_work_is_skipped(CASE, options, monkeypatch, functions=("layer_norm",))

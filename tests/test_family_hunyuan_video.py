@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
-from family_harness import FamilyCase, check_family, check_partial_preset_flops, check_partial_self_attention
+from family_harness import (
+    FamilyCase,
+    check_family,
+    check_partial_preset_flops,
+    check_partial_self_attention,
+    check_unread_work_is_skipped,
+)
 
 TEXT_DIM, POOLED_DIM, TEXT_LEN = 16, 8, 6
 
@@ -60,26 +66,36 @@ def test_hunyuan_video_true_cfg_branches():
     check_family(CASE_TRUE_CFG)
 
 
-def test_hunyuan_video_token_replace_bare_transformer():
-    """The I2V token-replace blocks, called positionally (timestep is argument 1) by a hand-written loop."""
-    from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
-
+def tiny_token_replace_transformer() -> HunyuanVideoTransformer3DModel:
+    """The I2V token-replace blocks (HunyuanVideoTokenReplace*TransformerBlock), 3 double + 3 single."""
     torch.manual_seed(0)
-    model = HunyuanVideoTransformer3DModel(
+    return HunyuanVideoTransformer3DModel(
         in_channels=8, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=3,
         num_single_layers=3, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
         text_embed_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, rope_axes_dim=(2, 4, 4),
         image_condition_type="token_replace",
     ).eval()
-    latents = torch.randn(1, 8, 2, 8, 8)
+
+
+def token_replace_loop(model: HunyuanVideoTransformer3DModel, steps: int = 10) -> torch.Tensor:
+    """The model called positionally (timestep is argument 1) at ``steps`` timesteps on fixed latents."""
+    latents = torch.randn(1, 8, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.stack([
+            model(latents, torch.tensor([t]), _POS["embeds"], _POS["mask"], _POS["pooled"],
+                  guidance=torch.tensor([6000.0]), return_dict=False)[0]
+            for t in torch.linspace(999, 50, steps)
+        ])
+
+
+def test_hunyuan_video_token_replace_bare_transformer():
+    """The I2V token-replace blocks, called positionally (timestep is argument 1) by a hand-written loop."""
+    from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
+
+    model = tiny_token_replace_transformer()
 
     def loop() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.stack([
-                model(latents, torch.tensor([t]), _POS["embeds"], _POS["mask"], _POS["pooled"],
-                      guidance=torch.tensor([6000.0]), return_dict=False)[0]
-                for t in torch.linspace(999, 50, 10)
-            ])
+        return token_replace_loop(model)
 
     stock = loop()
     enable_dual_cache(model, "duca", interval=1, num_inference_steps=10)
@@ -101,3 +117,49 @@ def test_hunyuan_video_partial_joint_attention(blocks):
 
 def test_hunyuan_video_duca_with_partial_attention_cuts_flops():
     check_partial_preset_flops(CASE, "duca")
+
+
+# aggressive steps that forecast every module (instead of skipping the stack) and a budget's plan: where the double
+# blocks' attn / ff / ff_context reuse, their norms are skipped, and the single blocks' norm where proj_mlp and attn
+# both do
+SKIPPING = [dict(config="duca", aggressive="reuse"), dict(budget=4)]
+
+
+@pytest.mark.parametrize("options", SKIPPING, ids=["duca-aggressive-reuse", "budget=4"])
+def test_hunyuan_video_skips_the_norms_of_reused_modules(options, monkeypatch):
+    """Double blocks: the joint attention's two norms and each MLP's norm; single blocks: the norm shared by proj_mlp
+    and attn. One row where their readers reuse, the latents bit for bit those with every norm running."""
+    check_unread_work_is_skipped(CASE, options, monkeypatch, functions=("layer_norm",))
+
+
+def test_hunyuan_video_token_replace_blocks_skip_the_norms_of_reused_modules(monkeypatch):
+    """The token-replace blocks slice the norms' rows at the first frame's tokens before modulating them: the one-row
+    placeholder passes through those slices, and the output is bit for bit that with every norm running."""
+    from torch.nn import functional
+
+    from dualcache_diffusers import disable_dual_cache, enable_dual_cache
+    from dualcache_diffusers.engine import DualCacheEngine
+
+    normed = [0]
+    layer_norm = functional.layer_norm
+
+    def counting(x, *args, **kwargs):
+        normed[0] += x.numel()
+        return layer_norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(functional, "layer_norm", counting)
+
+    def generate() -> tuple[torch.Tensor, int]:
+        model = tiny_token_replace_transformer()
+        normed[0] = 0
+        enable_dual_cache(model, "duca", aggressive="reuse", num_inference_steps=10)
+        try:
+            return token_replace_loop(model), normed[0]
+        finally:
+            disable_dual_cache(model)
+
+    skipping, fewer = generate()
+    monkeypatch.setattr(DualCacheEngine, "_computes_nothing", staticmethod(lambda call, cached: False))
+    every, more = generate()
+    assert torch.equal(skipping, every)
+    assert fewer < more, (fewer, more)

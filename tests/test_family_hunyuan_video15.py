@@ -7,6 +7,7 @@ are cut to 8: they are masked text rows every block computes, which would outwei
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import (
     AutoencoderKLHunyuanVideo15,
@@ -15,7 +16,7 @@ from diffusers import (
     HunyuanVideo15Transformer3DModel,
 )
 from diffusers.guiders import ClassifierFreeGuidance
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_unread_work_is_skipped
 
 TEXT_DIM, TEXT_2_DIM, TEXT_LEN, TEXT_2_LEN = 16, 8, 6, 1
 
@@ -61,3 +62,11 @@ CASE = FamilyCase(
 
 def test_hunyuan_video15_family_contract():
     check_family(CASE)
+
+
+@pytest.mark.parametrize("options", [dict(config="duca", aggressive="reuse"), dict(budget=4)],
+                         ids=["duca-aggressive-reuse", "budget=4"])
+def test_hunyuan_video15_skips_the_norms_of_reused_modules(options, monkeypatch):
+    """HunyuanVideo's declarations on the same blocks: one row through each norm whose readers reuse, the latents bit
+    for bit those with every norm running."""
+    check_unread_work_is_skipped(CASE, options, monkeypatch, functions=("layer_norm",))

@@ -16,7 +16,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from family_harness import FamilyCase, check_family, run
+from family_harness import FamilyCase, check_family, check_unread_work_is_skipped, run
 from tiny_pipelines import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer
 
 from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
@@ -108,3 +108,15 @@ def test_skip_layer_guidance_that_skips_the_last_block_reuses_modules_instead_of
     main_kinds = next(s.step_kinds for key, s in stats.items() if key.split("/")[1] == "2")
     assert "aggressive" in main_kinds  # the main branch still skips its stack
     assert np.isfinite(out).all()
+
+
+# aggressive steps that forecast every module (instead of skipping the stack) and a budget's plan
+SKIPPING = [dict(config="duca", aggressive="reuse"), dict(budget=4)]
+
+
+@pytest.mark.parametrize("options", SKIPPING, ids=["duca-aggressive-reuse", "budget=4"])
+def test_sd3_skips_the_norms_of_reused_modules(options, monkeypatch):
+    """norm1.norm (read by attn, and attn2 in SD3.5's dual-attention block 0), norm1_context.norm (AdaLayerNormZero,
+    AdaLayerNormContinuous in the context_pre_only last block) and each MLP's norm2*: one row where their readers
+    reuse, the images bit for bit those with every norm running."""
+    check_unread_work_is_skipped(CASE, options, monkeypatch, functions=("layer_norm",))

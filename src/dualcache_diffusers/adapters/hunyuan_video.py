@@ -36,18 +36,29 @@ HUNYUAN_ROTARY = RotaryAttention("image_rotary_emb", apply_hunyuan_rotary, token
                                  processors=("HunyuanVideoAttnProcessor2_0", "HunyuanImageAttnProcessor"),
                                  text="last", text_rope=False, mask=True)
 
+#: HunyuanVideoTransformerBlock.forward (and the token-replace block's, HunyuanImage 2.1's and HunyuanVideo 1.5's,
+#: the same): the joint attention reads both streams' ``norm1*.norm`` rows (adaLN-modulated, in row slices by the
+#: token-replace block), each MLP its stream's ``norm2*`` rows; every other output goes to a residual, so nothing
+#: has a sole reader
+DOUBLE_INPUT_NORMS = {"attn": ("norm1.norm", "norm1_context.norm"), "ff": "norm2", "ff_context": "norm2_context"}
+#: HunyuanVideoSingleTransformerBlock.forward (and the token-replace one's): ``norm.norm``'s modulated rows feed
+#: ``proj_mlp`` and, split into image / text rows, ``attn``. No sole readers: ``proj_out`` reads the attention's two
+#: outputs concatenated along tokens, then along features with the MLP's, so one-row placeholders (two rows from
+#: the attention's pair, one from the MLP) would not line up
+SINGLE_INPUT_NORMS = {"proj_mlp": "norm.norm", "attn": "norm.norm"}
+
 DOUBLE_BLOCKS = BlockListSpec(
     "transformer_blocks",
     (ModuleSpec("attn", "joint_attention", rotary=HUNYUAN_ROTARY), ModuleSpec("ff", "mlp"),
      ModuleSpec("ff_context", "text_mlp")),
-    inputs="h,e", outputs="h,e", value="attn.to_v",
+    inputs="h,e", outputs="h,e", value="attn.to_v", input_norms=DOUBLE_INPUT_NORMS,
 )
 SINGLE_BLOCKS = BlockListSpec(
     "single_transformer_blocks",
     (ModuleSpec("attn", "joint_attention", group="single", rotary=HUNYUAN_ROTARY),
      ModuleSpec("proj_mlp", "single", text_rows="last", group="single"),
      ModuleSpec("proj_out", "single", text_rows="last", group="single")),
-    inputs="h,e", outputs="h,e", value="attn.to_v", value_text_rows="last",
+    inputs="h,e", outputs="h,e", value="attn.to_v", value_text_rows="last", input_norms=SINGLE_INPUT_NORMS,
 )
 
 #: DuCa as the authors run it on HunyuanVideo (RESEARCH.md): cycles F,C,A,C,A, random tokens, ratio 0.1

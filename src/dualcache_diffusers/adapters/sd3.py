@@ -15,6 +15,13 @@ from __future__ import annotations
 
 from .base import BlockListSpec, ModelAdapter, ModuleSpec
 
+#: JointTransformerBlock.forward: ``norm1.norm``'s modulated rows feed the joint attention and, in SD3.5's
+#: dual-attention blocks (SD35AdaLayerNormZeroX, modulated again), ``attn2``; ``norm1_context.norm``
+#: (AdaLayerNormZero, or AdaLayerNormContinuous in the ``context_pre_only`` block) feeds the joint attention; each
+#: MLP reads its stream's ``norm2*`` rows. Every module's output goes to a residual, so nothing has a sole reader
+INPUT_NORMS = {"attn": ("norm1.norm", "norm1_context.norm"), "attn2": "norm1.norm", "ff": "norm2",
+               "ff_context": "norm2_context"}
+
 
 class SD3Adapter(ModelAdapter):
     model_classes = {"SD3Transformer2DModel": "sd3"}
@@ -30,6 +37,7 @@ class SD3Adapter(ModelAdapter):
             inputs="h,e",
             outputs="e,h",
             value="attn.to_v",
+            input_norms=INPUT_NORMS,
         ),
     )
     # SD3Transformer2DModel.forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, ...)
