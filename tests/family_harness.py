@@ -211,3 +211,25 @@ def check_unread_work_is_skipped(case: FamilyCase, options: dict[str, Any], monk
     np.testing.assert_array_equal(skipping, every)
     for name in functions:
         assert fewer[name] < more[name], (name, pattern, fewer[name], more[name])
+
+
+def check_unread_rms_norms_are_skipped(case: FamilyCase, options: dict[str, Any], monkeypatch: Any) -> None:
+    """``check_unread_work_is_skipped`` for blocks whose declared norms run diffusers' ``RMSNorm``, which computes by
+    hand (no ``torch.nn.functional`` call to count): the rows it normed in each of the check's two generations (each
+    builds its pipeline first), fewer with the skipping on."""
+    from diffusers.models.normalization import RMSNorm
+
+    rows: list[int] = []
+    original = RMSNorm.forward
+
+    def counting(self, x):
+        rows[-1] += x.numel() // x.shape[-1]
+        return original(self, x)
+
+    def build():
+        rows.append(0)
+        return case.build()
+
+    monkeypatch.setattr(RMSNorm, "forward", counting)  # before the hooks bind the forward
+    check_unread_work_is_skipped(dataclasses.replace(case, build=build), options, monkeypatch, functions=())
+    assert len(rows) == 2 and rows[0] < rows[1], rows

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
-from family_harness import FamilyCase, check_family, check_partial_self_attention
+from family_harness import FamilyCase, check_family, check_partial_self_attention, check_unread_rms_norms_are_skipped
 from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 from dualcache_diffusers.adapters import find_adapter
@@ -59,3 +60,15 @@ def test_ltx_family_contract():
 def test_ltx_partial_self_attention():
     """attn1 (RoPE (B, S, D) tables): selected queries against all keys and values, the table sliced to them."""
     check_partial_self_attention(CASE.build(), CASE)
+
+
+# the DuCa preset (its conservative steps reuse attn1 whole), aggressive steps that forecast every module (instead of
+# skipping the stack) and a budget's plan
+SKIPPING = [dict(config="duca"), dict(config="duca", aggressive="reuse"), dict(budget=4)]
+
+
+@pytest.mark.parametrize("options", SKIPPING, ids=["duca", "duca-aggressive-reuse", "budget=4"])
+def test_ltx_skips_the_norms_of_reused_modules(options, monkeypatch):
+    """norm1 (modulated, for attn1 alone) and norm2 (for ff alone): one row where the module reuses, the latents bit
+    for bit those with every norm running."""
+    check_unread_rms_norms_are_skipped(CASE, options, monkeypatch)

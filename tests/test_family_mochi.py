@@ -6,9 +6,10 @@ the cache touches runs inside the transformer.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_unread_rms_norms_are_skipped
 from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer
 
 
@@ -38,3 +39,16 @@ CASE = FamilyCase(
 
 def test_mochi_family_contract():
     check_family(CASE)
+
+
+# the DuCa preset (its conservative steps reuse attn1 whole), aggressive steps that forecast every module (instead of
+# skipping the stack) and a budget's plan
+SKIPPING = [dict(config="duca"), dict(config="duca", aggressive="reuse"), dict(budget=4)]
+
+
+@pytest.mark.parametrize("options", SKIPPING, ids=["duca", "duca-aggressive-reuse", "budget=4"])
+def test_mochi_skips_the_norms_of_reused_modules(options, monkeypatch):
+    """norm1.norm and norm1_context.norm (video and text rows, for attn1 alone), norm3 (for ff alone) and
+    norm3_context (for ff_context alone): one row where their readers reuse, the latents bit for bit those with every
+    norm running (counted through diffusers' RMSNorm, which each of them runs)."""
+    check_unread_rms_norms_are_skipped(CASE, options, monkeypatch)

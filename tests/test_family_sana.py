@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
-from family_harness import FamilyCase, check_family, check_preset_cuts_flops, run
+from family_harness import FamilyCase, check_family, check_preset_cuts_flops, check_unread_work_is_skipped, run
 from tiny_pipelines import tiny_gemma2_encoder, tiny_gemma_tokenizer
 
 from dualcache_diffusers import cache_stats, count_flops, disable_dual_cache, enable_dual_cache
@@ -101,3 +101,15 @@ def test_sana_conv_mlp_is_computed_or_reused_whole(preset):
     assert 0 < stats.tokens_computed["ff"] < stats.tokens_total["ff"]
     # attn1 computed at full steps only; attn2 also recomputed selected rows at conservative steps
     assert stats.tokens_computed["attn2"] > stats.tokens_computed["attn1"]
+
+
+# the DuCa preset (its conservative steps reuse attn1 whole), aggressive steps that forecast every module (instead of
+# skipping the stack) and a budget's plan
+SKIPPING = [dict(config="duca"), dict(config="duca", aggressive="reuse"), dict(budget=4)]
+
+
+@pytest.mark.parametrize("options", SKIPPING, ids=["duca", "duca-aggressive-reuse", "budget=4"])
+def test_sana_skips_the_self_attention_norm_where_attn1_reuses(options, monkeypatch):
+    """norm1 (modulated, for attn1 alone): one row where attn1 reuses, the images bit for bit those with every norm
+    running. (norm2, for ff alone, is not skipped: the block unflattens its rows to the token grid.)"""
+    check_unread_work_is_skipped(CASE, options, monkeypatch, functions=("layer_norm",))

@@ -32,10 +32,15 @@ LTX_BLOCK_MODULES = (
 
 _GRID_ARGS = ("num_frames", "height", "width")
 
+#: LTXVideoTransformerBlock.forward: ``norm1``'s rows, modulated by (scale_msa, shift_msa), feed ``attn1`` alone and
+#: ``norm2``'s, modulated by (scale_mlp, shift_mlp), ``ff`` alone; ``attn2`` reads the unnormed rows
+LTX_INPUT_NORMS = {"attn1": "norm1", "ff": "norm2"}
+
 
 class LTXVideoAdapter(ModelAdapter):
     model_classes = {"LTXVideoTransformer3DModel": "ltx"}
-    block_lists = (BlockListSpec("transformer_blocks", LTX_BLOCK_MODULES, inputs="h,e", value="attn1.to_v"),)
+    block_lists = (BlockListSpec("transformer_blocks", LTX_BLOCK_MODULES, inputs="h,e", value="attn1.to_v",
+                                 input_norms=LTX_INPUT_NORMS),)
 
     def token_grid(self, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, int]:
         """(frames, rows, cols) from the call's latent sizes; (1, 1, N) where they are missing or disagree."""

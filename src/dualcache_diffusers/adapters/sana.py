@@ -17,6 +17,11 @@ from __future__ import annotations
 
 from .base import BlockListSpec, ModelAdapter, ModuleSpec
 
+#: SanaTransformerBlock.forward: ``norm1``'s rows, modulated by (scale_msa, shift_msa), feed ``attn1`` alone.
+#: ``norm2``'s rows feed ``ff`` alone too, but the block unflattens them to the (height, width) grid before calling
+#: it, which one row cannot take: not declared
+SANA_INPUT_NORMS = {"attn1": "norm1"}
+
 
 class SanaAdapter(ModelAdapter):
     model_classes = {"SanaTransformer2DModel": "sana"}
@@ -29,5 +34,6 @@ class SanaAdapter(ModelAdapter):
                 ModuleSpec("ff", "mlp", token_wise=False),
             ),
             value="attn1.to_v",
+            input_norms=SANA_INPUT_NORMS,
         ),
     )
