@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDIMScheduler, LattePipeline, LatteTransformer3DModel
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_unread_work_is_skipped
 from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
 
 
@@ -36,3 +37,11 @@ CASE = FamilyCase(
 
 def test_latte_family_contract():
     check_family(CASE)
+
+
+@pytest.mark.parametrize("options", [dict(config="duca"), dict(config="duca", aggressive="reuse"), dict(budget=4)],
+                         ids=["duca", "duca-aggressive-reuse", "budget=4"])
+def test_latte_skips_the_norms_of_reused_modules(options, monkeypatch):
+    """norm1 (for attn1 alone) and norm2 (for ff alone): one row where the module reuses, the output bit for bit
+    that with every norm running."""
+    check_unread_work_is_skipped(CASE, options, monkeypatch, functions=("layer_norm",))

@@ -16,6 +16,12 @@ ALLEGRO_BLOCK_MODULES = (
 )
 
 
+#: AllegroTransformerBlock.forward: ``norm1``'s rows, modulated, feed ``attn1`` alone and ``norm2``'s ``ff`` alone;
+#: ``attn2`` reads the unnormed rows
+ALLEGRO_INPUT_NORMS = {"attn1": "norm1", "ff": "norm2"}
+
+
 class AllegroAdapter(ModelAdapter):
     model_classes = {"AllegroTransformer3DModel": "allegro"}
-    block_lists = (BlockListSpec("transformer_blocks", ALLEGRO_BLOCK_MODULES, inputs="h,e", value="attn1.to_v"),)
+    block_lists = (BlockListSpec("transformer_blocks", ALLEGRO_BLOCK_MODULES, inputs="h,e", value="attn1.to_v",
+                                 input_norms=ALLEGRO_INPUT_NORMS),)

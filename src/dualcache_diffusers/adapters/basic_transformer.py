@@ -33,6 +33,11 @@ class BasicTransformerAdapter(ModelAdapter):
     block_lists = (BlockListSpec("transformer_blocks", BASIC_BLOCK_MODULES, value="attn1.to_v"),)
 
     def input_norms(self, block: torch.nn.Module, spec: BlockListSpec) -> dict[str, str]:
-        if getattr(block, "_chunk_size", None) is not None:  # chunked feed-forward splits the rows ff gets
-            return {}
-        return INPUT_NORMS.get(getattr(block, "norm_type", None), {})
+        return basic_block_input_norms(block)
+
+
+def basic_block_input_norms(block: torch.nn.Module) -> dict[str, str]:
+    """The norms of a diffusers ``BasicTransformerBlock`` that only ``attn1`` / ``ff`` read, by its norm type."""
+    if getattr(block, "_chunk_size", None) is not None:  # chunked feed-forward splits the rows ff gets
+        return {}
+    return INPUT_NORMS.get(getattr(block, "norm_type", None), {})

@@ -7,7 +7,12 @@ plain processors without rotary embeddings, so self-attention can be recomputed 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 from .base import BlockListSpec, ModelAdapter, ModuleSpec
+from .basic_transformer import basic_block_input_norms
 
 _SELF = ModuleSpec("attn1", "self_attention", partial_attention=True)
 _MLP = ModuleSpec("ff", "mlp")
@@ -21,3 +26,6 @@ class LatteAdapter(ModelAdapter):
                       value="attn1.to_v", grid="space"),
         BlockListSpec("temporal_transformer_blocks", (_SELF, _MLP), value="attn1.to_v", grid="time"),
     )
+
+    def input_norms(self, block: torch.nn.Module, spec: BlockListSpec) -> Mapping[str, str]:
+        return basic_block_input_norms(block)  # both lists are BasicTransformerBlocks (adaLN-single)
