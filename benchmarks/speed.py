@@ -36,6 +36,7 @@ Random weights prove the mechanics and the cost, never quality.
     python benchmarks/speed.py --models pixart-sigma flux wan-1.3b --device cuda --dtype bfloat16 --sdpa flash
     python benchmarks/speed.py --layers 4 --width 256 --heads 4 --repeats 2   # a quick DiT smoke run
     python benchmarks/speed.py --overhead --size cpu --layers 4 --latent-size 16 --steps 10 --repeats 7  # overhead
+    python benchmarks/speed.py --size cpu-wide --models flux --steps 10 --methods duca-reuse budget-4 --unread-twins
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from diffusers import (
 )
 
 from dualcache_diffusers import cache_stats, count_flops, disable_dual_cache, enable_dual_cache
+from dualcache_diffusers.api import get_engine
 from dualcache_diffusers.stats import weight_bytes
 
 METHODS = {
@@ -291,11 +293,17 @@ MODELS: dict[str, Callable[[argparse.Namespace], Bench]] = {
 }
 
 
+#: suffix of a method's twin with the engine's skipping of unread work switched off (``--unread-twins``)
+UNREAD = "+unread"
+
+
 def use_method(pipe: Any, name: str) -> None:
     disable_dual_cache(pipe)
-    options = METHODS[name]
+    options = METHODS[name.removesuffix(UNREAD)]
     if options is not None:
         enable_dual_cache(pipe, **options)
+        if name.endswith(UNREAD):  # every declared norm runs and every forecast is computed: the same images
+            get_engine(pipe)._computes_nothing = lambda call, cached: False
 
 
 def timed_call(bench: Bench, args: argparse.Namespace) -> float:
@@ -470,6 +478,9 @@ def main() -> None:
     parser.add_argument("--sdpa", default=None, choices=list(SDPA_BACKENDS), help="pin the attention kernel")
     parser.add_argument("--compile", action="store_true", help="time the compiled transformer (FLOPs: eager)")
     parser.add_argument("--out", type=Path, default=None, help="write the tables (.md) and raw rows (.json) here")
+    parser.add_argument("--unread-twins", action="store_true",
+                        help=f"time each cached method also as METHOD{UNREAD}: the engine's skipping of work nothing "
+                             "reads (the adapters' input_norms / sole_readers) switched off")
     parser.add_argument("--overhead", action="store_true",
                         help="only measure the engine's overhead (DiT): stock vs interval=1 (every step full) vs "
                              "disabled")
@@ -479,6 +490,9 @@ def main() -> None:
         return
     if "uncached" not in args.methods:
         args.methods = ["uncached", *args.methods]
+    if args.unread_twins:
+        args.methods = [twin for name in args.methods
+                        for twin in ([name] if name == "uncached" else [name, name + UNREAD])]
     tables, everything = [], []
     for name in args.models:
         bench = MODELS[name](args)
