@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_unread_work_is_skipped
 from tiny_pipelines import tiny_t5_encoder, tiny_t5_tokenizer, tiny_vae
+
+from dualcache_diffusers import engine
 
 
 def tiny_auraflow_pipeline(seed: int = 0) -> AuraFlowPipeline:
@@ -34,3 +37,26 @@ CASE = FamilyCase(
 
 def test_auraflow_family_contract():
     check_family(CASE)
+
+
+# the DuCa preset (its conservative steps reuse attn whole), aggressive steps that forecast every module (instead of
+# skipping the stack: ff reuses there too, so the single blocks' attn must return one row of zeros) and a budget's
+# plan
+SKIPPING = [(dict(config="duca"), False), (dict(config="duca", aggressive="reuse"), True), (dict(budget=4), False)]
+
+
+@pytest.mark.parametrize("options, sole_reader", SKIPPING, ids=["duca", "duca-aggressive-reuse", "budget=4"])
+def test_auraflow_skips_the_norms_of_reused_modules_and_unread_forecasts(options, sole_reader, monkeypatch):
+    """Joint blocks: norm1.norm and norm1_context.norm (for attn alone), norm2 (ff) and norm2_context (ff_context).
+    Single blocks: norm1.norm (attn) and norm2 (ff), and attn's forecast where ff, its sole reader, reuses. One row
+    each, the images bit for bit those with every norm running and every forecast computed."""
+    zeros = []
+    original = engine._one_row_of_zeros
+
+    def counting(value, device):
+        zeros.append(value)
+        return original(value, device)
+
+    monkeypatch.setattr(engine, "_one_row_of_zeros", counting)
+    check_unread_work_is_skipped(CASE, options, monkeypatch, functions=("layer_norm",))
+    assert zeros or not sole_reader

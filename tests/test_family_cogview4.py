@@ -6,9 +6,10 @@ the cache touches runs inside the transformer.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_unread_work_is_skipped
 
 TEXT_DIM, TEXT_LEN = 16, 16
 
@@ -38,3 +39,16 @@ CASE = FamilyCase(
 
 def test_cogview4_family_contract():
     check_family(CASE)
+
+
+# the DuCa preset (its conservative steps reuse attn1 whole), aggressive steps that forecast every module (instead of
+# skipping the stack) and a budget's plan
+SKIPPING = [dict(config="duca"), dict(config="duca", aggressive="reuse"), dict(budget=4)]
+
+
+@pytest.mark.parametrize("options", SKIPPING, ids=["duca", "duca-aggressive-reuse", "budget=4"])
+def test_cogview4_skips_the_norms_of_reused_modules(options, monkeypatch):
+    """norm1.norm and norm1.norm_context (image and text rows, for attn1 alone), norm2 and norm2_context (for ff's
+    image and text calls): one row where their reader reuses, the latents bit for bit those with every norm
+    running."""
+    check_unread_work_is_skipped(CASE, options, monkeypatch, functions=("layer_norm",))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
-from family_harness import FamilyCase, check_family, run
+from family_harness import FamilyCase, check_family, check_unread_rms_norms_are_skipped, run
 from test_family_flux import tiny_flux_vae
 from tiny_pipelines import tiny_gemma2_encoder, tiny_gemma_tokenizer
 
@@ -87,3 +87,16 @@ def test_lumina2_feed_forward_role_is_per_block():
     step = next(s for s in plan.steps if s.kind == "conservative")
     assert step.fractions[refiner][column] == 1.0
     assert 0.0 < step.fractions[layer][column] < 1.0
+
+
+# the DuCa preset (its conservative steps reuse attn whole), aggressive steps that forecast every module (instead of
+# skipping the stack) and a budget's plan
+SKIPPING = [dict(config="duca"), dict(config="duca", aggressive="reuse"), dict(budget=4)]
+
+
+@pytest.mark.parametrize("options", SKIPPING, ids=["duca", "duca-aggressive-reuse", "budget=4"])
+def test_lumina2_skips_the_norms_of_reused_modules(options, monkeypatch):
+    """norm1 (the context refiner's plain RMSNorm; norm1.norm, the RMSNorm in LuminaRMSNormZero, in the noise refiner
+    and the main layers), for attn alone, and ffn_norm1 (for feed_forward alone): one row where their reader reuses,
+    the images bit for bit those with every norm running (counted through diffusers' RMSNorm)."""
+    check_unread_rms_norms_are_skipped(CASE, options, monkeypatch)

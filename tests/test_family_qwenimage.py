@@ -6,6 +6,7 @@ supports) instead of building a tiny Qwen2.5-VL, and returns latents to skip the
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import (
     AutoencoderKLQwenImage,
@@ -13,7 +14,7 @@ from diffusers import (
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
-from family_harness import FamilyCase, check_family
+from family_harness import FamilyCase, check_family, check_unread_work_is_skipped
 
 
 def tiny_qwenimage_pipeline(seed: int = 0) -> QwenImagePipeline:
@@ -49,3 +50,15 @@ CASE = FamilyCase(
 
 def test_qwenimage_family_contract():
     check_family(CASE)
+
+
+# the DuCa preset (its conservative steps reuse attn whole), aggressive steps that forecast every module (instead of
+# skipping the stack) and a budget's plan
+SKIPPING = [dict(config="duca"), dict(config="duca", aggressive="reuse"), dict(budget=4)]
+
+
+@pytest.mark.parametrize("options", SKIPPING, ids=["duca", "duca-aggressive-reuse", "budget=4"])
+def test_qwenimage_skips_the_norms_of_reused_modules(options, monkeypatch):
+    """img_norm1 and txt_norm1 (for attn alone), img_norm2 (for img_mlp alone) and txt_norm2 (for txt_mlp alone): one
+    row where their reader reuses, the latents bit for bit those with every norm running."""
+    check_unread_work_is_skipped(CASE, options, monkeypatch, functions=("layer_norm",))

@@ -26,16 +26,26 @@ from .base import BlockListSpec, ModelAdapter, ModuleSpec
 
 _ATTN = ModuleSpec("attn", "self_attention")  # RoPE: no partial queries
 
+#: Lumina2TransformerBlock.forward: `attn` alone reads ``norm1``'s rows (as query and key/value source) and
+#: `feed_forward` alone ``ffn_norm1``'s (diffusers' RMSNorm). With ``modulation`` (the noise refiner and the main
+#: layers) ``norm1`` is LuminaRMSNormZero, which also makes the gates from ``temb``: its RMSNorm ``norm1.norm``, the
+#: rows scaled by ``1 + scale_msa`` (``ffn_norm1``'s by ``1 + scale_mlp``); the context refiner has none, and ``norm1``
+#: is a plain RMSNorm. ``norm2`` / ``ffn_norm2`` norm the modules' outputs for the residuals: no sole readers
+MODULATED_INPUT_NORMS = {"attn": "norm1.norm", "feed_forward": "ffn_norm1"}
+CONTEXT_INPUT_NORMS = {"attn": "norm1", "feed_forward": "ffn_norm1"}
+
 
 class Lumina2Adapter(ModelAdapter):
     model_classes = {"Lumina2Transformer2DModel": "lumina2"}
     block_lists = (
         BlockListSpec("context_refiner",
-                      (ModuleSpec("attn", "joint_attention"), ModuleSpec("feed_forward", "text_mlp"))),
-        BlockListSpec("noise_refiner", (_ATTN, ModuleSpec("feed_forward", "mlp")), value="attn.to_v"),
+                      (ModuleSpec("attn", "joint_attention"), ModuleSpec("feed_forward", "text_mlp")),
+                      input_norms=CONTEXT_INPUT_NORMS),
+        BlockListSpec("noise_refiner", (_ATTN, ModuleSpec("feed_forward", "mlp")), value="attn.to_v",
+                      input_norms=MODULATED_INPUT_NORMS),
         BlockListSpec("layers", (ModuleSpec("attn", "joint_attention", text_rows="first"),
                                  ModuleSpec("feed_forward", "mlp", text_rows="first")),
-                      value="attn.to_v", value_text_rows="first"),
+                      value="attn.to_v", value_text_rows="first", input_norms=MODULATED_INPUT_NORMS),
     )
     branches_by_timestep = True
     timestep_arg = ("timestep", 1)

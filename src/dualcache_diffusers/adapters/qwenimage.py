@@ -18,6 +18,12 @@ import torch
 
 from .base import BlockListSpec, ModelAdapter, ModuleSpec
 
+#: QwenImageTransformerBlock.forward: ``img_norm1``'s and ``txt_norm1``'s rows, modulated (``_modulate``; with
+#: ``modulate_index`` its per-token shift and scale broadcast one row back to every token: the same output, only the
+#: norm saved), feed the joint `attn` alone; ``img_norm2``'s feed `img_mlp` alone and ``txt_norm2``'s `txt_mlp` alone.
+#: The residuals add to the unnormed rows; every module's output goes to a residual: no sole readers
+QWENIMAGE_INPUT_NORMS = {"attn": ("img_norm1", "txt_norm1"), "img_mlp": "img_norm2", "txt_mlp": "txt_norm2"}
+
 
 class QwenImageAdapter(ModelAdapter):
     model_classes = {"QwenImageTransformer2DModel": "qwenimage"}
@@ -25,7 +31,7 @@ class QwenImageAdapter(ModelAdapter):
         BlockListSpec(
             "transformer_blocks",
             (ModuleSpec("attn", "joint_attention"), ModuleSpec("img_mlp", "mlp"), ModuleSpec("txt_mlp", "text_mlp")),
-            inputs="h,e", outputs="e,h", value="attn.to_v",
+            inputs="h,e", outputs="e,h", value="attn.to_v", input_norms=QWENIMAGE_INPUT_NORMS,
         ),
     )
     # presets: the default ones (nothing published for QwenImage)
