@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import generate
-from family_harness import check_unread_work_is_skipped
+from family_harness import check_unread_work_is_skipped, run
 from test_family_chroma import CASE as CHROMA
 from test_family_flux import CASE as FLUX
 
 from dualcache_diffusers import cache_stats, disable_dual_cache, enable_dual_cache
+from dualcache_diffusers.adapters import find_adapter
 from dualcache_diffusers.adapters.basic_transformer import BasicTransformerAdapter
+from dualcache_diffusers.api import get_engine
+from dualcache_diffusers.plan import full_plan
 
 # the DuCa preset (aggressive steps forecast every module), a budget whose forecast steps recompute tokens of ff
 # but never of attn1, and a budget whose forecast steps recompute nothing
@@ -90,3 +93,27 @@ def test_flux_like_blocks_skip_their_norms_and_the_single_blocks_unread_forecast
     """Double blocks: the joint attention's two norms and each MLP's norm. Single blocks: the norm shared by
     proj_mlp and attn, and their forecasts (and the MLP's activation) where proj_out, their sole reader, reuses."""
     check_unread_work_is_skipped(case, options, monkeypatch, functions=functions)
+
+
+def test_a_sole_readers_inputs_return_their_real_outputs_where_one_of_them_computes():
+    """A learned plan may compute Flux's single-block proj_mlp while proj_out and attn reuse: attn's output then meets
+    proj_mlp's full rows in the concatenation, so it must be its forecast, not one row (the images as with the
+    skipping switched off, and no shape error)."""
+    def generate(skipping: bool) -> np.ndarray:
+        pipe = FLUX.build()
+        layout = find_adapter(pipe.transformer).layout(pipe.transformer)
+        plan = full_plan(6, layout)
+        column = layout.modules.index("proj_mlp")
+        for step in plan.steps[1:]:  # every module reused but the single blocks' proj_mlp
+            step.kind = "learned"
+            step.fractions = [[1.0 if m == column and layout.can_partial(b, "proj_mlp") else 0.0
+                               for m in range(len(layout.modules))] for b in range(layout.num_blocks)]
+        enable_dual_cache(pipe, plan=plan)
+        if not skipping:
+            get_engine(pipe)._computes_nothing = lambda call, cached: False
+        try:
+            return run(pipe, FLUX, steps=6)
+        finally:
+            disable_dual_cache(pipe)
+
+    np.testing.assert_array_equal(generate(True), generate(False))

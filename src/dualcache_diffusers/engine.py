@@ -35,7 +35,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -95,6 +95,13 @@ class CachedModule:
         return calls[min(call, len(calls) - 1)]
 
 
+class SoleReader(NamedTuple):
+    """A cached module that alone reads the outputs of ``inputs``, other cached modules of its block."""
+
+    reader: CachedModule
+    inputs: tuple[CachedModule, ...]
+
+
 @dataclass
 class Costs:
     """FLOPs per call of one denoiser for one input shape, recorded at its first call."""
@@ -137,13 +144,17 @@ class Denoiser:
                     readers.setdefault(norm, []).append(cached)
         self.input_norms: list[tuple[torch.nn.Module, tuple[CachedModule, ...]]] = [
             (norm, tuple(modules)) for norm, modules in readers.items()]
-        # cached module -> the cached module that alone reads its output (the block list's sole_readers)
+        # cached module -> the cached module that alone reads its output (the block list's sole_readers), with
+        # every module it alone reads: their outputs meet (e.g. concatenated), so they return one row together
         by_name = {(cached.block, cached.name): cached for _, cached in self.modules}
-        self.sole_readers: dict[tuple[int, int], CachedModule] = {  # by (block, column)
-            (cached.block, cached.column): by_name[cached.block, reader]
-            for _, cached in self.modules
-            if (reader := self.infos[cached.block].spec.sole_readers.get(cached.name)) is not None
-            and (cached.block, reader) in by_name
+        read_by: dict[tuple[int, str], list[CachedModule]] = {}
+        for _, cached in self.modules:
+            reader = self.infos[cached.block].spec.sole_readers.get(cached.name)
+            if reader is not None and (cached.block, reader) in by_name:
+                read_by.setdefault((cached.block, reader), []).append(cached)
+        self.sole_readers: dict[tuple[int, int], SoleReader] = {  # by (block, column)
+            (cached.block, cached.column): SoleReader(by_name[key], tuple(inputs))
+            for key, inputs in read_by.items() for cached in inputs
         }
         self.plans: dict[Any, CachePlan] = {}  # by step count; budget plans by (step count, costs, window)
         self.costs: dict[tuple, Costs] = {}
@@ -418,8 +429,8 @@ class DualCacheEngine:
             for info in den.infos:
                 _registry(info.block).register_hook(BlockHook(self, info, info.index == last), HOOK_BLOCK)
             for module, cached in den.modules:
-                reader = den.sole_readers.get((cached.block, cached.column))
-                _registry(module).register_hook(ModuleHook(self, cached, reader), HOOK_MODULE)
+                sole_reader = den.sole_readers.get((cached.block, cached.column))
+                _registry(module).register_hook(ModuleHook(self, cached, sole_reader), HOOK_MODULE)
             for norm, readers in den.input_norms:
                 _registry(norm).register_hook(InputNormHook(self, readers), HOOK_INPUT_NORM)
             self._attach_recorders(den)
@@ -848,7 +859,7 @@ class DualCacheEngine:
 
     # ---- cached modules ---------------------------------------------------------------------------
     def run_module(self, cached: CachedModule, forward, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   reader: CachedModule | None = None):
+                   sole_reader: SoleReader | None = None):
         call = self.current_call()
         if call is None or call.passthrough or call.block != cached.block:
             return forward(*args, **kwargs)
@@ -860,8 +871,8 @@ class DualCacheEngine:
         if action == "compute":
             return self._compute(call, cached, key, forward, args, kwargs)
         cache = state.module_cache.get(key)
-        if action == "reuse" and cache is not None and reader is not None and self._computes_nothing(call, reader):
-            # only `reader` reads this output and it will not either: one row of zeros, no forecast
+        if action == "reuse" and cache is not None and sole_reader is not None and self._unread(call, sole_reader):
+            # only the reader reads this output and it will not: one row of zeros, no forecast
             return _one_row_of_zeros(cache, _hidden(args, kwargs).device)
         partial = action == "partial" and cached.spec.can_partial and cached.call_kind(index) == "image"
         if cache is None or (action == "partial" and not partial):
@@ -884,6 +895,16 @@ class DualCacheEngine:
                 or not all(self._computes_nothing(call, cached) for cached in readers)):
             return forward(*args, **kwargs)
         return _hidden(args, kwargs)[:, :1]
+
+    def _unread(self, call: Call, sole_reader: SoleReader) -> bool:
+        """Whether the outputs of ``sole_reader.inputs`` go unread at this call: the reader computes nothing, and
+        none of them computes (where one did, as a learned plan may choose, the others' outputs must meet its full
+        rows, so every one returns its real output). The inputs are called once per block, some already this time:
+        their stored output is the first call's."""
+        state, actions = call.state, call.actions
+        return self._computes_nothing(call, sole_reader.reader) and all(
+            actions[m.block][m.column] == "reuse" and (m.block, m.column, 0) in state.module_cache
+            for m in sole_reader.inputs)
 
     @staticmethod
     def _computes_nothing(call: Call, cached: CachedModule) -> bool:
@@ -1235,12 +1256,12 @@ class BlockHook(ModelHook):
 
 
 class ModuleHook(ModelHook):
-    def __init__(self, engine: DualCacheEngine, cached: CachedModule, reader: CachedModule | None = None) -> None:
+    def __init__(self, engine: DualCacheEngine, cached: CachedModule, sole_reader: SoleReader | None = None) -> None:
         super().__init__()
-        self.engine, self.cached, self.reader = engine, cached, reader
+        self.engine, self.cached, self.sole_reader = engine, cached, sole_reader
 
     def new_forward(self, module, *args, **kwargs):
-        return self.engine.run_module(self.cached, self.fn_ref.original_forward, args, kwargs, self.reader)
+        return self.engine.run_module(self.cached, self.fn_ref.original_forward, args, kwargs, self.sole_reader)
 
 
 class InputNormHook(ModelHook):
