@@ -174,14 +174,9 @@ def check_partial_preset_flops(case: FamilyCase, preset: str = "duca") -> None:
     check_preset_cuts_flops(pipe, dataclasses.replace(case, overrides=overrides), preset, counter.get_total_flops())
 
 
-def check_unread_work_is_skipped(case: FamilyCase, options: dict[str, Any], monkeypatch: Any, steps: int = 10,
-                                 functions: tuple[str, ...] = ("layer_norm",)) -> None:
-    """The adapter's ``input_norms`` / ``sole_readers``: the images equal, bit for bit, those of the same plan with
-    both switched off (every norm runs, every forecast is computed), and each of ``functions`` (of
-    ``torch.nn.functional``) sees fewer elements."""
+def count_elements(monkeypatch: Any, functions: tuple[str, ...]) -> dict[str, int]:
+    """Elements passed from now on to each of ``functions`` (of ``torch.nn.functional``), by name."""
     from torch.nn import functional
-
-    from dualcache_diffusers.engine import DualCacheEngine
 
     seen = dict.fromkeys(functions, 0)
     for name in functions:
@@ -192,6 +187,23 @@ def check_unread_work_is_skipped(case: FamilyCase, options: dict[str, Any], monk
             return _original(x, *args, **kwargs)
 
         monkeypatch.setattr(functional, name, counting)
+    return seen
+
+
+def switch_off_unread_skipping(monkeypatch: Any) -> None:
+    """From now on every engine runs every declared norm and computes every forecast (no ``input_norms`` /
+    ``sole_readers`` skipping): the reference the skipping must equal bit for bit."""
+    from dualcache_diffusers.engine import DualCacheEngine
+
+    monkeypatch.setattr(DualCacheEngine, "_computes_nothing", staticmethod(lambda *_, **__: False))
+
+
+def check_unread_work_is_skipped(case: FamilyCase, options: dict[str, Any], monkeypatch: Any, steps: int = 10,
+                                 functions: tuple[str, ...] = ("layer_norm",)) -> None:
+    """The adapter's ``input_norms`` / ``sole_readers``: the images equal, bit for bit, those of the same plan with
+    both switched off (every norm runs, every forecast is computed), and each of ``functions`` (of
+    ``torch.nn.functional``) sees fewer elements."""
+    seen = count_elements(monkeypatch, functions)
 
     def generate() -> tuple[np.ndarray, str, dict[str, int]]:
         pipe = case.build()
@@ -205,7 +217,7 @@ def check_unread_work_is_skipped(case: FamilyCase, options: dict[str, Any], monk
         return images, pattern, dict(seen)
 
     skipping, pattern, fewer = generate()
-    monkeypatch.setattr(DualCacheEngine, "_computes_nothing", staticmethod(lambda call, cached: False))
+    switch_off_unread_skipping(monkeypatch)
     every, same_pattern, more = generate()
     assert same_pattern == pattern and pattern.count("F") < len(pattern), (pattern, same_pattern)
     np.testing.assert_array_equal(skipping, every)

@@ -15,6 +15,8 @@ from family_harness import (
     check_partial_preset_flops,
     check_partial_self_attention,
     check_unread_work_is_skipped,
+    count_elements,
+    switch_off_unread_skipping,
 )
 
 TEXT_DIM, POOLED_DIM, TEXT_LEN = 16, 8, 6
@@ -135,31 +137,21 @@ def test_hunyuan_video_skips_the_norms_of_reused_modules(options, monkeypatch):
 def test_hunyuan_video_token_replace_blocks_skip_the_norms_of_reused_modules(monkeypatch):
     """The token-replace blocks slice the norms' rows at the first frame's tokens before modulating them: the one-row
     placeholder passes through those slices, and the output is bit for bit that with every norm running."""
-    from torch.nn import functional
-
     from dualcache_diffusers import disable_dual_cache, enable_dual_cache
-    from dualcache_diffusers.engine import DualCacheEngine
 
-    normed = [0]
-    layer_norm = functional.layer_norm
-
-    def counting(x, *args, **kwargs):
-        normed[0] += x.numel()
-        return layer_norm(x, *args, **kwargs)
-
-    monkeypatch.setattr(functional, "layer_norm", counting)
+    seen = count_elements(monkeypatch, ("layer_norm",))
 
     def generate() -> tuple[torch.Tensor, int]:
         model = tiny_token_replace_transformer()
-        normed[0] = 0
+        seen["layer_norm"] = 0
         enable_dual_cache(model, "duca", aggressive="reuse", num_inference_steps=10)
         try:
-            return token_replace_loop(model), normed[0]
+            return token_replace_loop(model), seen["layer_norm"]
         finally:
             disable_dual_cache(model)
 
     skipping, fewer = generate()
-    monkeypatch.setattr(DualCacheEngine, "_computes_nothing", staticmethod(lambda call, cached: False))
+    switch_off_unread_skipping(monkeypatch)
     every, more = generate()
     assert torch.equal(skipping, every)
     assert fewer < more, (fewer, more)

@@ -99,7 +99,7 @@ def test_a_sole_readers_inputs_return_their_real_outputs_where_one_of_them_compu
     """A learned plan may compute Flux's single-block proj_mlp while proj_out and attn reuse: attn's output then meets
     proj_mlp's full rows in the concatenation, so it must be its forecast, not one row (the images as with the
     skipping switched off, and no shape error)."""
-    def generate(skipping: bool) -> np.ndarray:
+    def images(skipping: bool) -> np.ndarray:
         pipe = FLUX.build()
         layout = find_adapter(pipe.transformer).layout(pipe.transformer)
         plan = full_plan(6, layout)
@@ -110,10 +110,10 @@ def test_a_sole_readers_inputs_return_their_real_outputs_where_one_of_them_compu
                                for m in range(len(layout.modules))] for b in range(layout.num_blocks)]
         enable_dual_cache(pipe, plan=plan)
         if not skipping:
-            get_engine(pipe)._computes_nothing = lambda call, cached: False
+            get_engine(pipe)._computes_nothing = lambda *_, **__: False
         try:
             return run(pipe, FLUX, steps=6)
         finally:
             disable_dual_cache(pipe)
 
-    np.testing.assert_array_equal(generate(True), generate(False))
+    np.testing.assert_array_equal(images(True), images(False))

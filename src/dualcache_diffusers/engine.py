@@ -900,18 +900,18 @@ class DualCacheEngine:
         """Whether the outputs of ``sole_reader.inputs`` go unread at this call: the reader computes nothing, and
         none of them computes (where one did, as a learned plan may choose, the others' outputs must meet its full
         rows, so every one returns its real output). The inputs are called once per block, some already this time:
-        their stored output is the first call's."""
-        state, actions = call.state, call.actions
+        their call is the first."""
         return self._computes_nothing(call, sole_reader.reader) and all(
-            actions[m.block][m.column] == "reuse" and (m.block, m.column, 0) in state.module_cache
-            for m in sole_reader.inputs)
+            self._computes_nothing(call, cached, index=0) for cached in sole_reader.inputs)
 
     @staticmethod
-    def _computes_nothing(call: Call, cached: CachedModule) -> bool:
-        """Whether the next call of ``cached`` in the current block returns a stored output forecast or reused
-        whole (the test :meth:`run_module` applies), so that nothing read only by it needs computing."""
-        key = (cached.block, cached.column, call.block_calls.get(cached.column, 0))
-        return call.actions[cached.block][cached.column] == "reuse" and key in call.state.module_cache
+    def _computes_nothing(call: Call, cached: CachedModule, index: int | None = None) -> bool:
+        """Whether call ``index`` (default: the next) of ``cached`` in the current block returns a stored output
+        forecast or reused whole (the test :meth:`run_module` applies), so that nothing read only by it needs
+        computing."""
+        index = call.block_calls.get(cached.column, 0) if index is None else index
+        return (call.actions[cached.block][cached.column] == "reuse"
+                and (cached.block, cached.column, index) in call.state.module_cache)
 
     def _forecast(self, call: Call, weights: ForecastWeights | None, history, device: torch.device) -> Any:
         """The step's forecast output from the weights chosen in begin_call (the plan's learned weights or
